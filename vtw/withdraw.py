@@ -145,6 +145,7 @@ class WithdrawalHandle:
                 f"layers {self.layer}..{self.num_layers - 1} include non-full attention ({sorted(set(layer_types))}); "
                 "vtw supports full-attention decoders only"
             )
+        self._attn_impl = impl
         layers = language_model(model).layers
         self._hooks.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
@@ -158,6 +159,17 @@ class WithdrawalHandle:
         self._prefill = None
         self._decode_mask = None
         self._vision = None
+
+    def _deep_mask(self, mask2d: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """The deep layers' mask, or ``None`` where the attention kernel's own default is the same thing.
+
+        Without padding, one query attends to every cached key (both kernels' behaviour without a mask), and SDPA
+        runs causal for ``q_len == kv`` without a mask; skipping the mask then keeps SDPA on its fast path, as
+        transformers itself does for the untouched model.
+        """
+        if bool(mask2d.bool().all()) and (q_len == 1 or (self._attn_impl == "sdpa" and q_len == mask2d.shape[1])):
+            return None
+        return additive_causal_mask(mask2d, q_len=q_len, dtype=dtype)
 
     def _on_model_start(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -237,7 +249,7 @@ class WithdrawalHandle:
         valid = keep_index >= 0
         deep2d = torch.where(valid, attn2d.gather(1, gather_index), torch.zeros_like(gather_index))
         state = _Prefill(keep_index=keep_index, gather_index=gather_index)
-        state.mask4d = additive_causal_mask(deep2d, q_len=deep2d.shape[1], dtype=hidden.dtype)
+        state.mask4d = self._deep_mask(deep2d, deep2d.shape[1], hidden.dtype)
         pe = kwargs.get("position_embeddings")
         if pe is not None:
             state.position_embeddings = tuple(gather_tokens(t, gather_index) for t in pe)
@@ -259,7 +271,7 @@ class WithdrawalHandle:
             raise RuntimeError("vtw: deep layer called without a withdrawal prefill or decode state")
         if self._decode_mask is None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            self._decode_mask = additive_causal_mask(self._deep_mask2d, q_len=hidden.shape[1], dtype=hidden.dtype)
+            self._decode_mask = self._deep_mask(self._deep_mask2d, hidden.shape[1], hidden.dtype)
         kwargs = dict(kwargs)
         kwargs["attention_mask"] = self._decode_mask
         return args, kwargs
