@@ -118,24 +118,33 @@ def main() -> None:
         return r.prefill.total, r.decode.total / steps
 
     base_prefill, base_step = analytic(None)
-    print(f"LLaVA-1.5-shaped model: L={L}, d={args.hidden}, {n_vision} vision + {n_text} text tokens, "
-          f"CPU threads={torch.get_num_threads()}, medians of {args.reps} round-robin reps ({steps} decode steps each)")
-    print(f"{'config':<16}{'prefill ms':>11}{'speedup':>9}{'analytic':>10}{'real/an.':>10}"
-          f"{'step ms':>10}{'speedup':>9}{'analytic':>10}{'real/an.':>10}{'KV MiB':>9}{'KV analytic':>13}")
+    print(
+        f"LLaVA-1.5-shaped model: L={L}, d={args.hidden}, {n_vision} vision + {n_text} text tokens, "
+        f"CPU threads={torch.get_num_threads()}, medians of {args.reps} round-robin reps ({steps} decode steps each)"
+    )
+    print(
+        f"{'config':<16}{'prefill ms':>11}{'speedup':>9}{'analytic':>10}{'real/an.':>10}"
+        f"{'step ms':>10}{'speedup':>9}{'analytic':>10}{'real/an.':>10}{'KV MiB':>9}{'KV analytic':>13}"
+    )
     v_pre, v_step = med("vanilla", 0), med("vanilla", 1)
     for name, k in configs:
         pre, step, kv = med(name, 0), med(name, 1), times[name][0][2]
         a_pre, a_step = analytic(k)
         an_pre, an_step = base_prefill / a_pre, base_step / a_step
         s_pre, s_step = v_pre / pre, v_step / step
-        kv_an = kv_cache_bytes(cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1, layer=k,
-                               dtype="float32").total
-        print(f"{name:<16}{pre * 1e3:>11.1f}{s_pre:>9.2f}{an_pre:>10.2f}{s_pre / an_pre:>10.2f}"
-              f"{step * 1e3:>10.2f}{s_step:>9.2f}{an_step:>10.2f}{s_step / an_step:>10.2f}"
-              f"{kv / 2**20:>9.2f}{kv_an / 2**20:>13.2f}")
+        kv_an = kv_cache_bytes(
+            cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1, layer=k, dtype="float32"
+        ).total
+        print(
+            f"{name:<16}{pre * 1e3:>11.1f}{s_pre:>9.2f}{an_pre:>10.2f}{s_pre / an_pre:>10.2f}"
+            f"{step * 1e3:>10.2f}{s_step:>9.2f}{an_step:>10.2f}{s_step / an_step:>10.2f}"
+            f"{kv / 2**20:>9.2f}{kv_an / 2**20:>13.2f}"
+        )
     overhead = med("withdraw(None)", 0) / v_pre - 1
-    print(f"withdraw(model, None) overhead vs untouched model: prefill {overhead * 100:+.2f}% "
-          f"(decode step {(med('withdraw(None)', 1) / v_step - 1) * 100:+.2f}%); target <= 1%")
+    print(
+        f"withdraw(model, None) overhead vs untouched model: prefill {overhead * 100:+.2f}% "
+        f"(decode step {(med('withdraw(None)', 1) / v_step - 1) * 100:+.2f}%); target <= 1%"
+    )
 
 
 if __name__ == "__main__":

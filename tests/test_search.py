@@ -81,6 +81,7 @@ def test_forward_direction_differs_and_roundtrip():
         (SearchSettings(eta=0.1, min_layer=L), f"min_layer {L} is out of range: allowed 0..{L - 1}"),
         (SearchSettings(eta=0.1, min_layer=-2), "min_layer -2 is out of range"),
         (SearchSettings(eta=0.1, direction="sideways"), "direction 'sideways' is unknown"),
+        (SearchSettings(eta=0.1, min_layer=2, max_layer=1), "max_layer 1 is out of range: allowed 2..3"),
     ],
 )
 def test_bad_settings(settings, match):
@@ -90,6 +91,13 @@ def test_bad_settings(settings, match):
     with pytest.raises(ValueError, match=match):
         search_layer(model, make_singles(model, _samples("llava")), settings)
     assert not calls
+
+
+def test_max_layer_limits_the_candidates():
+    model = build_tiny_model("llava", num_layers=L)
+    singles = make_singles(model, _samples("llava"))
+    result = search_layer(model, singles, SearchSettings(eta=1e9, min_layer=2, max_layer=2))
+    assert sorted(result.kl) == [2, L] and result.layer == 2
 
 
 def test_default_min_layer_scales_like_the_reference():

@@ -77,8 +77,6 @@ def _naive_logits(model, embeds, pos, vision: torch.Tensor, k: int) -> torch.Ten
             past_key_values=None,
             use_cache=False,
         )
-    if k == len(lm.layers):
-        keep = torch.nonzero(~vision[0]).flatten() if False else keep
     return model.lm_head(lm.norm(h))[0]
 
 
@@ -236,8 +234,9 @@ def test_bad_layer_is_rejected_before_any_forward(bad):
 def test_unsupported_model_lists_supported_families():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
-                                         num_attention_heads=1))
+    model = LlamaForCausalLM(
+        LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    )
     with pytest.raises(ValueError, match="Supported: .*LLaVA-1.5.*Qwen2-VL.*Video-LLaVA"):
         withdraw(model, 0)
 

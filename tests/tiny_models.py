@@ -113,7 +113,12 @@ def tiny_config(family: str, num_layers: int = 4) -> T.PreTrainedConfig:
             tie_word_embeddings=False,
         )
         vision = T.SiglipVisionConfig(
-            hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
+            hidden_size=24,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         )
         return T.LlavaOnevisionConfig(
             text_config=text,
@@ -261,9 +266,7 @@ def _image_inputs(family: str, model, samples: list[Sample], g: torch.Generator)
 
         size = model.config.vision_config.image_size
         sizes = [s.image_shape for s in samples for _ in range(s.images)]
-        n_crops = [
-            image_size_to_num_patches(sz, model.config.image_grid_pinpoints, size) for sz in sizes
-        ]
+        n_crops = [image_size_to_num_patches(sz, model.config.image_grid_pinpoints, size) for sz in sizes]
         pv = torch.zeros(n, max(n_crops), 3, size, size)
         for i, c in enumerate(n_crops):
             pv[i, :c] = _pixels(g, c, 3, size, size)
@@ -334,8 +337,10 @@ def collate(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
         if key not in parts[0]:
             continue
-        rows = [torch.nn.functional.pad(p[key], (width - p[key].shape[1], 0), value=PAD_ID if key == "input_ids" else 0)
-                for p in parts]
+        rows = [
+            torch.nn.functional.pad(p[key], (width - p[key].shape[1], 0), value=PAD_ID if key == "input_ids" else 0)
+            for p in parts
+        ]
         out[key] = torch.cat(rows)
     for key in sorted({k for p in parts for k in p} - {"input_ids", "attention_mask", "mm_token_type_ids"}):
         ts = [p[key] for p in parts if key in p]

@@ -18,7 +18,9 @@ import torch
 Reducer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def withdraw_vision(hidden_states: torch.Tensor, vision_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def withdraw_vision(
+    hidden_states: torch.Tensor, vision_mask: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
     """VTW: keep every token that is not a vision token (padding stays, still masked)."""
     return ~vision_mask
 

@@ -43,6 +43,7 @@ class SearchSettings:
 
     eta: float
     min_layer: int | None = None
+    max_layer: int | None = None  # last candidate; None: L - 1
     direction: str = "reference"
 
     def validate(self, num_layers: int) -> SearchSettings:
@@ -56,7 +57,17 @@ class SearchSettings:
             raise ValueError(
                 f"search min_layer {min_layer!r} is out of range: allowed 0..{num_layers - 1} (L={num_layers}) or null"
             )
-        return SearchSettings(eta=float(self.eta), min_layer=min_layer, direction=self.direction)
+        max_layer = num_layers - 1 if self.max_layer is None else self.max_layer
+        if (
+            isinstance(max_layer, bool)
+            or not isinstance(max_layer, int)
+            or not min_layer <= max_layer <= num_layers - 1
+        ):
+            raise ValueError(
+                f"search max_layer {max_layer!r} is out of range: allowed {min_layer}..{num_layers - 1} "
+                f"(min_layer..L-1, L={num_layers}) or null"
+            )
+        return SearchSettings(eta=float(self.eta), min_layer=min_layer, max_layer=max_layer, direction=self.direction)
 
 
 @dataclass
@@ -65,7 +76,7 @@ class SearchResult:
 
     Attributes:
         layer: the chosen ``K``, or ``None`` when no candidate met ``eta`` (then: no withdrawal).
-        kl: mean divergence per candidate layer ``K`` (``min_layer..L``; ``K = L`` is the full model, 0).
+        kl: mean divergence per candidate layer ``K`` (``min_layer..max_layer``, and ``K = L``: the full model, 0).
         kl_per_sample: ``kl_per_sample[i][K]`` for sample ``i``.
         message: a one-line human summary.
     """
@@ -73,6 +84,7 @@ class SearchResult:
     layer: int | None
     eta: float
     min_layer: int
+    max_layer: int
     num_layers: int
     direction: str
     num_samples: int
@@ -189,7 +201,7 @@ def search_layer(model: nn.Module, batches: Iterable[dict], settings: SearchSett
     """
     num_layers = num_decoder_layers(model)
     settings = settings.validate(num_layers)
-    candidates = list(range(settings.min_layer, num_layers + 1))
+    candidates = [*range(settings.min_layer, settings.max_layer + 1), num_layers]  # K = L: the full model, KL 0
     per_sample: list[dict[int, float]] = []
     for batch in batches:
         full, by_layer = candidate_logits(model, batch, candidates)
@@ -201,9 +213,9 @@ def search_layer(model: nn.Module, batches: Iterable[dict], settings: SearchSett
     mean = {k: sum(s[k] for s in per_sample) / len(per_sample) for k in candidates}
     chosen = next((k for k in candidates[:-1] if mean[k] <= settings.eta), None)
     if chosen is None:
-        best = min(candidates[:-1], key=lambda k: mean[k]) if len(candidates) > 1 else num_layers
+        best = min(candidates[:-1], key=lambda k: mean[k])
         message = (
-            f"no layer in {settings.min_layer}..{num_layers - 1} has mean KL <= eta={settings.eta:g} "
+            f"no layer in {settings.min_layer}..{settings.max_layer} has mean KL <= eta={settings.eta:g} "
             f"(smallest: {mean[best]:.3g} at K={best}); falling back to no withdrawal"
         )
     else:
@@ -212,6 +224,7 @@ def search_layer(model: nn.Module, batches: Iterable[dict], settings: SearchSett
         layer=chosen,
         eta=settings.eta,
         min_layer=settings.min_layer,
+        max_layer=settings.max_layer,
         num_layers=num_layers,
         direction=settings.direction,
         num_samples=len(per_sample),

@@ -210,7 +210,9 @@ class WithdrawalHandle:
                 f"vtw: batch size changed from {self._deep_mask2d.shape[0]} to {batch} during generation "
                 "(beam search / batch expansion after prefill is not supported)"
             )
-        new_cols = attn2d[:, -q:] if attn2d is not None else torch.ones(batch, q, dtype=torch.long, device=vision.device)
+        new_cols = (
+            attn2d[:, -q:] if attn2d is not None else torch.ones(batch, q, dtype=torch.long, device=vision.device)
+        )
         self._deep_mask2d = torch.cat([self._deep_mask2d, new_cols.to(self._deep_mask2d)], dim=1)
         return None
 
