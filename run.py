@@ -1,0 +1,35 @@
+"""vtw experiment entry point: ``python run.py [overrides]``, ``python run.py -m key=a,b`` for a sweep.
+
+Thin on purpose: Hydra composes ``conf/``; :func:`vtw.pipeline.job.run_job` does the work (README: "Experiment
+pipeline"). In a sweep a failing job is recorded (``job.json``) and the sweep goes on; the sweep summary marks it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig
+
+from vtw.pipeline.resolvers import register_resolvers
+
+register_resolvers()  # the conf/ interpolations ${vtw_uid:}, ${vtw_slug:...}, ${vtw_asset:...}
+log = logging.getLogger("vtw")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> str:
+    from vtw.pipeline.job import JobContext, run_job
+
+    ctx = JobContext.from_hydra()
+    try:
+        return run_job(cfg, ctx).status
+    except Exception:
+        if not ctx.multirun:
+            raise
+        log.exception("job %s failed (recorded in %s/job.json); the sweep goes on", ctx.job_num, ctx.output_dir)
+        return "failed"
+
+
+if __name__ == "__main__":
+    main()

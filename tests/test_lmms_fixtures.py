@@ -1,0 +1,369 @@
+"""Fixtures for the lmms-eval model and pipeline tests: a tiny random LLaVA saved like a hub checkpoint, and tiny
+local lmms-eval tasks (parquet + YAML), built in a temp dir in about a second.
+
+The pipeline and model tests import the builders from here (``from test_lmms_fixtures import ...``); the tests in
+this module check that the fixtures are what the other tests assume (the processor expands ``<image>`` to the
+number of vision tokens the model expects; lmms-eval indexes the tasks offline).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+IMAGE_SIZE = 32
+PATCH = 8
+VISION_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # CLS dropped ("default" feature strategy)
+NUM_LAYERS = 4
+COLORS = ("red", "green", "blue", "yellow")
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+WORDS = (
+    "USER",
+    "ASSISTANT",
+    ":",
+    ".",
+    "?",
+    "what",
+    "color",
+    "is",
+    "the",
+    "image",
+    "answer",
+    "with",
+    "one",
+    "word",
+    "yes",
+    "no",
+    "a",
+    "b",
+    "c",
+    "d",
+    *COLORS,
+) + tuple(f"w{i}" for i in range(40))
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER : "
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} {% else %}ASSISTANT : {% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{{ m['content'][0]['text'] }}{% endif %} </s>{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+
+
+def build_tokenizer():
+    """A word-level fast tokenizer over :data:`WORDS` with ``<image>`` as a special token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<image>"],
+    )
+
+
+def build_tiny_llava(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS, seed: int = 0) -> Path:
+    """Save a random tiny ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``path``; returns the path.
+
+    Vision: CLIP 32 px, 8 px patches → 16 vision tokens per image. Decoder: Llama, ``num_layers`` layers, d=64.
+    Generation never emits ``<image>`` (``suppress_tokens``).
+    """
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        GenerationConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    path = Path(path)
+    tok = build_tokenizer()
+    image_id = tok.convert_tokens_to_ids("<image>")
+    text = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH,
+        projection_dim=32,
+    )
+    config = LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=image_id,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        suppress_tokens=[image_id, tok.bos_token_id, tok.pad_token_id, tok.unk_token_id],
+    )
+    model.save_pretrained(path)
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE},
+        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=True,
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token="<image>",
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+QWEN_SPECIALS = {150: "<|image_pad|>", 151: "<|video_pad|>", 152: "<|vision_start|>", 153: "<|vision_end|>"}
+QWEN_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
+)
+
+
+def build_tiny_qwen2_vl(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS) -> Path:
+    """Save a random tiny ``Qwen2VLForConditionalGeneration`` (the lead's ``tests/tiny_models.py`` config: vocab 160,
+    image/video/vision-start/end ids 150-153) + a ``Qwen2VLProcessor`` (4 px patches, 2x2 merge: an image of
+    ``H x W`` px takes ``H/8 * W/8`` tokens after resizing to multiples of 8, between 16x16 and 64x64 pixels)."""
+    import transformers as T
+    from tiny_models import build_tiny_model
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    path = Path(path)
+    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
+    while len(vocab) < min(QWEN_SPECIALS):
+        vocab[f"filler{len(vocab)}"] = len(vocab)
+    vocab.update({tok: i for i, tok in QWEN_SPECIALS.items()})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##")
+    tok = T.PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=list(QWEN_SPECIALS.values()),
+    )
+    model = build_tiny_model("qwen2_vl", num_layers=num_layers)
+    for cfg in (model.config, model.config.text_config):
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model.generation_config = T.GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        suppress_tokens=[*QWEN_SPECIALS, tok.bos_token_id, tok.pad_token_id, tok.unk_token_id],
+    )
+    model.save_pretrained(path)
+    kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
+    processor = T.Qwen2VLProcessor(
+        image_processor=T.Qwen2VLImageProcessor(**kw),
+        video_processor=T.Qwen2VLVideoProcessor(**kw),
+        tokenizer=tok,
+        chat_template=QWEN_TEMPLATE,
+    )
+    processor.save_pretrained(path)
+    return path
+
+
+def _png(color: tuple[int, int, int], size: int = 40) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_RGB = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
+
+_UTILS = """
+def doc_to_visual(doc):
+    return [doc["image"].convert("RGB")]
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+"""
+
+
+def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwtest") -> dict[str, str]:
+    """Write two local lmms-eval tasks under ``root`` (the include path); returns ``{"gen": name, "mc": name}``.
+
+    ``<prefix>_gen``: generate_until, exact_match. ``<prefix>_mc``: multiple_choice over the 4 colors, acc.
+    Each has ``n`` samples: an image of one flat color, question "what color is the image ?".
+    """
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
+
+    root = Path(root)
+    task_dir = root / prefix
+    task_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"id": [], "image": [], "question": [], "answer": [], "label": []}
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        rows["id"].append(i)
+        rows["image"].append({"bytes": _png(_RGB[color], size=40 + 4 * i), "path": None})
+        rows["question"].append("what color is the image ?" if i % 2 == 0 else "answer with one word : what color ?")
+        rows["answer"].append(color)
+        rows["label"].append(COLORS.index(color))
+    features = Features(
+        {
+            "id": Value("int64"),
+            "image": HFImage(),
+            "question": Value("string"),
+            "answer": Value("string"),
+            "label": Value("int64"),
+        }
+    )
+    Dataset.from_dict(rows, features=features).to_parquet(str(task_dir / "data.parquet"))
+    (task_dir / "utils.py").write_text(_UTILS)
+    common = textwrap.dedent(
+        """\
+        dataset_path: parquet
+        dataset_kwargs:
+          data_files:
+            test: data.parquet
+        test_split: test
+        doc_to_visual: !function utils.doc_to_visual
+        doc_to_text: !function utils.doc_to_text
+        """
+    )
+    gen = common + textwrap.dedent(
+        """\
+        task: {prefix}_gen
+        output_type: generate_until
+        doc_to_target: answer
+        generation_kwargs:
+          max_new_tokens: 4
+          until: ["."]
+        metric_list:
+          - metric: exact_match
+            aggregation: mean
+            higher_is_better: true
+            ignore_case: true
+            ignore_punctuation: true
+        """
+    )
+    mc = common + textwrap.dedent(
+        """\
+        task: {prefix}_mc
+        output_type: multiple_choice
+        doc_to_target: label
+        doc_to_choice: {choices}
+        metric_list:
+          - metric: acc
+            aggregation: mean
+            higher_is_better: true
+        """
+    )
+    (task_dir / f"{prefix}_gen.yaml").write_text(gen.format(prefix=prefix))
+    (task_dir / f"{prefix}_mc.yaml").write_text(mc.format(prefix=prefix, choices=list(COLORS)))
+    return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
+
+
+# ---------------------------------------------------------------------------------------------- shared fixtures
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    root = tmp_path_factory.mktemp("tasks")
+    return root, build_tiny_tasks(root)
+
+
+# ---------------------------------------------------------------------------------------------- fixture checks
+def test_processor_expands_image_to_the_models_vision_tokens(tiny_llava_dir):
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color is the image ?"}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    assert prompt.startswith("<s>USER : <image>") and prompt.endswith("ASSISTANT :")
+    batch = proc(text=[prompt], images=[Image.new("RGB", (50, 40), (1, 2, 3))], return_tensors="pt")
+    n_image = int((batch["input_ids"] == model.config.image_token_id).sum())
+    assert n_image == VISION_TOKENS
+    with torch.no_grad():  # the model accepts exactly that many image tokens (it raises on a mismatch)
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape
+    assert "<unk>" not in proc.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+
+
+def test_tasks_index_offline(tiny_tasks):
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    root, names = tiny_tasks
+    tm = TaskManager(include_path=str(root), include_defaults=False)
+    assert set(names.values()) <= set(tm.all_tasks)
+    tasks = get_task_dict([names["gen"], names["mc"]], tm)
+    gen = tasks[names["gen"]]
+    docs = list(gen.test_docs())
+    assert len(docs) == 6 and docs[0]["answer"] == "red"
+    assert gen.doc_to_visual(docs[0])[0].size == (40, 40)
+
+
+def pipeline_overrides(model_dir, task_root, tasks, *extra: str) -> list[str]:
+    """Hydra overrides that point the pipeline's default config at the fixtures (tiny model, local tasks)."""
+    return [
+        f"model.pretrained={model_dir}",
+        "model.name=tinytest",
+        "model.batch_size=4",
+        f"dataset.tasks=[{','.join(tasks)}]",
+        f"dataset.include_path=[{task_root}]",
+        "dataset.name=tinytasks",
+        "dataset.primary_metric=null",
+        "device=cpu",
+        "progress=false",
+        *extra,
+    ]

@@ -1,0 +1,214 @@
+"""The lmms-eval model ``vtw``: registration, argument checks, batched loglikelihood and generation against naive
+per-sample references (with and without withdrawal), and the per-request FLOPs records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_lmms_fixtures import COLORS, VISION_TOKENS, tiny_llava_dir, tiny_qwen_dir, tiny_tasks  # noqa: F401
+
+from vtw.lmms.model import VTWModel, _cut_at_stop, _generated_length, parse_layer
+
+
+@pytest.fixture(scope="module")
+def task_objs(tiny_tasks):  # noqa: F811
+    from lmms_eval.tasks import TaskManager, get_task_dict
+
+    root, names = tiny_tasks
+    tm = TaskManager(include_path=str(root), include_defaults=False)
+    tasks = get_task_dict([names["gen"], names["mc"]], tm)
+    for t in tasks.values():
+        t.build_all_requests(limit=None, rank=0, world_size=1)
+    return names, tasks
+
+
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+def model_dir(request):
+    """The saved tiny model of each family the wrapper is tested on (fixed-resolution LLaVA; Qwen2-VL, whose
+    images of different sizes give different numbers of vision tokens)."""
+    return request.getfixturevalue("tiny_llava_dir" if request.param == "llava" else "tiny_qwen_dir")
+
+
+@pytest.fixture(scope="module")
+def ref_model(model_dir):
+    """A separate plain copy of the model for the references (the wrapper's copy carries its own hooks)."""
+    import transformers
+    from transformers import AutoConfig
+
+    from vtw import get_family
+
+    cls = getattr(transformers, get_family(AutoConfig.from_pretrained(model_dir)).model_class)
+    return cls.from_pretrained(model_dir).eval()
+
+
+def _vision_tokens(lm, image) -> tuple[int, dict]:
+    """Vision tokens of one image and the encoder arguments of count_flops, from the image processor alone."""
+    if lm.family.mrope:
+        grid = lm.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
+        return int(grid.prod()) // 4, {"vision_grids": [tuple(grid.tolist())]}
+    return VISION_TOKENS, {"vision_inputs": 1}
+
+
+def _model(path, task_objs, **kw) -> VTWModel:
+    names, tasks = task_objs
+    lm = VTWModel(pretrained=str(path), device="cpu", progress=False, **kw)
+    for name, t in tasks.items():
+        lm.task_dict[name] = t.dataset
+    return lm
+
+
+# ---------------------------------------------------------------------------------------------- registration
+def test_entry_point_registers_vtw():
+    from importlib.metadata import entry_points
+
+    from lmms_eval.models import get_model
+
+    eps = [ep for ep in entry_points(group="lmms_eval.models") if ep.name == "vtw"]
+    assert eps, 'pyproject.toml must declare [project.entry-points."lmms_eval.models"] vtw = ...'
+    assert get_model("vtw") is VTWModel
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"layer": 99}, "0..4"),
+        ({"layer": "abc"}, "abc"),
+        ({"layer": "auto"}, "run.py"),
+        ({"method": "fastv"}, "fastv"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"dtype": "int8"}, "int8"),
+        ({"attn_implementation": "flash_attention_2"}, "flash_attention_2"),
+        ({"colour": 1}, "colour"),
+    ],
+)
+def test_bad_args_fail_before_weights_load(tiny_llava_dir, monkeypatch, kwargs, needle):  # noqa: F811
+    import transformers
+
+    def boom(*a, **k):
+        raise AssertionError("weights were loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.LlavaForConditionalGeneration, "from_pretrained", boom)
+    with pytest.raises(ValueError, match=needle):
+        VTWModel(pretrained=str(tiny_llava_dir), device="cpu", **kwargs)
+
+
+def test_missing_model_dir_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="cannot read a model config"):
+        VTWModel(pretrained=str(tmp_path / "nope"), device="cpu")
+
+
+def test_parse_layer_and_text_helpers():
+    assert parse_layer(None) is None and parse_layer("null") is None and parse_layer("None") is None
+    assert parse_layer("12") == 12 and parse_layer(3) == 3 and parse_layer(4.0) == 4
+    with pytest.raises(ValueError):
+        parse_layer(True)
+    assert _cut_at_stop("red. blue", ["."]) == "red"
+    assert _cut_at_stop("a\nb ASSISTANT: c", ["ASSISTANT:", "\n"]) == "a"
+    assert _cut_at_stop("red", []) == "red"
+    eos, pad = [2], 0
+    assert _generated_length([5, 6, 2, 0, 0], eos, pad) == 3  # EOS counts, padding after it does not
+    assert _generated_length([5, 0, 0], eos, pad) == 1  # stopped by a stop string: padded afterwards
+    assert _generated_length([5, 6, 7], eos, pad) == 3
+
+
+# ---------------------------------------------------------------------------------------------- loglikelihood
+def _reference_nll(model, processor, prompt: str, continuation: str, image, layer):
+    """Mean NLL of the continuation tokens, one unpadded sample, positions found from the vision mask."""
+    from vtw import vision_token_mask, withdraw
+
+    tok = processor.tokenizer
+    n = len(tok(prompt + continuation, add_special_tokens=False)["input_ids"]) - len(
+        tok(prompt, add_special_tokens=False)["input_ids"]
+    )
+    batch = processor(text=[prompt + continuation], images=[image], return_tensors="pt")
+    ids = batch["input_ids"][0]
+    with torch.no_grad(), withdraw(model, layer=layer):
+        logits = model(**batch).logits[0]  # (T_out, V)
+    if layer is None:
+        out_pos = torch.arange(len(ids))
+    else:  # output positions are the text positions, in order (batch of one, no padding)
+        out_pos = torch.nonzero(~vision_token_mask(model, batch["input_ids"])[0]).flatten()
+    index = {int(p): i for i, p in enumerate(out_pos)}
+    T = len(ids)
+    rows = torch.stack([logits[index[t - 1]] for t in range(T - n, T)])
+    logp = torch.log_softmax(rows.float(), -1)
+    target = ids[T - n :]
+    return -float(logp.gather(-1, target[:, None]).mean()), bool((logp.argmax(-1) == target).all())
+
+
+@pytest.mark.parametrize("layer", [None, 2, 0])
+def test_loglikelihood_batched_matches_per_sample_reference(model_dir, task_objs, ref_model, layer):
+    names, tasks = task_objs
+    task = tasks[names["mc"]]
+    reqs = task.instances
+    lm = _model(model_dir, task_objs, batch_size=5, layer=layer)
+    out = lm.loglikelihood(reqs)
+    assert len(out) == len(reqs) == 6 * len(COLORS)
+    for req, res in list(zip(reqs, out))[:: len(COLORS) - 1]:  # a spread of requests (every 3rd)
+        context, cont, doc_to_visual, doc_id, _, split = req.args
+        doc = lm.task_dict[names["mc"]][split][doc_id]
+        prompt = lm._prompt(context, 1, 0)
+        image = doc_to_visual(doc)[0]
+        nll, greedy = _reference_nll(ref_model, lm.processor, prompt, cont, image, layer)
+        assert res.text[0] == pytest.approx(nll, rel=1e-4, abs=1e-5)
+        assert res.text[1] == greedy
+    records = lm.pop_records()
+    assert len(records) == len(reqs) and all(r.request_type == "loglikelihood" for r in records)
+    for r in records:
+        doc = lm.task_dict[names["mc"]]["test"][r.doc_id]
+        assert r.vision_tokens == _vision_tokens(lm, doc["image"].convert("RGB"))[0]
+
+
+def test_loglikelihood_random_method_refuses_missing_continuation(model_dir, task_objs):
+    names, tasks = task_objs
+    reqs = tasks[names["mc"]].instances
+    lm = _model(model_dir, task_objs, batch_size=4, layer=1, method="random")
+    with pytest.raises(ValueError, match="continuation"):
+        lm.loglikelihood(reqs)  # random withdrawal drops text tokens too (16 of ~30 per sample)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+@pytest.mark.parametrize("layer", [None, 2])
+def test_generation_batched_equals_one_by_one_and_plain_hf(model_dir, task_objs, ref_model, layer):
+    from vtw import withdraw
+
+    names, tasks = task_objs
+    reqs = tasks[names["gen"]].instances
+    batched = [r.text for r in _model(model_dir, task_objs, batch_size=4, layer=layer).generate_until(reqs)]
+    lm1 = _model(model_dir, task_objs, batch_size=1, layer=layer)
+    single = [r.text for r in lm1.generate_until(reqs)]
+    assert batched == single
+    # plain transformers generate on one unpadded sample, the same prompt, greedy, cut at the stop string
+    context, gen_kwargs, doc_to_visual, doc_id, _, split = reqs[1].args
+    doc = lm1.task_dict[names["gen"]][split][doc_id]
+    batch = lm1.processor(text=[lm1._prompt(context, 1, 0)], images=doc_to_visual(doc), return_tensors="pt")
+    with torch.no_grad(), withdraw(ref_model, layer=layer):
+        ids = ref_model.generate(**batch, max_new_tokens=gen_kwargs["max_new_tokens"], do_sample=False)
+    text = lm1.tokenizer.decode(ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert single[1] == text.split(".")[0]
+
+
+def test_generation_records_flops_per_request(model_dir, task_objs):
+    from vtw.flops import count_flops, paper_flops
+
+    names, tasks = task_objs
+    reqs = tasks[names["gen"]].instances
+    lm = _model(model_dir, task_objs, batch_size=3, layer=2)
+    lm.generate_until(reqs)
+    records = lm.pop_records()
+    assert sorted(r.doc_id for r in records) == list(range(6))
+    tok = lm.tokenizer
+    for r, req in zip(sorted(records, key=lambda r: r.doc_id), reqs):
+        prompt = lm._prompt(req.args[0], 1, 0)
+        doc = lm.task_dict[names["gen"]]["test"][r.doc_id]
+        n_vision, encoder = _vision_tokens(lm, doc["image"].convert("RGB"))
+        # the prompt's tokens but the one image placeholder (<image>, or Qwen's <|image_pad|>; its start/end are text)
+        n_text = len(tok(prompt, add_special_tokens=False)["input_ids"]) - 1
+        assert (r.vision_tokens, r.text_tokens) == (n_vision, n_text)
+        assert 1 <= r.generated_tokens <= 4
+        kw = {"vision_tokens": n_vision, "text_tokens": n_text, **encoder}
+        assert r.flops == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, layer=2).total
+        assert r.flops_full == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, layer=None).total
+        assert r.paper_flops == paper_flops(lm.config, vision_tokens=n_vision, text_tokens=n_text, layer=2)
+        assert r.flops < r.flops_full and r.latency_s > 0 and r.batch_size == 3

@@ -1,0 +1,147 @@
+"""Sweeps: ``python run.py -m`` in a subprocess (results per job, summary, Pareto plot, W&B sweep run), a sweep
+with a failing job, the summarize command, and the summary / frontier logic on hand-made job directories."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_lmms_fixtures import pipeline_overrides, tiny_llava_dir, tiny_tasks  # noqa: F401
+
+from vtw.io import read_json
+from vtw.pipeline.pareto import pareto_frontier
+from vtw.pipeline.results import RunResult, VariantResult, write_results
+from vtw.pipeline.status import JobStatus
+from vtw.pipeline.summary import summarize_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _run(args, cwd, timeout=240):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout
+    )
+
+
+def _csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_sweep_writes_each_job_and_a_summary(tiny_llava_dir, tiny_tasks, tmp_path):  # noqa: F811
+    from vtw.pipeline.wandb_offline import find_offline_runs, read_offline_run
+
+    root, names = tiny_tasks
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "vtw.layer=null,1,2",
+        *pipeline_overrides(tiny_llava_dir, root, [names["gen"]]),
+        "logger.mode=offline",
+    ]
+    p = _run([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    jobs = sorted(d for d in sweep.iterdir() if (d / "job.json").is_file())
+    assert [d.name for d in jobs] == ["0_tinytest_tinytasks_base", "1_tinytest_tinytasks_K1", "2_tinytest_tinytasks_K2"]
+    results = [read_json(d / "results.json") for d in jobs]
+    assert [r["result"]["layer"] for r in results] == [None, 1, 2]
+    assert all(r["baseline"] is None for r in results)  # compare_baseline=auto: not in a sweep
+    rows = _csv(sweep / "summary.csv")
+    assert [(r["status"], r["layer"]) for r in rows] == [("ok", ""), ("ok", "1"), ("ok", "2")]
+    for row, res in zip(rows, results):
+        assert float(row["tflops"]) == pytest.approx(res["result"]["tflops"], rel=1e-5)
+        assert float(row["accuracy"]) == pytest.approx(res["result"]["accuracy"])
+    assert float(rows[1]["tflops"]) < float(rows[2]["tflops"]) < float(rows[0]["tflops"])
+    assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "3 jobs: 3 ok, 0 failed" in (sweep / "summary.md").read_text()
+    assert "sweep" in p.stdout and "0_tinytest_tinytasks_base" in p.stdout  # the rich table
+    # W&B: one run per job in the sweep's group, plus the sweep's summary run
+    job_runs = [read_offline_run(r) for d in jobs for r in find_offline_runs(d / "wandb")]
+    sweep_runs = [read_offline_run(r) for r in find_offline_runs(sweep / "wandb")]
+    assert len(job_runs) == 3 and len(sweep_runs) == 1
+    group = sweep_runs[0].group
+    assert {r.group for r in job_runs} == {group} and sweep_runs[0].job_type == "sweep"
+    assert sorted(r.name for r in job_runs) == [
+        "tinytest-tinytasks-K1",
+        "tinytest-tinytasks-K2",
+        "tinytest-tinytasks-base",
+    ]
+    table = sweep_runs[0].tables["summary_table"]
+    t = [dict(zip(table["columns"], row)) for row in table["data"]]
+    assert [x["tflops"] for x in t] == pytest.approx([r["result"]["tflops"] for r in results])
+    assert "accuracy_vs_tflops_table" in sweep_runs[0].tables  # the scatter's data
+
+
+def test_sweep_with_a_failing_job_keeps_and_summarises_the_others(tiny_llava_dir, tiny_tasks, tmp_path):  # noqa: F811
+    root, names = tiny_tasks
+    sweep = tmp_path / "sweep"
+    over = pipeline_overrides(tiny_llava_dir, root, [names["gen"]], "logger=none", "vtw.layer=1")
+    over = [o for o in over if not o.startswith("dataset.tasks=")]
+    p = _run(["-m", f"dataset.tasks=[{names['gen']}],[no_such_task]", *over, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = _csv(sweep / "summary.csv")
+    assert [r["status"] for r in rows] == ["ok", "failed"]
+    assert "no_such_task" in rows[1]["error"] and rows[0]["accuracy"] != ""
+    ok_dir, bad_dir = Path(rows[0]["job_dir"]), Path(rows[1]["job_dir"])
+    assert (ok_dir / "results.json").is_file() and not (bad_dir / "results.json").exists()
+    assert read_json(bad_dir / "job.json")["status"] == "failed"
+    assert "Failed jobs" in (sweep / "summary.md").read_text()
+    # the summarize command on the same directory
+    cmd = [sys.executable, "-m", "vtw.pipeline.summarize"]
+    q = subprocess.run([*cmd, str(sweep)], capture_output=True, text=True, env=ENV, timeout=120)
+    assert q.returncode == 1 and "no_such_task" in q.stdout
+    q = subprocess.run([*cmd, str(tmp_path / "nope")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert q.returncode == 2 and "does not exist" in q.stderr
+
+
+# ---------------------------------------------------------------------------------------------- summary logic
+def test_pareto_frontier_by_hand():
+    pts = [(5.0, 0.80), (3.0, 0.78), (4.0, 0.70), (2.0, 0.60), (3.0, 0.75), (6.0, 0.80)]
+    # cheapest first: (2, .60) ok; (3, .78) beats it; (3, .75) dominated; (4, .70) dominated; (5, .80) ok; (6, .80) not
+    assert pareto_frontier(pts) == [3, 1, 0]
+    assert pareto_frontier([]) == []
+
+
+def _variant(label, layer, acc, tflops, full) -> VariantResult:
+    return VariantResult(
+        label=label, layer=layer, method="vtw", metrics={"t/acc": acc}, accuracy=acc, num_samples=10,
+        tflops=tflops, tflops_full=full, tflops_saved_pct=100 * (1 - tflops / full), paper_tflops=tflops / 2,
+        paper_tflops_full=full / 2, paper_tflops_saved_pct=100 * (1 - tflops / full), latency_s=0.1,
+        samples_per_s=10.0, generated_tokens=3.0, vision_tokens=576.0, text_tokens=40.0, peak_mem_gb=1.0,
+        peak_mem_kind="cpu_max_rss", wall_s=1.0,
+    )  # fmt: skip
+
+
+def _job(d: Path, main: VariantResult, baseline: VariantResult | None = None) -> None:
+    r = RunResult(
+        name=d.name, model="m", pretrained="p", family="llava", num_layers=32, dataset="d", tasks=["t"], limit=None,
+        layer_requested=main.layer, primary_metric="t/acc", result=main, baseline=baseline, config={}, config_hash="h",
+        git={}, packages={}, job={},
+    )  # fmt: skip
+    JobStatus(d, name=d.name).finish("ok")
+    write_results(d, r, [])
+
+
+def test_summarize_hand_made_jobs(tmp_path):
+    _job(tmp_path / "0", _variant("vtw", 8, 0.70, 4.0, 10.0), baseline=_variant("baseline", None, 0.80, 10.0, 10.0))
+    _job(tmp_path / "1", _variant("vtw", 16, 0.79, 6.0, 10.0))
+    _job(tmp_path / "2", _variant("baseline", None, 0.80, 10.0, 10.0))  # a second baseline: one point only
+    JobStatus(tmp_path / "10", name="x").fail(RuntimeError("CUDA out of memory"))
+    JobStatus(tmp_path / "3", name="y").start()  # still running (or killed)
+    s = summarize_sweep(tmp_path, console=False)
+    assert [r.job for r in s.rows] == ["0", "0", "1", "2", "3", "10"]  # natural order, baseline row first
+    assert (s.jobs, s.ok, s.failed, s.count("running")) == (5, 3, 1, 1)
+    assert s.failed_jobs[0].error == "CUDA out of memory"
+    pts = s.points()
+    assert sorted((p.layer or 99) for p in pts) == [8, 16, 99]
+    rows = _csv(tmp_path / "summary.csv")
+    assert rows[1]["variant"] == "vtw" and float(rows[1]["tflops_saved_pct"]) == pytest.approx(60.0)
+    assert rows[0]["t/acc"] == "0.8" and rows[5]["status"] == "failed"
+    md = (tmp_path / "summary.md").read_text()
+    assert "5 jobs: 3 ok, 1 failed, 1 running" in md and "CUDA out of memory" in md
+    assert (tmp_path / "pareto.png").stat().st_size > 1000

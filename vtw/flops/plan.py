@@ -1,0 +1,238 @@
+"""The planning table: FLOPs, paper-convention FLOPs and KV cache of one sample for every withdrawal layer ``K``.
+
+:func:`flops_table` computes the rows; :func:`plan_flops` resolves a model name offline (shipped configs, no weights),
+fills in a default sample (one image of :data:`~vtw.flops.layout.DEFAULT_IMAGE_SIZE`, or the given token budget),
+prints a rich table and returns the rows. ``python run.py mode=flops model=<name>`` calls it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .arch import Architecture, architecture
+from .configs import SHIPPED_CHECKPOINTS, load_model_config
+from .count import TERA, check_count, count_flops
+from .kv import kv_cache_bytes
+from .layout import DEFAULT_IMAGE_SIZE, VisionWorkload, image_layout
+from .paper import PAPER_CONVENTION, paper_flops
+
+EXACT_CONVENTION = (
+    "exact: matmul FLOPs as computed by transformers (1 multiply-add = 2 FLOPs): vision encoder + projector + "
+    "decoder prefill + every decode step + LM head at the positions computed (1 in prefill, 1 per decode step)"
+)
+
+
+@dataclass(frozen=True)
+class FlopsRow:
+    """One withdrawal layer ``K`` (``K == num_layers``: vanilla, nothing withdrawn)."""
+
+    layer: int
+    num_layers: int
+    flops: int
+    prefill_flops: int
+    decode_flops: int
+    saved_pct: float  # vs vanilla, exact figure
+    paper_flops: int
+    paper_saved_pct: float
+    kv_bytes: int
+    kv_saved_pct: float
+
+    @property
+    def vanilla(self) -> bool:
+        return self.layer == self.num_layers
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / TERA
+
+    @property
+    def prefill_tflops(self) -> float:
+        return self.prefill_flops / TERA
+
+    @property
+    def decode_tflops(self) -> float:
+        return self.decode_flops / TERA
+
+    @property
+    def paper_tflops(self) -> float:
+        return self.paper_flops / TERA
+
+
+def _pct(value: int, base: int) -> float:
+    return 100.0 * (1.0 - value / base) if base else 0.0
+
+
+def flops_table(
+    config,
+    *,
+    vision_tokens: int,
+    text_tokens: int,
+    generated_tokens: int,
+    layers: Iterable[int] | None = None,
+    vision_inputs: int | None = None,
+    video_frames: int = 0,
+    vision_grids: Sequence[Sequence[int]] | None = None,
+    dtype="bfloat16",
+    prefill_logits: int | str = 1,
+) -> list[FlopsRow]:
+    """A :class:`FlopsRow` per withdrawal layer in ``layers`` (default: every ``K`` from ``L`` down to 0).
+
+    The other arguments are those of :func:`~vtw.flops.count_flops` and :func:`~vtw.flops.kv_cache_bytes`.
+    """
+    num_layers = architecture(config).decoder.num_layers
+    layers = list(range(num_layers, -1, -1)) if layers is None else list(layers)
+    if not layers:
+        raise ValueError("layers is empty: give at least one withdrawal layer")
+    common = {"vision_tokens": vision_tokens, "text_tokens": text_tokens}
+    encoder = {"vision_inputs": vision_inputs, "video_frames": video_frames, "vision_grids": vision_grids}
+
+    def exact(k):
+        return count_flops(
+            config, **common, generated_tokens=generated_tokens, layer=k, prefill_logits=prefill_logits, **encoder
+        )
+
+    base = exact(None)
+    base_paper = paper_flops(config, **common, layer=None)
+    base_kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, layer=None, dtype=dtype).total
+    rows = []
+    for k in layers:
+        rep = exact(k)
+        paper = paper_flops(config, **common, layer=k)
+        kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, layer=k, dtype=dtype).total
+        rows.append(
+            FlopsRow(
+                layer=rep.layer,
+                num_layers=num_layers,
+                flops=rep.total,
+                prefill_flops=rep.prefill.total,
+                decode_flops=rep.decode.total,
+                saved_pct=_pct(rep.total, base.total),
+                paper_flops=paper,
+                paper_saved_pct=_pct(paper, base_paper),
+                kv_bytes=kv,
+                kv_saved_pct=_pct(kv, base_kv),
+            )
+        )
+    return rows
+
+
+@dataclass(frozen=True)
+class PlanResult:
+    """What :func:`plan_flops` computed and printed."""
+
+    model: str
+    family: str
+    vision_tokens: int
+    text_tokens: int
+    generated_tokens: int
+    workload: VisionWorkload
+    encoder_note: str
+    rows: list[FlopsRow]
+
+
+def _square_grid(arch: Architecture, tokens: int) -> tuple[int, int, int]:
+    """A Qwen ``(1, h, w)`` patch grid of one image giving ``tokens`` decoder tokens, as square as possible."""
+    rows = max(d for d in range(1, math.isqrt(tokens) + 1) if tokens % d == 0)
+    m = arch.vision.spatial_merge
+    return (1, rows * m, tokens // rows * m)
+
+
+def _plan_sample(config, vision_tokens: int | None, image_size) -> tuple[int, dict, VisionWorkload, str]:
+    """Decoder vision tokens, count_flops encoder kwargs, the workload and a note on how it was chosen."""
+    arch = architecture(config)
+    layout = image_layout(config, image_size or DEFAULT_IMAGE_SIZE)
+    h, w = layout.image_size
+    if vision_tokens is None:
+        work = layout.workload
+        note = f"one {w}x{h} (WxH) image: {layout.note}"
+        return layout.vision_tokens, _encoder_kwargs(arch, work), work, note
+    vision_tokens = check_count(vision_tokens, "vision_tokens")
+    if vision_tokens == 0:
+        return 0, _encoder_kwargs(arch, VisionWorkload()), VisionWorkload(), "no image (text only)"
+    if arch.is_qwen:
+        grid = _square_grid(arch, vision_tokens)
+        px = arch.vision.patch
+        work = VisionWorkload(grids=(grid,))
+        note = (
+            f"one image of {grid[2] * px}x{grid[1] * px} px ({grid[1]}x{grid[2]} patches) giving {vision_tokens} tokens"
+        )
+        return vision_tokens, _encoder_kwargs(arch, work), work, note
+    if arch.anyres:
+        work = layout.workload
+        note = f"{vision_tokens} decoder tokens (given); encoder work of one {w}x{h} image: {layout.note}"
+        return vision_tokens, _encoder_kwargs(arch, work), work, note
+    per = arch.tokens.image_decoder_tokens
+    if vision_tokens % per:
+        raise ValueError(f"{arch.display}: vision_tokens={vision_tokens} is not a whole number of {per}-token images")
+    work = VisionWorkload(image_inputs=vision_tokens // per)
+    return vision_tokens, _encoder_kwargs(arch, work), work, f"{work.image_inputs} image(s) of {per} tokens"
+
+
+def _encoder_kwargs(arch: Architecture, work: VisionWorkload) -> dict:
+    if arch.is_qwen:
+        return {"vision_grids": work.grids}
+    return {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
+
+
+def plan_flops(
+    model_config_path_or_name,
+    *,
+    vision_tokens: int | None = None,
+    text_tokens: int,
+    generated_tokens: int,
+    layers: Iterable[int] | None = None,
+    image_size: tuple[int, int] | None = None,
+    dtype="bfloat16",
+    console=None,
+) -> PlanResult:
+    """Print the FLOPs / KV table of one sample for every withdrawal layer; no weights are needed.
+
+    Args:
+        model_config_path_or_name: a shipped name (``llava-1.5-7b``, ...), its hub id, an embedded model
+            (``tiny-llava``), a path to a ``config.json``, or a config object.
+        vision_tokens: decoder vision tokens. Default: those of one image of ``image_size`` (default 640x480 WxH):
+            576 for LLaVA-1.5, 256 for Video-LLaVA, the anyres tiling for LLaVA-NeXT / -OneVision / -NeXT-Video,
+            ``smart_resize`` for Qwen. Given explicitly for an anyres family, the encoder work stays that of the
+            image; for Qwen, one image with a near-square patch grid of that many tokens is assumed.
+        text_tokens, generated_tokens: the rest of the token budget (``generated_tokens >= 1`` for generation).
+        layers: withdrawal layers to list (default every ``K`` from ``L`` down to 0).
+        image_size: ``(height, width)`` in pixels of the default image.
+        dtype: KV-cache element type.
+        console: a ``rich.console.Console`` (default: a new one on stdout).
+
+    Raises:
+        ValueError: unknown model (listing the shipped ones) or bad counts, before anything is printed.
+    """
+    config = load_model_config(model_config_path_or_name)
+    arch = architecture(config)
+    v, encoder, work, note = _plan_sample(config, vision_tokens, image_size)
+    rows = flops_table(
+        config,
+        vision_tokens=v,
+        text_tokens=text_tokens,
+        generated_tokens=generated_tokens,
+        layers=layers,
+        dtype=dtype,
+        **encoder,
+    )
+    name = str(model_config_path_or_name) if not hasattr(model_config_path_or_name, "to_dict") else arch.display
+    hub = SHIPPED_CHECKPOINTS.get(name)
+    result = PlanResult(
+        model=name,
+        family=arch.display,
+        vision_tokens=v,
+        text_tokens=text_tokens,
+        generated_tokens=generated_tokens,
+        workload=work,
+        encoder_note=note,
+        rows=rows,
+    )
+    from ..flops_table import print_plan  # rich is only needed here
+
+    print_plan(result, arch=arch, hub_id=hub, dtype=str(dtype), console=console)
+    return result
+
+
+__all__ = ["EXACT_CONVENTION", "PAPER_CONVENTION", "FlopsRow", "PlanResult", "flops_table", "plan_flops"]

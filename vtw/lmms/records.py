@@ -1,0 +1,101 @@
+"""Per-request measurements of the ``vtw`` lmms-eval model: tokens, FLOPs (two conventions), latency.
+
+One :class:`RequestRecord` per model request. A generation task makes one request per sample; a multiple-choice task
+makes one loglikelihood request per option, so the pipeline sums the records of a sample (:func:`sum_records`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What one request cost.
+
+    Attributes:
+        task: lmms-eval task name; ``doc_id``: the sample's index in the task split.
+        request_type: ``"generate_until"`` or ``"loglikelihood"``.
+        layer: the withdrawal layer ``K`` in force (``None``: no withdrawal).
+        vision_tokens: vision (image/video placeholder) tokens of the prompt.
+        text_tokens: the other, non-padding prompt tokens (for loglikelihood: context + continuation).
+        generated_tokens: tokens produced by decoding (0 for loglikelihood), up to and including the stop token.
+        images: images and videos of the request.
+        latency_s: this request's share of its batch's model-call wall time (batch time / batch size); processing
+            inputs (image preprocessing, tokenization) is excluded.
+        batch_size: size of the batch the request ran in.
+        flops: FLOPs of this request under ``layer`` (counted convention: every executed matmul + attention,
+            one multiply-add = 2 FLOPs, no padding, see :func:`vtw.flops.count_flops`).
+        flops_full: the same request with no withdrawal (``K = L``).
+        paper_flops / paper_flops_full: the VTW/FastV paper convention (:func:`vtw.flops.paper_flops`), at
+            ``layer`` and at ``K = L``.
+    """
+
+    task: str
+    doc_id: int
+    request_type: str
+    layer: int | None
+    vision_tokens: int
+    text_tokens: int
+    generated_tokens: int
+    images: int
+    latency_s: float
+    batch_size: int
+    flops: float
+    flops_full: float
+    paper_flops: float
+    paper_flops_full: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SampleCost:
+    """The summed cost of one sample (all its requests). Same fields as :class:`RequestRecord` where summable."""
+
+    task: str
+    doc_id: int
+    requests: int
+    vision_tokens: int
+    text_tokens: int
+    generated_tokens: int
+    latency_s: float
+    flops: float
+    flops_full: float
+    paper_flops: float
+    paper_flops_full: float
+
+    @property
+    def tflops(self) -> float:
+        return self.flops / 1e12
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["tflops"] = self.tflops
+        d["tflops_full"] = self.flops_full / 1e12
+        d["paper_tflops"] = self.paper_flops / 1e12
+        d["paper_tflops_full"] = self.paper_flops_full / 1e12
+        return d
+
+
+_SUMMED = ("vision_tokens", "text_tokens", "generated_tokens", "latency_s", "flops", "flops_full")
+_SUMMED += ("paper_flops", "paper_flops_full")
+
+
+def sum_records(records: Iterable[RequestRecord]) -> dict[tuple[str, int], SampleCost]:
+    """Sum the records of each ``(task, doc_id)``; the result is keyed and ordered by first appearance."""
+    out: dict[tuple[str, int], dict] = {}
+    for r in records:
+        key = (r.task, int(r.doc_id))
+        acc = out.get(key)
+        if acc is None:
+            out[key] = acc = {"task": r.task, "doc_id": int(r.doc_id), "requests": 0, **dict.fromkeys(_SUMMED, 0)}
+        acc["requests"] += 1
+        for name in _SUMMED:
+            acc[name] += getattr(r, name)
+    return {k: SampleCost(**v) for k, v in out.items()}
+
+
+SAMPLE_COST_FIELDS = tuple(f.name for f in fields(SampleCost))

@@ -1,0 +1,19 @@
+"""The vtw experiment pipeline (Hydra + lmms-eval + W&B): used by ``run.py``; tests call these modules directly.
+
+| module | what |
+|---|---|
+| :mod:`~vtw.pipeline.config` | compose ``conf/``, validate into a typed :class:`~vtw.pipeline.config.RunSpec` |
+| :mod:`~vtw.pipeline.job` | :func:`~vtw.pipeline.job.run_job`: one job, start to end |
+| :mod:`~vtw.pipeline.evaluate` | lmms-eval glue: task index, ``simple_evaluate``, metrics, per-sample rows |
+| :mod:`~vtw.pipeline.layer` | :func:`~vtw.pipeline.layer.resolve_layer`: ``vtw.layer`` → ``K`` (KL search for ``auto``) |
+| :mod:`~vtw.pipeline.layer_search` | the cached KL layer search on task samples |
+| :mod:`~vtw.pipeline.results` | results dataclasses, ``results.json`` / ``samples.jsonl`` |
+| :mod:`~vtw.pipeline.status` | ``job.json`` |
+| :mod:`~vtw.pipeline.summary` | :func:`~vtw.pipeline.summary.summarize_sweep`: csv / md / rich table / Pareto plot |
+| :mod:`~vtw.pipeline.summarize` | ``python -m vtw.pipeline.summarize SWEEP_DIR`` |
+| :mod:`~vtw.pipeline.callbacks` | Hydra ``on_multirun_end`` → sweep summary |
+| :mod:`~vtw.pipeline.wandb_logger` | W&B runs (job and sweep); :mod:`~vtw.pipeline.wandb_offline` reads offline runs |
+| :mod:`~vtw.pipeline.sweepspec` | sweep plans for SLURM arrays (``python -m vtw.pipeline.sweepspec``) |
+
+Importing this package imports nothing heavy; each module imports what it needs.
+"""

@@ -1,0 +1,399 @@
+"""Composed Hydra config → validated, typed :class:`RunSpec`, before anything heavy happens.
+
+:func:`validate_config` checks every value the pipeline uses and raises ``ValueError`` naming the bad value and the
+allowed ones. It reads the model's config (a small JSON, never the weights) to check ``vtw.layer`` against the
+model's number of decoder layers. Task names are checked later against lmms-eval's task index, still before the model
+loads (:func:`vtw.pipeline.evaluate.check_tasks`).
+
+:func:`compose_config` composes ``conf/`` the way ``run.py`` does (tests and notebooks use it), turning Hydra's
+"could not find model/foo" into a ``ValueError`` that lists the available options.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .resolvers import register_resolvers
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+MODES = ("eval", "flops", "search")
+METHODS = ("vtw", "random")
+LOGGERS = ("wandb", "none")
+WANDB_MODES = ("online", "offline", "disabled")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION = ("sdpa", "eager")
+COMPARE = ("auto", True, False)
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+#: keys of the resolved config that do not change what a job computes (ignored when resume compares configs)
+NON_RESULT_KEYS = ("resume", "resume_root", "logger", "launcher", "progress")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    pretrained: str
+    config: str
+    family: str
+    num_layers: int
+    dtype: str
+    batch_size: int
+    attn_implementation: str
+    max_new_tokens: int
+    chat_template: str | None
+    max_frames_num: int
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    tasks: tuple[str, ...]
+    include_path: tuple[str, ...]
+    limit: int | float | None
+    primary_metric: str | None
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """KL layer search settings (``vtw.search.*``); ``min_layer=None``: ``vtw.search.default_min_layer(L)``."""
+
+    tasks: tuple[str, ...] | None
+    limit: int
+    eta: float
+    min_layer: int | None
+    max_layer: int | None
+    direction: str = "reference"
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    name: str
+    mode: str = "disabled"
+    project: str = "vtw"
+    entity: str | None = None
+    group: str | None = None
+    tags: tuple[str, ...] = ()
+    log_samples: bool = True
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything a job needs, validated. ``layer`` is ``None``, an int in ``[0, L]``, or ``"auto"``."""
+
+    mode: str
+    model: ModelSpec
+    dataset: DatasetSpec
+    layer: int | str | None
+    method: str
+    search: SearchSpec
+    logger: LoggerSpec
+    seed: int
+    device: str
+    compare_baseline: bool | str
+    resume: bool
+    resume_root: str
+    bootstrap_iters: int
+    progress: bool
+    flops: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------------ composition
+def group_options(group: str) -> list[str]:
+    """Options of a config group: from Hydra's search path when Hydra is initialised, else from ``conf/``."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    gh = GlobalHydra.instance()
+    if gh.is_initialized():
+        try:
+            return sorted(gh.config_loader().get_group_options(group))
+        except Exception:  # noqa: BLE001 - fall back to the files
+            pass
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike | None = None) -> DictConfig:
+    """Compose ``config.yaml`` with ``overrides`` like ``run.py`` (without Hydra's runtime ``hydra:`` node).
+
+    Raises:
+        ValueError: an unknown group option (``model=foo``), naming it and listing the available ones, or an
+            override that does not parse / does not exist.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    register_resolvers()
+    config_dir = str(Path(config_dir or CONF_DIR).resolve())
+    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+        try:
+            return compose(config_name="config", overrides=list(overrides))
+        except MissingConfigException as e:
+            group = _missing_group(str(e))
+            if group:
+                bad = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == group]
+                raise ValueError(
+                    f"unknown {group} {bad[0] if bad else '?'!r}; allowed: {', '.join(group_options(group))}"
+                ) from e
+            raise ValueError(str(e)) from e
+        except ConfigCompositionException as e:
+            raise ValueError(f"bad override: {e}") from e
+
+
+def _missing_group(message: str) -> str | None:
+    m = re.search(r"Could not find '([\w/-]+)/[^']*'", message)
+    return m.group(1) if m else None
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _choice(value, allowed: Sequence, what: str):
+    if value not in allowed:
+        raise ValueError(f"{what}={value!r} is not allowed; allowed: {', '.join(map(str, allowed))}")
+    return value
+
+
+def _int(value, what: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{what}={value!r} must be an integer")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what}={value!r} must be >= {minimum}")
+    return value
+
+
+def _str(value, what: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{what}={value!r} must be a non-empty string")
+    return value
+
+
+def _str_list(value, what: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or (not value and not allow_empty):
+        raise ValueError(f"{what}={value!r} must be a {'' if allow_empty else 'non-empty '}list of strings")
+    for v in value:
+        _str(v, f"{what} item")
+    return tuple(value)
+
+
+def looks_like_path(text: str) -> bool:
+    return text.startswith(("/", "./", "../", "~")) or os.path.isabs(text)
+
+
+def load_model_config_for(spec_pretrained: str, config_ref: str):
+    """The transformers config named by ``model.config`` (shipped name, hub id, local path) — no weights."""
+    from ..flops.configs import load_model_config
+
+    ref = config_ref or spec_pretrained
+    if looks_like_path(ref) and not Path(os.path.expanduser(ref)).exists():
+        raise ValueError(f"model.config={ref!r}: no such file or directory")
+    try:
+        return load_model_config(os.path.expanduser(ref) if looks_like_path(ref) else ref)
+    except ValueError:
+        pass
+    try:  # a hub id that is not shipped: the local HF cache may have it
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(ref)
+    except Exception as e:  # noqa: BLE001
+        from ..flops.configs import available_models
+
+        raise ValueError(
+            f"model.config={ref!r}: cannot read the model's config offline ({type(e).__name__}); set model.config to "
+            f"a local path or one of the shipped configs: {', '.join(available_models())}"
+        ) from None
+
+
+def _model(m: dict) -> ModelSpec:
+    from ..families import get_family, num_decoder_layers
+
+    name = _str(m.get("name"), "model.name")
+    pretrained = _str(m.get("pretrained"), "model.pretrained")
+    if looks_like_path(pretrained) and not (Path(os.path.expanduser(pretrained)) / "config.json").is_file():
+        raise ValueError(f"model.pretrained={pretrained!r}: no such model directory (no config.json there)")
+    config_ref = m.get("config") or pretrained
+    hf_config = load_model_config_for(pretrained, config_ref)
+    family = get_family(hf_config).model_type
+    template = m.get("chat_template")
+    return ModelSpec(
+        name=name,
+        pretrained=pretrained,
+        config=str(config_ref),
+        family=family,
+        num_layers=num_decoder_layers(hf_config),
+        dtype=_choice(m.get("dtype", "auto"), DTYPES, "model.dtype"),
+        batch_size=_int(m.get("batch_size", 1), "model.batch_size", 1),
+        attn_implementation=_choice(m.get("attn_implementation", "sdpa"), ATTENTION, "model.attn_implementation"),
+        max_new_tokens=_int(m.get("max_new_tokens", 128), "model.max_new_tokens", 1),
+        chat_template=None if template in (None, "") else str(template),
+        max_frames_num=_int(m.get("max_frames_num", 8), "model.max_frames_num", 1),
+    )
+
+
+def _limit(value):
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"dataset.limit={value!r} must be null, a positive integer or a fraction in (0, 1)")
+    if isinstance(value, int) and value >= 1:
+        return value
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    raise ValueError(f"dataset.limit={value!r} must be null, a positive integer or a fraction in (0, 1)")
+
+
+def _dataset(d: dict) -> DatasetSpec:
+    tasks = _str_list(d.get("tasks"), "dataset.tasks")
+    include = _str_list(d.get("include_path") or [], "dataset.include_path", allow_empty=True)
+    for p in include:
+        if not Path(p).is_dir():
+            raise ValueError(f"dataset.include_path entry {p!r} is not a directory")
+    primary = d.get("primary_metric")
+    if primary is not None:
+        primary = _str(primary, "dataset.primary_metric")
+        task = primary.split("/", 1)[0]
+        if "/" not in primary or task not in tasks:
+            raise ValueError(
+                f"dataset.primary_metric={primary!r} must be '<task>/<metric>' with <task> in {list(tasks)}"
+            )
+    return DatasetSpec(
+        name=_str(d.get("name"), "dataset.name"),
+        tasks=tasks,
+        include_path=tuple(str(Path(p).resolve()) for p in include),
+        limit=_limit(d.get("limit")),
+        primary_metric=primary,
+    )
+
+
+def _layer(value, num_layers: int, model: str):
+    if value is None or value == "auto":
+        return value
+    if isinstance(value, str) and value.lower() in ("null", "none"):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= num_layers:
+        raise ValueError(
+            f"vtw.layer={value!r} is not a valid layer for model {model} (L={num_layers} decoder layers); allowed: "
+            f"null (no withdrawal), an integer 0..{num_layers}, or auto"
+        )
+    return value
+
+
+def _search(s: dict | None, num_layers: int, used: bool) -> SearchSpec:
+    """The search settings; the candidate range is checked against ``L`` only when the search will run."""
+    from ..search import DIRECTIONS, default_min_layer
+
+    s = s or {}
+    tasks = s.get("tasks")
+    eta = s.get("eta", 0.003)
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta <= 0:
+        raise ValueError(f"vtw.search.eta={eta!r} must be a positive number")
+    lo, hi = s.get("min_layer"), s.get("max_layer")
+    lo = None if lo is None else _int(lo, "vtw.search.min_layer", 0)
+    hi = None if hi is None else _int(hi, "vtw.search.max_layer", 0)
+    first = default_min_layer(num_layers) if lo is None else lo
+    last = num_layers - 1 if hi is None else hi
+    if used and not first <= last <= num_layers - 1:
+        raise ValueError(
+            f"vtw.search.min_layer={lo} / max_layer={hi} must satisfy 0 <= min_layer <= max_layer <= L-1 = "
+            f"{num_layers - 1} (null: min_layer {default_min_layer(num_layers)}, max_layer L-1)"
+        )
+    return SearchSpec(
+        tasks=None if tasks is None else _str_list(tasks, "vtw.search.tasks"),
+        limit=_int(s.get("limit", 20), "vtw.search.limit", 1),
+        eta=float(eta),
+        min_layer=lo,
+        max_layer=hi,
+        direction=_choice(s.get("direction", "reference"), DIRECTIONS, "vtw.search.direction"),
+    )
+
+
+def logger_spec(lg: dict | None) -> LoggerSpec:
+    if lg is None:
+        raise ValueError(f"logger is missing; allowed: {', '.join(LOGGERS)}")
+    name = _choice(lg.get("name"), LOGGERS, "logger")
+    if name == "none":
+        return LoggerSpec(name="none")
+    return LoggerSpec(
+        name=name,
+        mode=_choice(lg.get("mode", "offline"), WANDB_MODES, "logger.mode"),
+        project=_str(lg.get("project", "vtw"), "logger.project"),
+        entity=lg.get("entity"),
+        group=lg.get("group"),
+        tags=_str_list(lg.get("tags") or [], "logger.tags", allow_empty=True),
+        log_samples=bool(lg.get("log_samples", True)),
+    )
+
+
+def validate_config(cfg: DictConfig | dict) -> RunSpec:
+    """Check every value the pipeline uses; ``ValueError`` naming the bad value and the allowed ones.
+
+    Reads the model's config (no weights) for ``L``. Does not import lmms-eval or load any model.
+    """
+    if isinstance(cfg, DictConfig):
+        try:
+            data = resolved_config(cfg)
+        except Exception as e:  # noqa: BLE001 - interpolation errors
+            raise ValueError(f"config does not resolve: {e}") from e
+    elif isinstance(cfg, dict):
+        data = cfg
+    else:
+        raise ValueError(f"expected an omegaconf DictConfig or a dict, got {type(cfg).__name__}")
+    for group in ("model", "dataset", "vtw", "logger"):
+        if not isinstance(data.get(group), dict):
+            raise ValueError(
+                f"config has no {group!r} group; allowed {group} options: {', '.join(group_options(group))}"
+            )
+    mode = _choice(data.get("mode", "eval"), MODES, "mode")
+    model = _model(data["model"])
+    vtw = data["vtw"]
+    layer = _layer(vtw.get("layer"), model.num_layers, model.name)
+    compare = data.get("compare_baseline", "auto")
+    if compare not in COMPARE:
+        raise ValueError(f"compare_baseline={compare!r} is not allowed; allowed: auto, true, false")
+    device = data.get("device", "auto")
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise ValueError(f"device={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    return RunSpec(
+        mode=mode,
+        model=model,
+        dataset=_dataset(data["dataset"]),
+        layer=layer,
+        method=_choice(vtw.get("method", "vtw"), METHODS, "vtw.method"),
+        search=_search(vtw.get("search"), model.num_layers, used=layer == "auto" or mode == "search"),
+        logger=logger_spec(data.get("logger")),
+        seed=_int(data.get("seed", 1234), "seed", 0),
+        device=device,
+        compare_baseline=compare,
+        resume=bool(data.get("resume", False)),
+        resume_root=str(data.get("resume_root", "outputs")),
+        bootstrap_iters=_int(data.get("bootstrap_iters", 0), "bootstrap_iters", 0),
+        progress=bool(data.get("progress", True)),
+        flops=dict(data.get("flops") or {}),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ identity
+def resolved_config(cfg: DictConfig) -> dict:
+    """The config as plain data with every interpolation resolved (what results.json records)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    return data
+
+
+def result_config(resolved: dict) -> dict:
+    """The part of a resolved config that determines the results (tracker, launcher, resume flags dropped)."""
+    return {k: v for k, v in resolved.items() if k not in NON_RESULT_KEYS}
+
+
+def config_hash(resolved: dict) -> str:
+    """SHA-256 (16 hex digits) of :func:`result_config` in canonical JSON: equal hashes = identical experiments."""
+    text = json.dumps(result_config(resolved), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,215 @@
+"""lmms-eval glue: task index, the ``vtw`` model, one evaluation through ``simple_evaluate``, and its results.
+
+Runs go through lmms-eval's ``simple_evaluate`` with task names, so every lmms-eval benchmark works unchanged. When
+every requested task lives in the dataset's ``include_path`` (the embedded default), the task index is built from
+those directories alone (``include_defaults=False``): no scan of lmms-eval's ~1,700 task YAMLs, no network.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import time
+from numbers import Number
+from pathlib import Path
+from types import SimpleNamespace
+
+from ..lmms.records import sum_records
+from .config import DatasetSpec, RunSpec
+from .memory import PeakMemory
+from .results import VariantResult, jsonable
+
+log = logging.getLogger("vtw")
+
+# keys of an lmms-eval logged sample that are not per-sample scores
+_SAMPLE_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps", "token_counts", "doc_hash"}
+_SAMPLE_KEYS |= {"input_media"}
+
+
+def build_task_manager(dataset: DatasetSpec, tasks=None):
+    """An lmms-eval ``TaskManager`` that knows ``tasks`` (default: the dataset's).
+
+    Local-only tasks: indexed from ``dataset.include_path`` alone. Otherwise lmms-eval's full index plus the
+    include path.
+    """
+    from lmms_eval.tasks import TaskManager
+
+    tasks = list(tasks or dataset.tasks)
+    include = list(dataset.include_path) or None
+    if include:
+        tm = TaskManager(include_path=include, include_defaults=False, verbosity="WARNING")
+        if all(t in tm.all_tasks for t in tasks):
+            return tm
+    return TaskManager(include_path=include, verbosity="WARNING")
+
+
+def check_tasks(task_manager, tasks) -> None:
+    """``ValueError`` naming every unknown task, with the closest known names."""
+    known = set(task_manager.all_tasks)
+    bad = [t for t in tasks if t not in known]
+    if bad:
+        hints = {t: difflib.get_close_matches(t, known, n=5, cutoff=0.6) for t in bad}
+        text = "; ".join(f"{t!r} (did you mean: {', '.join(h)})" if h else repr(t) for t, h in hints.items())
+        raise ValueError(
+            f"unknown lmms-eval task(s): {text}. List tasks with `python -m lmms_eval --tasks list`; local tasks need "
+            "dataset.include_path"
+        )
+
+
+def make_model(spec: RunSpec, layer=None):
+    """The ``vtw`` lmms-eval model for ``spec`` (weights loaded here)."""
+    from ..lmms.model import VTWModel
+
+    m = spec.model
+    return VTWModel(
+        pretrained=m.pretrained,
+        layer=layer,
+        method=spec.method,
+        device=spec.device,
+        dtype=m.dtype,
+        batch_size=m.batch_size,
+        attn_implementation=m.attn_implementation,
+        max_new_tokens=m.max_new_tokens,
+        chat_template=m.chat_template,
+        max_frames_num=m.max_frames_num,
+        progress=spec.progress,
+    )
+
+
+def flatten_metrics(results: dict) -> dict[str, float]:
+    """``{"<task>/<metric>": value}`` from lmms-eval's ``results["results"]`` (and ``["groups"]``).
+
+    Keys ``"<metric>,<filter>"``: filter ``none`` is dropped, any other becomes ``<metric>@<filter>``. Stderr
+    entries (``*_stderr*``) and non-numeric values are skipped.
+    """
+    out: dict[str, float] = {}
+    for section in ("results", "groups"):
+        for task, entries in (results.get(section) or {}).items():
+            for key, value in entries.items():
+                if "," not in key:
+                    continue
+                metric, filt = key.split(",", 1)
+                if "_stderr" in metric or isinstance(value, bool) or not isinstance(value, Number):
+                    continue
+                name = f"{task}/{metric}" if filt == "none" else f"{task}/{metric}@{filt}"
+                out.setdefault(name, float(value))
+    return out
+
+
+def primary_metric_name(results: dict, tasks, configured: str | None) -> str:
+    """The configured ``<task>/<metric>``, else the first metric listed by the first task's config."""
+    if configured:
+        return configured
+    cfg = (results.get("configs") or {}).get(tasks[0], {})
+    for m in cfg.get("metric_list") or []:
+        if isinstance(m, dict) and m.get("metric"):
+            return f"{tasks[0]}/{m['metric']}"
+    metrics = flatten_metrics(results)
+    if metrics:
+        return next(iter(metrics))
+    raise ValueError(f"lmms-eval reported no metric for {tasks[0]!r}")
+
+
+def _response(filtered: list):
+    if len(filtered) == 1 and isinstance(filtered[0], str):
+        return filtered[0]
+    return jsonable(filtered)
+
+
+def sample_rows(results: dict, records, *, label: str, layer) -> list[dict]:
+    """One row per logged sample: response, target, per-sample scores, and its summed cost."""
+    costs = sum_records(records)
+    rows = []
+    for task, samples in (results.get("samples") or {}).items():
+        for s in samples:
+            key = (task, int(s["doc_id"]))
+            cost = costs.get(key)
+            if cost is None:
+                raise RuntimeError(f"no model measurement for task {task} doc {key[1]} (was the response cached?)")
+            scores = {k: v for k, v in s.items() if k not in _SAMPLE_KEYS}
+            row = {
+                "variant": label,
+                "layer": layer,
+                "task": task,
+                "doc_id": key[1],
+                "target": s.get("target"),
+                "response": _response(s.get("filtered_resps") or []),
+                "scores": scores,
+            }
+            row.update({k: v for k, v in cost.to_dict().items() if k not in ("task", "doc_id")})
+            rows.append(jsonable(row))
+    return rows
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def evaluate_variant(
+    lm, spec: RunSpec, task_manager, *, layer, label: str, out_dir: str | Path, tasks=None, limit=None
+):
+    """Evaluate ``lm`` at withdrawal ``layer`` on the dataset's tasks.
+
+    Returns:
+        ``(VariantResult, sample rows, primary metric name)``.
+    """
+    from lmms_eval.evaluator import simple_evaluate
+
+    tasks = list(tasks or spec.dataset.tasks)
+    lm.set_layer(layer, spec.method)
+    lm.pop_records()
+    mem = PeakMemory(lm.device)
+    mem.start()
+    t0 = time.perf_counter()
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=task_manager,
+        limit=spec.dataset.limit if limit is None else limit,
+        batch_size=spec.model.batch_size,
+        log_samples=True,
+        bootstrap_iters=spec.bootstrap_iters,
+        random_seed=spec.seed,
+        numpy_random_seed=spec.seed,
+        torch_random_seed=spec.seed,
+        fewshot_random_seed=spec.seed,
+        cli_args=SimpleNamespace(output_path=str(Path(out_dir) / "lmms_eval"), process_with_media=False),
+        process_docs_parallel=1,
+        verbosity="WARNING",
+    )
+    wall = time.perf_counter() - t0
+    peak = mem.peak_gb()
+    records = lm.pop_records()
+    if results is None:
+        raise RuntimeError("lmms-eval returned no results (not rank 0?)")
+    rows = sample_rows(results, records, label=label, layer=layer)
+    metrics = flatten_metrics(results)
+    primary = primary_metric_name(results, tasks, spec.dataset.primary_metric)
+    costs = list(sum_records(records).values())
+    flops, full = sum(c.flops for c in costs), sum(c.flops_full for c in costs)
+    pflops, pfull = sum(c.paper_flops for c in costs), sum(c.paper_flops_full for c in costs)
+    model_time = sum(c.latency_s for c in costs)
+    result = VariantResult(
+        label=label,
+        layer=layer,
+        method=spec.method,
+        metrics=metrics,
+        accuracy=metrics.get(primary),
+        num_samples=len(costs),
+        tflops=_mean(c.flops for c in costs) / 1e12,
+        tflops_full=_mean(c.flops_full for c in costs) / 1e12,
+        tflops_saved_pct=100.0 * (1.0 - flops / full) if full else 0.0,
+        paper_tflops=_mean(c.paper_flops for c in costs) / 1e12,
+        paper_tflops_full=_mean(c.paper_flops_full for c in costs) / 1e12,
+        paper_tflops_saved_pct=100.0 * (1.0 - pflops / pfull) if pfull else 0.0,
+        latency_s=_mean(c.latency_s for c in costs),
+        samples_per_s=len(costs) / model_time if model_time > 0 else 0.0,
+        generated_tokens=_mean(c.generated_tokens for c in costs),
+        vision_tokens=_mean(c.vision_tokens for c in costs),
+        text_tokens=_mean(c.text_tokens for c in costs),
+        peak_mem_gb=peak,
+        peak_mem_kind=mem.kind,
+        wall_s=wall,
+    )
+    return result, rows, primary

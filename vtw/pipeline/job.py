@@ -1,0 +1,267 @@
+"""One job: config → validation → (resume?) → model → lmms-eval → results files → W&B → one-screen summary.
+
+``run.py`` calls :func:`run_job` with the composed config and a :class:`JobContext` built from Hydra's runtime
+(:meth:`JobContext.from_hydra`); tests call it directly with a context of their own. Every job writes, in its
+output directory, ``job.json`` (status, atomically at start and end), and on success ``results.json`` +
+``samples.jsonl`` (:mod:`vtw.pipeline.results`), or ``flops.json`` (``mode=flops``) / ``layer_search.json``
+(``mode=search``, and ``vtw.layer=auto`` runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ..io import atomic_write_bytes, atomic_write_json, read_json
+from .config import RunSpec, config_hash, resolved_config, validate_config
+from .envinfo import git_info, package_versions
+from .layer import resolve_layer
+from .results import RESULTS_FILE, SAMPLES_FILE, SCHEMA, RunResult, write_results
+from .status import JobStatus, now_iso
+
+log = logging.getLogger("vtw")
+
+
+@dataclass(frozen=True)
+class JobContext:
+    """Where and how a job runs.
+
+    Attributes:
+        output_dir: the job's directory (Hydra's ``runtime.output_dir``).
+        sweep_dir: the sweep's directory in multirun (``None`` for a single run).
+        job_num: the job's index in the sweep (Hydra's job number, or the SLURM array task id).
+        multirun: whether Hydra runs a sweep (``-m``).
+        overrides: the job's command-line overrides.
+        array_task: whether this run is one task of a SLURM job array (a sweep point run as a single run, its
+            directory inside the sweep directory).
+    """
+
+    output_dir: Path
+    sweep_dir: Path | None = None
+    job_num: int | None = None
+    multirun: bool = False
+    overrides: tuple[str, ...] = ()
+    array_task: bool = False
+
+    @classmethod
+    def from_hydra(cls) -> JobContext:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        multirun = hc.mode == RunMode.MULTIRUN
+        array_id = os.environ.get("SLURM_ARRAY_TASK_ID")
+        array_task = bool(array_id) and not multirun
+        return cls(
+            output_dir=Path(hc.runtime.output_dir),
+            sweep_dir=Path(hc.sweep.dir) if multirun else None,
+            job_num=hc.job.num if multirun else (int(array_id) if array_task and array_id.isdigit() else None),
+            multirun=multirun,
+            overrides=tuple(hc.overrides.task),
+            array_task=array_task,
+        )
+
+    @property
+    def part_of_sweep(self) -> bool:
+        return self.multirun or self.array_task
+
+    @property
+    def launch_dir(self) -> Path:
+        """The sweep directory (Hydra's, or the parent of a SLURM array task's run dir), else the run directory.
+        Names the W&B group."""
+        if self.sweep_dir is not None:
+            return self.sweep_dir
+        return self.output_dir.parent if self.array_task else self.output_dir
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    status: str  # ok | skipped | failed
+    output_dir: Path
+    result: RunResult | None = None
+    resumed_from: Path | None = None
+
+
+def _job_name(resolved: dict) -> str:
+    from .wandb_logger import run_name
+
+    layer = (resolved.get("vtw") or {}).get("layer")
+    return run_name((resolved.get("model") or {}).get("name"), (resolved.get("dataset") or {}).get("name"), layer)
+
+
+def find_finished(resolved: dict, output_dir: Path, resume_root: str | Path) -> Path | None:
+    """A job directory whose ``results.json`` has this config's hash: the job's own first, then under ``resume_root``."""
+    want = config_hash(resolved)
+    candidates = [Path(output_dir) / RESULTS_FILE]
+    root = Path(resume_root)
+    if root.is_dir():
+        candidates += sorted(root.rglob(RESULTS_FILE))
+    for path in candidates:
+        try:
+            data = read_json(path)
+        except (OSError, ValueError):
+            continue
+        if data.get("schema") == SCHEMA and data.get("status") == "ok" and data.get("config_hash") == want:
+            return path.parent
+    return None
+
+
+def _adopt(found: Path, output_dir: Path) -> None:
+    """Copy a finished job's results into this job's directory (so the sweep summary sees them)."""
+    if found.resolve() == output_dir.resolve():
+        return
+    for name in (SAMPLES_FILE, RESULTS_FILE):  # results last: its presence means complete
+        src = found / name
+        if src.is_file():
+            atomic_write_bytes(output_dir / name, src.read_bytes())
+
+
+def _compare_baseline(spec: RunSpec, ctx: JobContext, layer) -> bool:
+    if layer is None or layer == spec.model.num_layers:
+        return False
+    if spec.compare_baseline == "auto":
+        return not ctx.part_of_sweep
+    return bool(spec.compare_baseline)
+
+
+def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutcome:
+    """Run one job; see the module docstring. Failures are recorded in ``job.json`` and re-raised."""
+    out = Path(ctx.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    status = JobStatus(out, overrides=ctx.overrides, job_num=ctx.job_num)
+    status.start()
+    try:
+        resolved = resolved_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+        status.update(
+            name=_job_name(resolved),
+            config_hash=config_hash(resolved),
+            model=(resolved.get("model") or {}).get("name"),
+            dataset=(resolved.get("dataset") or {}).get("name"),
+            layer=(resolved.get("vtw") or {}).get("layer"),
+            mode=resolved.get("mode"),
+        )
+        spec = validate_config(resolved)
+        if spec.resume and spec.mode == "eval":
+            found = find_finished(resolved, out, spec.resume_root)
+            if found is not None:
+                _adopt(found, out)
+                log.info("resume: %s already has results for this config; skipping", found)
+                status.finish("skipped", resumed_from=str(found))
+                return JobOutcome("skipped", out, resumed_from=found)
+        if spec.mode == "flops":
+            _run_flops(spec, out, console)
+            status.finish("ok")
+            return JobOutcome("ok", out)
+        if spec.mode == "search":
+            _run_search(spec, out)
+            status.finish("ok")
+            return JobOutcome("ok", out)
+        result, samples = _run_eval(spec, resolved, ctx)
+        write_results(out, result, samples)
+        from .wandb_logger import default_group, log_job
+
+        wandb_info = log_job(spec.logger, result, samples, out_dir=out, group=default_group(ctx.launch_dir))
+        status.finish("ok", wandb=wandb_info)
+        from .report import print_run_summary
+
+        print_run_summary(result, out, wandb_info, console=console)
+        return JobOutcome("ok", out, result=result)
+    except BaseException as e:
+        status.fail(e, traceback.format_exc())
+        raise
+
+
+def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult, list[dict]]:
+    from ..flops import PAPER_CONVENTION
+    from ..flops.plan import EXACT_CONVENTION
+    from .evaluate import build_task_manager, check_tasks, evaluate_variant, make_model
+
+    started = now_iso()
+    tm = build_task_manager(spec.dataset)
+    check_tasks(tm, spec.dataset.tasks)  # unknown task: ValueError before the weights load
+    lm = make_model(spec)
+    layer = resolve_layer(spec, lm=lm, task_manager=tm, out_dir=ctx.output_dir)
+    samples: list[dict] = []
+    baseline = None
+    if _compare_baseline(spec, ctx, layer):
+        baseline, rows, _ = evaluate_variant(lm, spec, tm, layer=None, label="baseline", out_dir=ctx.output_dir)
+        samples += rows
+    label = "baseline" if layer is None or layer == spec.model.num_layers else "vtw"
+    main, rows, primary = evaluate_variant(lm, spec, tm, layer=layer, label=label, out_dir=ctx.output_dir)
+    samples += rows
+    result = RunResult(
+        name=_job_name(resolved),
+        model=spec.model.name,
+        pretrained=spec.model.pretrained,
+        family=spec.model.family,
+        num_layers=spec.model.num_layers,
+        dataset=spec.dataset.name,
+        tasks=list(spec.dataset.tasks),
+        limit=spec.dataset.limit,
+        layer_requested=spec.layer,
+        primary_metric=primary,
+        result=main,
+        baseline=baseline,
+        config=resolved,
+        config_hash=config_hash(resolved),
+        git=git_info(),
+        packages=package_versions(),
+        job={
+            "output_dir": str(Path(ctx.output_dir).resolve()),
+            "sweep_dir": None if ctx.sweep_dir is None else str(Path(ctx.sweep_dir).resolve()),
+            "job_num": ctx.job_num,
+            "overrides": list(ctx.overrides),
+            "started": started,
+            "finished": now_iso(),
+            "device": str(lm.device),
+            "dtype": str(lm.dtype).replace("torch.", ""),
+        },
+        conventions={"tflops": EXACT_CONVENTION, "paper_tflops": PAPER_CONVENTION},
+    )
+    return result, samples
+
+
+def _run_flops(spec: RunSpec, out: Path, console) -> None:
+    from ..flops import plan_flops
+    from .report import make_console
+
+    f = spec.flops
+    size = f.get("image_size")
+    plan = plan_flops(
+        spec.model.config,
+        text_tokens=int(f.get("text_tokens", 64)),
+        generated_tokens=int(f.get("generated_tokens", 16)),
+        image_size=tuple(size) if size else None,
+        console=console or make_console(),
+    )
+    rows = [dataclasses.asdict(r) | {"tflops": r.tflops, "paper_tflops": r.paper_tflops} for r in plan.rows]
+    atomic_write_json(
+        out / "flops.json",
+        {
+            "model": spec.model.name,
+            "config": spec.model.config,
+            "vision_tokens": plan.vision_tokens,
+            "text_tokens": plan.text_tokens,
+            "generated_tokens": plan.generated_tokens,
+            "encoder": plan.encoder_note,
+            "rows": rows,
+        },
+    )
+
+
+def _run_search(spec: RunSpec, out: Path) -> None:
+    """``mode=search``: only the layer search (``layer_search.json`` / ``.png`` in the job dir)."""
+    from .evaluate import build_task_manager, check_tasks, make_model
+
+    tasks = list(spec.search.tasks or spec.dataset.tasks)
+    tm = build_task_manager(spec.dataset, tasks)
+    check_tasks(tm, tasks)
+    lm = make_model(spec)
+    layer = resolve_layer(dataclasses.replace(spec, layer="auto"), lm=lm, task_manager=tm, out_dir=out)
+    log.info("layer search: K=%s for %s (details in %s/layer_search.json)", layer, spec.model.name, out)

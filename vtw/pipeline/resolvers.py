@@ -1,0 +1,62 @@
+"""OmegaConf resolvers used by ``conf/`` (registered explicitly: ``run.py`` and :func:`compose_config` call
+:func:`register_resolvers`; importing this module registers nothing).
+
+| resolver | example | value |
+|---|---|---|
+| ``vtw_uid`` | ``${vtw_uid:}`` | 6 random hex digits, fixed for one launch (makes run/sweep dirs unique within a second) |
+| ``vtw_slug`` | ``${vtw_slug:${hydra.job.override_dirname}}`` | the text made safe as one path component |
+| ``vtw_asset`` | ``${vtw_asset:tiny-llava}`` | absolute path of ``vtw/assets/<name>`` |
+| ``vtw_layer_tag`` | ``${vtw_layer_tag:${vtw.layer}}`` | ``K12``, ``base`` (null), ``auto`` |
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+_SLUG_BAD = re.compile(r"[^A-Za-z0-9._=,+-]+")
+SLUG_MAX = 80
+
+
+def new_uid() -> str:
+    """6 random hex digits."""
+    return secrets.token_hex(3)
+
+
+def slug(text, max_len: int = SLUG_MAX) -> str:
+    """``text`` as one safe path component: runs of other characters become ``_``; ``"default"`` if empty."""
+    out = _SLUG_BAD.sub("_", str(text if text is not None else "")).strip("._")
+    if len(out) > max_len:
+        out = out[: max_len - 9] + "~" + secrets.token_hex(4)
+    return out or "default"
+
+
+def asset_path(name: str) -> str:
+    """Absolute path of ``vtw/assets/<name>`` (whether it exists or not; the validation says if it does not)."""
+    if not name or ".." in Path(name).parts:
+        raise ValueError(f"vtw_asset: bad asset name {name!r}")
+    return str(Path(__file__).resolve().parents[1] / "assets" / name)
+
+
+def layer_tag(layer) -> str:
+    """``K<layer>`` for an int, ``base`` for ``None`` (no withdrawal), the text otherwise (``auto``)."""
+    if layer is None or str(layer).lower() in ("null", "none"):
+        return "base"
+    if isinstance(layer, int) and not isinstance(layer, bool):
+        return f"K{layer}"
+    return slug(layer)
+
+
+def register_resolvers() -> None:
+    """Register ``vtw_uid``, ``vtw_slug``, ``vtw_asset``, ``vtw_layer_tag`` (idempotent).
+
+    ``vtw_uid`` is cached per config (``use_cache``), like Hydra's ``now``: every interpolation of one launch, and
+    every job config Hydra derives from it for a sweep, sees the same value.
+    """
+    OmegaConf.register_new_resolver("vtw_uid", new_uid, use_cache=True, replace=True)
+    OmegaConf.register_new_resolver("vtw_slug", slug, replace=True)
+    OmegaConf.register_new_resolver("vtw_asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("vtw_layer_tag", layer_tag, replace=True)

@@ -1,0 +1,201 @@
+"""Weights & Biases logging: one run per job, one summary run per sweep. Never loses local results.
+
+* Job run: ``group`` = the sweep (or ``logger.group``), ``name`` = ``<model>-<dataset>-K<layer>``, ``config`` = the
+  resolved config, summary = :meth:`RunResult.summary` (``<task>/<metric>``, ``tflops``, ``tflops_saved_pct``,
+  ``latency_s``, ``peak_mem_gb``, ...; the baseline's under ``baseline/``), and a per-sample ``wandb.Table``.
+* Sweep run (``job_type=sweep``, same group): the summary table, a scatter of accuracy vs TFLOPs, ``pareto.png``.
+* Mode ``online | offline | disabled`` from ``logger.mode``. ``online`` without credentials (``WANDB_API_KEY`` or
+  ``~/.netrc``) falls back to ``offline`` and says how to upload: ``wandb sync <dir>``. The run files go to
+  ``<job dir>/wandb`` (``<sweep dir>/wandb`` for the sweep run).
+* Every W&B call is guarded: an error is reported (returned, logged, recorded in ``job.json``), never raised; it is
+  made after ``results.json`` is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .config import LoggerSpec
+from .resolvers import layer_tag, slug
+from .results import RunResult
+
+log = logging.getLogger("vtw")
+
+SAMPLE_COLUMNS = (
+    "variant",
+    "layer",
+    "task",
+    "doc_id",
+    "target",
+    "response",
+    "score",
+    "tflops",
+    "tflops_full",
+    "latency_s",
+    "generated_tokens",
+    "vision_tokens",
+    "text_tokens",
+)
+
+
+def has_credentials() -> bool:
+    """Whether W&B would find an API key (environment or ~/.netrc) without asking."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    try:
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        return bool(read_netrc_auth(host=host))
+    except Exception:  # noqa: BLE001 - any trouble reading credentials means: none
+        return False
+
+
+def resolve_mode(requested: str) -> tuple[str, str | None]:
+    """``(mode, message)``: ``online`` without credentials becomes ``offline`` with an explanation."""
+    if requested == "online" and not has_credentials():
+        return "offline", "no W&B credentials (WANDB_API_KEY or `wandb login`): logging offline instead"
+    return requested, None
+
+
+def default_group(ctx_dir: Path) -> str:
+    """W&B group of a launch: ``<parent>-<dir>`` of the sweep (or run) directory, e.g. ``2026-11-24-11-29-25-ab12cd``."""
+    ctx_dir = Path(ctx_dir).resolve()
+    return slug(f"{ctx_dir.parent.name}-{ctx_dir.name}")
+
+
+def run_name(result_or_model, dataset: str | None = None, layer=None) -> str:
+    """``<model>-<dataset>-<K12 | base | auto>``."""
+    if isinstance(result_or_model, RunResult):
+        r = result_or_model
+        return f"{r.model}-{r.dataset}-{layer_tag(None if r.layer == r.num_layers else r.layer)}"
+    return f"{result_or_model}-{dataset}-{layer_tag(layer)}"
+
+
+def _sample_row(s: dict) -> list:
+    scores = s.get("scores") or {}
+    score = next((v for v in scores.values() if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
+    resp = s.get("response")
+    return [
+        s.get("variant"),
+        s.get("layer"),
+        s.get("task"),
+        s.get("doc_id"),
+        None if s.get("target") is None else str(s.get("target")),
+        resp if isinstance(resp, str) else str(resp),
+        score,
+        s.get("tflops"),
+        s.get("tflops_full"),
+        s.get("latency_s"),
+        s.get("generated_tokens"),
+        s.get("vision_tokens"),
+        s.get("text_tokens"),
+    ]
+
+
+def _init(spec: LoggerSpec, *, out_dir: Path, group: str, name: str, config: dict, job_type: str):
+    import wandb
+
+    mode, message = resolve_mode(spec.mode)
+    if message:
+        log.warning(message)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(
+        project=spec.project,
+        entity=spec.entity,
+        group=group,
+        name=name,
+        job_type=job_type,
+        tags=list(spec.tags) or None,
+        config=config,
+        dir=str(out_dir),
+        mode=mode,
+        reinit="create_new",
+        settings=wandb.Settings(init_timeout=120, console="off", x_disable_stats=True, silent=True),
+    )
+    return run, mode
+
+
+def _finish_info(run, mode: str, group: str) -> dict:
+    run_dir = Path(run.dir).parent  # <dir>/wandb/<offline-run-...>/files -> the run's directory
+    info = {"status": "logged", "mode": mode, "run_id": run.id, "group": group, "run_dir": str(run_dir)}
+    if mode == "offline":
+        info["sync"] = f"wandb sync {run_dir}"
+    return info
+
+
+def log_job(spec: LoggerSpec, result: RunResult, samples: list[dict], *, out_dir: str | Path, group: str) -> dict:
+    """Log one job; returns what happened (``status``: ``logged`` | ``disabled`` | ``failed``), never raises."""
+    if spec.name != "wandb" or spec.mode == "disabled":
+        return {"status": "disabled"}
+    run = None
+    try:
+        import wandb
+
+        group = spec.group or group
+        run, mode = _init(
+            spec, out_dir=Path(out_dir), group=group, name=run_name(result), config=result.config, job_type="eval"
+        )
+        run.summary.update({k: v for k, v in result.summary().items() if v is not None})
+        run.summary["config_hash"] = result.config_hash
+        if spec.log_samples and samples:
+            run.log({"samples": wandb.Table(columns=list(SAMPLE_COLUMNS), data=[_sample_row(s) for s in samples])})
+        info = _finish_info(run, mode, group)
+        run.finish()
+        return info
+    except Exception as e:  # noqa: BLE001 - W&B trouble never fails the job
+        log.warning("W&B logging failed (%s: %s); local results are complete", type(e).__name__, e)
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+
+
+def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
+    """Log a sweep's summary run (table, accuracy-vs-TFLOPs scatter, Pareto image); never raises."""
+    if spec.name != "wandb" or spec.mode == "disabled":
+        return {"status": "disabled"}
+    run = None
+    try:
+        import wandb
+
+        group = spec.group or group
+        rows = summary.table_rows()
+        columns = list(summary.TABLE_COLUMNS)
+        run, mode = _init(
+            spec,
+            out_dir=Path(summary.sweep_dir),
+            group=group,
+            name=f"sweep-{slug(Path(summary.sweep_dir).name)}",
+            config={"sweep_dir": str(summary.sweep_dir), "jobs": summary.jobs},
+            job_type="sweep",
+        )
+        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        payload = {"summary_table": table}
+        points = [
+            [r["tflops"], r["accuracy"], r["label"]] for r in rows if r.get("accuracy") is not None and r.get("tflops")
+        ]
+        if points:
+            pts = wandb.Table(columns=["tflops", "accuracy", "label"], data=points)
+            payload["accuracy_vs_tflops"] = wandb.plot.scatter(
+                pts, "tflops", "accuracy", title="accuracy vs TFLOPs per sample"
+            )
+        if summary.paths.get("pareto") and Path(summary.paths["pareto"]).is_file():
+            payload["pareto"] = wandb.Image(str(summary.paths["pareto"]))
+        run.log(payload)
+        run.summary.update({"jobs": summary.jobs, "jobs_ok": summary.ok, "jobs_failed": summary.failed})
+        info = _finish_info(run, mode, group)
+        run.finish()
+        return info
+    except Exception as e:  # noqa: BLE001
+        log.warning("W&B sweep logging failed (%s: %s); local summaries are complete", type(e).__name__, e)
+        if run is not None:
+            try:
+                run.finish(exit_code=1)
+            except Exception:  # noqa: BLE001
+                pass
+        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
