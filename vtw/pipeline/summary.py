@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_text, read_json
-from .results import RESULTS_FILE, SCHEMA, RunResult
+from .results import RESULTS_FILE, SCHEMA, RunResult, VariantResult
 from .status import JOB_FILE
 
 SKIP_DIRS = {"wandb", "lmms_eval", ".hydra", "__pycache__"}
@@ -34,17 +34,7 @@ COLUMNS = (
     "layer",
     "num_layers",
     "primary_metric",
-    "accuracy",
-    "tflops",
-    "tflops_full",
-    "tflops_saved_pct",
-    "paper_tflops",
-    "paper_tflops_saved_pct",
-    "latency_s",
-    "samples_per_s",
-    "generated_tokens",
-    "peak_mem_gb",
-    "num_samples",
+    *VariantResult.SUMMARY_KEYS,  # the same figures as each job's results.json summary
     "error",
     "job_dir",
 )
