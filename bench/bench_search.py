@@ -36,7 +36,10 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--text-tokens", type=int, default=60)
     p.add_argument("--samples", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(args)
     samples = []
     for i in range(args.samples):

@@ -90,7 +90,10 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--ks", default="12,8,4,2")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model = build(args)
     inputs = inputs_for(model, args.text_tokens)
     L = args.layers
