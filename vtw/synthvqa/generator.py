@@ -1,0 +1,381 @@
+"""Seeded generator of synthetic visual questions whose answers need the image.
+
+Every item is a scene of flat coloured shapes drawn with PIL on a light background, and one question about it.
+Objects sit on the 12 x 12 grid of 16 px cells that the tiny LLaVA's vision tower cuts the image into (like the cells
+of Sort-of-CLEVR): each fills a block of 1 x 1, 2 x 2 or 3 x 3 cells (12, 28 or 44 px shapes), and objects never
+touch. That keeps perception easy enough for a vision tower trained for a minute on a CPU; the questions still need
+the image, and the decoder still has to find, compare and count objects among 144 vision tokens.
+
+| kind       | question                                      | answers                  |
+|------------|-----------------------------------------------|--------------------------|
+| `color`    | What color is the {shape}?                    | one of `COLORS` (6)      |
+| `shape`    | What shape is the {color} object?             | one of `SHAPES` (4)      |
+| `count`    | How many objects are there?                   | one of `COUNTS` (5)      |
+| `position` | What color is the {leftmost,...} object?      | one of `COLORS` (6)      |
+| `size`     | What color is the {largest,smallest} object?  | one of `COLORS` (6)      |
+
+The prompt is the question followed by `SHORT_SUFFIX`; the answer is one word. Every item also carries
+`NUM_CHOICES` = 4 candidate answers (the right one and three others from its answer set, in random order) for the
+multiple-choice form, which scores each candidate's likelihood. Answers are uniform over their answer set whatever
+the question's wording, so a model that does not see the image is at chance: 1/6, 1/4 or 1/5 per kind for the short
+answer (about 18% over the mix) and 1/4 for multiple choice.
+
+Determinism: item `i` of a split is generated from its own `random.Random(seed)` with `seed = SPLIT_SEEDS[split] +
+i`; the seed ranges of the splits are disjoint, so train and test never share a seed. The same seed always gives the
+same scene, question and PNG bytes (for a given Pillow version; only non-antialiased primitives are used).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image, ImageDraw
+
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 205, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 135, 30),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+COUNTS: tuple[str, ...] = ("1", "2", "3", "4", "5")
+KINDS: tuple[str, ...] = ("color", "shape", "count", "position", "size")
+DIRECTIONS: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottommost")
+EXTREMES: tuple[str, ...] = ("largest", "smallest")
+NUM_CHOICES = 4
+
+IMAGE_SIZE = 192
+"""Side of the square canvas in pixels (the tiny LLaVA's vision tower sees 12 x 12 patches of 16 px)."""
+
+SHORT_SUFFIX = "Answer the question using a single word."
+
+SPLIT_SEEDS: dict[str, int] = {"train": 0, "test": 1_000_000_000}
+"""First seed of each split; a split holds at most `SPLIT_CAPACITY` items, so the seed ranges are disjoint."""
+SPLIT_CAPACITY = 1_000_000_000
+
+Kind = Literal["color", "shape", "count", "position", "size"]
+
+_BACKGROUNDS: tuple[tuple[int, int, int], ...] = ((245, 245, 245), (235, 235, 225), (225, 232, 240), (240, 230, 235))
+CELL = 16
+"""Side of a grid cell in pixels (= the vision tower's patch size)."""
+GRID = IMAGE_SIZE // CELL
+_INSET = 2  # free pixels between a shape and the border of its block of cells
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    """One flat shape; `(cx, cy)` is the centre of its `size` x `size` bounding box, in pixels."""
+
+    shape: str
+    color: str
+    cx: int
+    cy: int
+    size: int
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom), inclusive pixel bounds."""
+        half = self.size // 2
+        return (self.cx - half, self.cy - half, self.cx - half + self.size - 1, self.cy - half + self.size - 1)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """A canvas of `IMAGE_SIZE` x `IMAGE_SIZE` pixels with non-overlapping objects."""
+
+    objects: tuple[SceneObject, ...]
+    background: tuple[int, int, int]
+
+    def render(self) -> Image.Image:
+        """Draw the scene: an RGB PIL image of `IMAGE_SIZE` x `IMAGE_SIZE`."""
+        image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), self.background)
+        draw = ImageDraw.Draw(image)
+        for obj in self.objects:
+            _draw_object(draw, obj, COLORS[obj.color])
+        return image
+
+    def object_map(self) -> Image.Image:
+        """Which object covers each pixel: an "L" image of `IMAGE_SIZE` x `IMAGE_SIZE`, 0 = background, `i + 1` =
+        `objects[i]` (drawn with the same primitives as `render`)."""
+        image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        draw = ImageDraw.Draw(image)
+        for index, obj in enumerate(self.objects):
+            _draw_object(draw, obj, index + 1)
+        return image
+
+
+@dataclass(frozen=True)
+class SynthItem:
+    """One visual question.
+
+    `prompt` is the user text shown with the image (without the `<image>` placeholder): the question and
+    `SHORT_SUFFIX`; `answer` is the one-word answer; `choices` are `NUM_CHOICES` candidate answers in random order,
+    `answer` among them.
+    """
+
+    item_id: str
+    split: str
+    seed: int
+    kind: Kind
+    question: str
+    prompt: str
+    answer: str
+    choices: tuple[str, ...]
+    scene: Scene
+
+    def image(self) -> Image.Image:
+        """The item's image, an RGB PIL image of `IMAGE_SIZE` x `IMAGE_SIZE`."""
+        return self.scene.render()
+
+    def png_bytes(self) -> bytes:
+        """The image as PNG bytes (deterministic for a given Pillow version)."""
+        buffer = io.BytesIO()
+        self.image().save(buffer, format="PNG", optimize=False)
+        return buffer.getvalue()
+
+
+def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: tuple[int, int, int] | int) -> None:
+    left, top, right, bottom = obj.box
+    if obj.shape == "circle":
+        draw.ellipse((left, top, right, bottom), fill=fill)
+    elif obj.shape == "square":
+        inset = obj.size // 10
+        draw.rectangle((left + inset, top + inset, right - inset, bottom - inset), fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(obj.cx, top), (right, bottom), (left, bottom)], fill=fill)
+    elif obj.shape == "cross":
+        arm = max(obj.size // 6, 3)
+        draw.rectangle((obj.cx - arm, top, obj.cx + arm, bottom), fill=fill)
+        draw.rectangle((left, obj.cy - arm, right, obj.cy + arm), fill=fill)
+    else:  # pragma: no cover - SceneObject is only built with SHAPES
+        raise ValueError(f"unknown shape {obj.shape!r}; allowed: {SHAPES}")
+
+
+def _place(rng: random.Random, spans: list[int]) -> list[tuple[int, int]] | None:
+    """Top-left cells (column, row) for square blocks of `spans` cells that neither overlap nor touch (one free cell
+    between blocks); None when random placement fails."""
+    placed: list[tuple[int, int, int]] = []
+    for span in spans:
+        for _ in range(200):
+            col, row = rng.randint(0, GRID - span), rng.randint(0, GRID - span)
+            if all(col + span < c or c + s < col or row + span < r or r + s < row for c, r, s in placed):
+                placed.append((col, row, span))
+                break
+        else:
+            return None
+    return [(col, row) for col, row, _ in placed]
+
+
+def _scene(rng: random.Random, shapes: list[str], colors: list[str], spans: list[int]) -> Scene | None:
+    cells = _place(rng, spans)
+    if cells is None:
+        return None
+    objects = []
+    for shape, color, span, (col, row) in zip(shapes, colors, spans, cells, strict=True):
+        size = span * CELL - 2 * _INSET
+        left, top = col * CELL + _INSET, row * CELL + _INSET
+        objects.append(SceneObject(shape=shape, color=color, cx=left + size // 2, cy=top + size // 2, size=size))
+    return Scene(objects=tuple(objects), background=rng.choice(_BACKGROUNDS))
+
+
+def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...], Scene] | None:
+    """(question, answer word, answer set, scene) for one attempt; None when the sampled scene is unusable."""
+    color_names = list(COLORS)
+    if kind == "color":
+        n = rng.randint(1, len(SHAPES))
+        shapes = rng.sample(SHAPES, n)
+        colors = [rng.choice(color_names) for _ in range(n)]
+        scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
+        target = 0  # the asked-for object is the first one sampled; its colour is uniform over COLORS
+        return (f"What color is the {shapes[target]}?", colors[target], tuple(color_names), scene) if scene else None
+    if kind == "shape":
+        n = rng.randint(1, 4)
+        colors = rng.sample(color_names, n)
+        shapes = [rng.choice(SHAPES) for _ in range(n)]
+        scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
+        return (f"What shape is the {colors[0]} object?", shapes[0], SHAPES, scene) if scene else None
+    if kind == "count":
+        n = rng.randint(1, len(COUNTS))
+        shapes = [rng.choice(SHAPES) for _ in range(n)]
+        colors = [rng.choice(color_names) for _ in range(n)]
+        scene = _scene(rng, shapes, colors, [rng.randint(1, 2) for _ in range(n)])
+        return ("How many objects are there?", COUNTS[n - 1], COUNTS, scene) if scene else None
+    if kind == "position":
+        n = rng.randint(2, 4)
+        colors = rng.sample(color_names, n)
+        shapes = [rng.choice(SHAPES) for _ in range(n)]
+        direction = rng.choice(DIRECTIONS)
+        scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
+        if scene is None:
+            return None
+        axis = (lambda o: o.cx) if direction in ("leftmost", "rightmost") else (lambda o: o.cy)
+        ranked = sorted(scene.objects, key=axis, reverse=direction in ("rightmost", "bottommost"))
+        if abs(axis(ranked[0]) - axis(ranked[1])) < 24:  # the extreme object must be clearly extreme
+            return None
+        return (f"What color is the {direction} object?", ranked[0].color, tuple(color_names), scene)
+    if kind == "size":
+        n = rng.randint(2, 4)
+        colors = rng.sample(color_names, n)
+        shapes = [rng.choice(SHAPES) for _ in range(n)]
+        extreme = rng.choice(EXTREMES)
+        # one object is the largest (3 x 3 cells), one the smallest (1 x 1), the others in between
+        sizes = [3, 1] + [2] * (n - 2)
+        rng.shuffle(sizes)
+        scene = _scene(rng, shapes, colors, sizes)
+        if scene is None:
+            return None
+        pick = max if extreme == "largest" else min
+        answer = pick(scene.objects, key=lambda o: o.size).color
+        return (f"What color is the {extreme} object?", answer, tuple(color_names), scene)
+    raise ValueError(f"unknown question kind {kind!r}; allowed: {KINDS}")  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class SceneQuestion:
+    """A question that a scene answers unambiguously (see `scene_questions`)."""
+
+    kind: Kind
+    question: str
+    answer_word: str
+    answer_set: tuple[str, ...]
+
+
+def scene_questions(scene: Scene) -> list[SceneQuestion]:
+    """Every question of the five kinds that `scene` answers unambiguously, in a fixed order.
+
+    Used to add further question turns about the same image to a training conversation. A question qualifies when
+    its referent is unique (a shape or colour that occurs once) and, for position and size, when the extreme object is
+    clearly extreme (>= 24 px ahead of the next along the axis; >= 8 px larger / smaller) and its colour unique.
+    """
+    objects = scene.objects
+    colors = [o.color for o in objects]
+    shapes = [o.shape for o in objects]
+    out: list[SceneQuestion] = []
+    if 1 <= len(objects) <= len(COUNTS):
+        out.append(SceneQuestion("count", "How many objects are there?", COUNTS[len(objects) - 1], COUNTS))
+    for obj in objects:
+        if shapes.count(obj.shape) == 1:
+            out.append(SceneQuestion("color", f"What color is the {obj.shape}?", obj.color, tuple(COLORS)))
+    for obj in objects:
+        if colors.count(obj.color) == 1:
+            out.append(SceneQuestion("shape", f"What shape is the {obj.color} object?", obj.shape, SHAPES))
+    if len(objects) < 2:
+        return out
+    for direction in DIRECTIONS:
+        axis = (lambda o: o.cx) if direction in ("leftmost", "rightmost") else (lambda o: o.cy)
+        ranked = sorted(objects, key=axis, reverse=direction in ("rightmost", "bottommost"))
+        if abs(axis(ranked[0]) - axis(ranked[1])) >= 24 and colors.count(ranked[0].color) == 1:
+            out.append(
+                SceneQuestion("position", f"What color is the {direction} object?", ranked[0].color, tuple(COLORS))
+            )
+    for extreme in EXTREMES:
+        ranked = sorted(objects, key=lambda o: o.size, reverse=extreme == "largest")
+        if abs(ranked[0].size - ranked[1].size) >= 8 and colors.count(ranked[0].color) == 1:
+            out.append(SceneQuestion("size", f"What color is the {extreme} object?", ranked[0].color, tuple(COLORS)))
+    return out
+
+
+def follow_up_turns(item: SynthItem, count: int) -> list[tuple[str, str]]:
+    """Up to `count` further (prompt, answer) turns about `item`'s image, for multi-turn training conversations.
+
+    Drawn deterministically from the item's seed among `scene_questions(item.scene)` other than the item's own; as in
+    LLaVA's multi-turn data, only the first turn carries the answer-format instruction (`SHORT_SUFFIX`).
+    """
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    rng = random.Random(item.seed * 7919 + 17)
+    others = [q for q in scene_questions(item.scene) if q.question != item.question]
+    return [(q.question, q.answer_word) for q in rng.sample(others, min(count, len(others)))]
+
+
+def make_item(split: str, index: int) -> SynthItem:
+    """Item `index` of `split` (deterministic: a function of `SPLIT_SEEDS[split] + index` only)."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"unknown split {split!r}; allowed: {sorted(SPLIT_SEEDS)}")
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < SPLIT_CAPACITY:
+        raise ValueError(f"item index {index!r} out of range; allowed: integers 0 <= index < {SPLIT_CAPACITY}")
+    seed = SPLIT_SEEDS[split] + index
+    rng = random.Random(seed)
+    kind: Kind = rng.choice(KINDS)
+    choice_rng = random.Random(rng.getrandbits(64))
+    for _ in range(100):
+        drawn = _question(rng, kind)
+        if drawn is not None:
+            break
+    else:  # pragma: no cover - placing <= 5 small blocks on a 12 x 12 grid never fails 100 times in practice
+        raise RuntimeError(f"could not place a scene for {split}[{index}]")
+    question, answer, answer_set, scene = drawn
+    others = choice_rng.sample([a for a in answer_set if a != answer], NUM_CHOICES - 1)
+    return SynthItem(
+        item_id=f"{split}-{index:06d}",
+        split=split,
+        seed=seed,
+        kind=kind,
+        question=question,
+        prompt=f"{question}\n{SHORT_SUFFIX}",
+        answer=answer,
+        choices=tuple(choice_rng.sample([answer, *others], NUM_CHOICES)),
+        scene=scene,
+    )
+
+
+def iter_items(split: str, count: int, start: int = 0) -> Iterator[SynthItem]:
+    """Items `start .. start+count-1` of `split` (see `make_item`)."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    for index in range(start, start + count):
+        yield make_item(split, index)
+
+
+def chance_accuracy(items: list[SynthItem], multiple_choice: bool = False) -> float:
+    """Expected accuracy of the best guess made without the image: mean of 1 / (number of possible answers), or
+    1 / `NUM_CHOICES` for multiple choice. Answers are uniform over their answer set given the question's text, so no
+    blind strategy beats this."""
+    if not items:
+        raise ValueError("chance_accuracy needs at least one item")
+    if multiple_choice:
+        return 1.0 / NUM_CHOICES
+    sizes = {"color": len(COLORS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(COLORS)}
+    sizes["size"] = len(COLORS)
+    return sum(1.0 / sizes[it.kind] for it in items) / len(items)
+
+
+def vocabulary() -> list[str]:
+    """Every word and punctuation mark the generator can write, in a fixed order (for the word-level tokenizer)."""
+    words: list[str] = []
+    texts = [SHORT_SUFFIX, "How many objects are there?", *COUNTS]
+    texts += [f"What color is the {s}?" for s in SHAPES]
+    texts += [f"What shape is the {c} object?" for c in COLORS]
+    texts += [f"What color is the {d} object?" for d in (*DIRECTIONS, *EXTREMES)]
+    for text in texts:
+        for word in split_words(text):
+            if word not in words:
+                words.append(word)
+    return words
+
+
+def split_words(text: str) -> list[str]:
+    """The word-level split used by the tokenizer: runs of letters/digits, and every other non-space character alone.
+
+    Mirrors `tokenizers.pre_tokenizers.Whitespace` followed by per-character punctuation splitting.
+    """
+    out: list[str] = []
+    current = ""
+    for char in text:
+        if char.isalnum() or char == "_":
+            current += char
+            continue
+        if current:
+            out.append(current)
+            current = ""
+        if not char.isspace():
+            out.append(char)
+    if current:
+        out.append(current)
+    return out
