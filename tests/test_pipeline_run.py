@@ -178,11 +178,19 @@ def test_auto_layer_runs_the_search_then_evaluates_at_its_choice(overrides, tmp_
     monkeypatch.setenv("VTW_CACHE_DIR", str(tmp_path / "cache"))
     # eta so large that every candidate qualifies: the search must pick its first candidate, min_layer
     over = [*overrides, "vtw.layer=auto", "vtw.search.limit=2", "vtw.search.eta=1e9", "vtw.search.min_layer=2"]
-    cfg = compose_config([*over, "logger=none", "compare_baseline=false"])
+    cfg = compose_config([*over, "logger=wandb", "logger.mode=offline", "compare_baseline=false"])
     outcome = run_job(cfg, JobContext(output_dir=tmp_path / "job"))
     res = read_json(tmp_path / "job" / "results.json")
     assert outcome.status == "ok" and res["layer_requested"] == "auto" and res["result"]["layer"] == 2
-    assert read_json(tmp_path / "job" / "layer_search.json")["layer"] == 2
+    searched = read_json(tmp_path / "job" / "layer_search.json")
+    assert searched["layer"] == 2
+    # the search is in the job's W&B run: chosen K and the KL-per-layer table equal layer_search.json
+    (wb,) = find_offline_runs(tmp_path / "job" / "wandb")
+    logged = read_offline_run(wb)
+    assert logged.summary["layer_search/K"] == 2 and logged.summary["layer_search/eta"] == pytest.approx(1e9)
+    assert logged.tables["layer_search"]["data"] == [
+        [int(k), pytest.approx(v)] for k, v in sorted(searched["kl"].items(), key=lambda kv: int(kv[0]))
+    ]
     # mode=search only searches (and reuses the cached search)
     cfg = compose_config([*over, "logger=none", "mode=search"])
     assert run_job(cfg, JobContext(output_dir=tmp_path / "search")).status == "ok"

@@ -126,6 +126,29 @@ def _finish_info(run, mode: str, group: str) -> dict:
     return info
 
 
+def _log_layer_search(run, path: Path) -> None:
+    """With ``vtw.layer=auto``: the chosen K, eta, the KL-per-layer table and the plot of the job's layer search."""
+    if not path.exists():
+        return
+    import json
+
+    import wandb
+
+    found = json.loads(path.read_text())
+    run.summary.update(
+        {
+            "layer_search/K": found["layer"],
+            "layer_search/eta": found["eta"],
+            "layer_search/reused_cache": found["reused_cache"],
+        }
+    )
+    rows = [[int(k), float(v)] for k, v in sorted(found["kl"].items(), key=lambda kv: int(kv[0]))]
+    payload = {"layer_search": wandb.Table(columns=["layer", "mean_kl"], data=rows)}
+    if path.with_suffix(".png").exists():
+        payload["layer_search_plot"] = wandb.Image(str(path.with_suffix(".png")))
+    run.log(payload)
+
+
 def log_job(spec: LoggerSpec, result: RunResult, samples: list[dict], *, out_dir: str | Path, group: str) -> dict:
     """Log one job; returns what happened (``status``: ``logged`` | ``disabled`` | ``failed``), never raises."""
     if spec.name != "wandb" or spec.mode == "disabled":
@@ -142,6 +165,7 @@ def log_job(spec: LoggerSpec, result: RunResult, samples: list[dict], *, out_dir
         run.summary["config_hash"] = result.config_hash
         if spec.log_samples and samples:
             run.log({"samples": wandb.Table(columns=list(SAMPLE_COLUMNS), data=[_sample_row(s) for s in samples])})
+        _log_layer_search(run, Path(out_dir) / "layer_search.json")
         info = _finish_info(run, mode, group)
         run.finish()
         return info
