@@ -30,7 +30,8 @@ def test_python_run_py_with_no_arguments(tmp_path):
     base, vtw = res["baseline"], res["result"]
     assert res["model"] == "tiny-llava" and res["dataset"] == "synthvqa"
     assert base["layer"] is None and vtw["layer"] == res["config"]["model"]["default_layer"]
-    assert base["accuracy"] > 0.4  # the tiny model is trained: well above chance (about 0.2)
+    assert base["accuracy"] >= 0.9  # the tiny model is trained: far above chance (about 0.18)
+    assert vtw["accuracy"] >= base["accuracy"] - 0.01  # the default K sits on the plateau of the curve
     assert 0 < vtw["tflops_saved_pct"] < 100 and vtw["tflops"] < base["tflops"]
     for head in ("baseline (K=L", f"vtw (K={vtw['layer']})", "TFLOPs / sample", res["primary_metric"]):
         assert head in p.stdout, head

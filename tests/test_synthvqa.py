@@ -117,10 +117,10 @@ def test_answers_agree_with_the_pixels():
         elif item.kind == "position":
             direction = item.question.split()[4]
             centre = {
-                "leftmost": lambda r: -(r[3].start + r[3].stop),
-                "rightmost": lambda r: r[3].start + r[3].stop,
-                "topmost": lambda r: -(r[2].start + r[2].stop),
-                "bottommost": lambda r: r[2].start + r[2].stop,
+                "left": lambda r: -(r[3].start + r[3].stop),
+                "right": lambda r: r[3].start + r[3].stop,
+                "top": lambda r: -(r[2].start + r[2].stop),
+                "bottom": lambda r: r[2].start + r[2].stop,
             }[direction]
             assert names[max(regions, key=centre)[0]] == item.answer
             checked["position"] += 1
@@ -129,7 +129,7 @@ def test_answers_agree_with_the_pixels():
             checked["color"] += 1
         elif item.kind == "size":  # objects fill 1x1, 2x2 or 3x3 cells: compare bounding-box extents
             extent = {names[colour]: rows.stop - rows.start for colour, _, rows, _ in regions}
-            pick = max if "largest" in item.question else min
+            pick = max if "larger" in item.question else min
             assert pick(extent, key=extent.get) == item.answer
             assert list(extent.values()).count(pick(extent.values())) == 1
             checked["size"] += 1

@@ -6,13 +6,13 @@ of Sort-of-CLEVR): each fills a block of 1 x 1, 2 x 2 or 3 x 3 cells (12, 28 or 
 touch. That keeps perception easy enough for a vision tower trained for a minute on a CPU; the questions still need
 the image, and the decoder still has to find, compare and count objects among 144 vision tokens.
 
-| kind       | question                                      | answers                  |
-|------------|-----------------------------------------------|--------------------------|
-| `color`    | What color is the {shape}?                    | one of `COLORS` (6)      |
-| `shape`    | What shape is the {color} object?             | one of `SHAPES` (4)      |
-| `count`    | How many objects are there?                   | one of `COUNTS` (5)      |
-| `position` | What color is the {leftmost,...} object?      | one of `COLORS` (6)      |
-| `size`     | What color is the {largest,smallest} object?  | one of `COLORS` (6)      |
+| kind       | question                                   | scene             | answers             |
+|------------|--------------------------------------------|-------------------|---------------------|
+| `color`    | What color is the {shape}?                 | 1-2 objects       | one of `COLORS` (6) |
+| `shape`    | What shape is the {color} object?          | 1-2 objects       | one of `SHAPES` (4) |
+| `count`    | How many objects are there?                | 1-5 objects       | one of `COUNTS` (5) |
+| `position` | What color is the {left,right,top,bottom} object? | 2 objects  | one of `COLORS` (6) |
+| `size`     | What color is the {larger,smaller} object? | 2 objects         | one of `COLORS` (6) |
 
 The prompt is the question followed by `SHORT_SUFFIX`; the answer is one word. Every item also carries
 `NUM_CHOICES` = 4 candidate answers (the right one and three others from its answer set, in random order) for the
@@ -46,8 +46,10 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 COUNTS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 KINDS: tuple[str, ...] = ("color", "shape", "count", "position", "size")
-DIRECTIONS: tuple[str, ...] = ("leftmost", "rightmost", "topmost", "bottommost")
-EXTREMES: tuple[str, ...] = ("largest", "smallest")
+DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
+COMPARISONS: tuple[str, ...] = ("larger", "smaller")
+MAX_REFERENCE_OBJECTS = 2
+"""Colour and shape questions are asked about scenes of at most this many objects."""
 NUM_CHOICES = 4
 
 IMAGE_SIZE = 192
@@ -188,14 +190,14 @@ def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...]
     """(question, answer word, answer set, scene) for one attempt; None when the sampled scene is unusable."""
     color_names = list(COLORS)
     if kind == "color":
-        n = rng.randint(1, len(SHAPES))
+        n = rng.randint(1, MAX_REFERENCE_OBJECTS)
         shapes = rng.sample(SHAPES, n)
         colors = [rng.choice(color_names) for _ in range(n)]
         scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
-        target = 0  # the asked-for object is the first one sampled; its colour is uniform over COLORS
-        return (f"What color is the {shapes[target]}?", colors[target], tuple(color_names), scene) if scene else None
+        # the asked-for object is the first one sampled: its colour is uniform over COLORS
+        return (f"What color is the {shapes[0]}?", colors[0], tuple(color_names), scene) if scene else None
     if kind == "shape":
-        n = rng.randint(1, 4)
+        n = rng.randint(1, MAX_REFERENCE_OBJECTS)
         colors = rng.sample(color_names, n)
         shapes = [rng.choice(SHAPES) for _ in range(n)]
         scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
@@ -207,33 +209,63 @@ def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...]
         scene = _scene(rng, shapes, colors, [rng.randint(1, 2) for _ in range(n)])
         return ("How many objects are there?", COUNTS[n - 1], COUNTS, scene) if scene else None
     if kind == "position":
-        n = rng.randint(2, 4)
-        colors = rng.sample(color_names, n)
-        shapes = [rng.choice(SHAPES) for _ in range(n)]
+        colors = rng.sample(color_names, 2)
+        shapes = [rng.choice(SHAPES) for _ in range(2)]
         direction = rng.choice(DIRECTIONS)
-        scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
+        scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(2)])
         if scene is None:
             return None
-        axis = (lambda o: o.cx) if direction in ("leftmost", "rightmost") else (lambda o: o.cy)
-        ranked = sorted(scene.objects, key=axis, reverse=direction in ("rightmost", "bottommost"))
-        if abs(axis(ranked[0]) - axis(ranked[1])) < 24:  # the extreme object must be clearly extreme
-            return None
-        return (f"What color is the {direction} object?", ranked[0].color, tuple(color_names), scene)
+        target = position_target(scene, direction)
+        return (f"What color is the {direction} object?", target.color, tuple(color_names), scene) if target else None
     if kind == "size":
-        n = rng.randint(2, 4)
-        colors = rng.sample(color_names, n)
-        shapes = [rng.choice(SHAPES) for _ in range(n)]
-        extreme = rng.choice(EXTREMES)
-        # one object is the largest (3 x 3 cells), one the smallest (1 x 1), the others in between
-        sizes = [3, 1] + [2] * (n - 2)
-        rng.shuffle(sizes)
-        scene = _scene(rng, shapes, colors, sizes)
+        colors = rng.sample(color_names, 2)
+        shapes = [rng.choice(SHAPES) for _ in range(2)]
+        comparison = rng.choice(COMPARISONS)
+        scene = _scene(rng, shapes, colors, rng.sample([1, 2, 3], 2))  # two different sizes
         if scene is None:
             return None
-        pick = max if extreme == "largest" else min
+        pick = max if comparison == "larger" else min
         answer = pick(scene.objects, key=lambda o: o.size).color
-        return (f"What color is the {extreme} object?", answer, tuple(color_names), scene)
+        return (f"What color is the {comparison} object?", answer, tuple(color_names), scene)
     raise ValueError(f"unknown question kind {kind!r}; allowed: {KINDS}")  # pragma: no cover
+
+
+def position_target(scene: Scene, direction: str) -> SceneObject | None:
+    """The object of a two-object scene that lies in `direction` of the other, or None unless their centres lie in
+    different halves of the image along that axis and >= 24 px apart."""
+    first, second = scene.objects
+    axis = (lambda o: o.cx) if direction in ("left", "right") else (lambda o: o.cy)
+    half = IMAGE_SIZE // 2
+    if abs(axis(first) - axis(second)) < 24 or (axis(first) < half) == (axis(second) < half):
+        return None
+    smaller_first = axis(first) < axis(second)
+    return first if smaller_first == (direction in ("left", "top")) else second
+
+
+def question_referent(scene: Scene, question: str) -> tuple[str, int] | None:
+    """The object a question is about: (the word of the question that names it, its index in `scene.objects`), or
+    None for counting questions. The word is the shape in colour questions, the colour in shape questions, the
+    direction in position questions and the comparison in size questions; it must name exactly one object."""
+    words = split_words(question)
+    if question == "How many objects are there?":
+        return None
+    objects = scene.objects
+    if question.startswith("What color is the ") and words[4] in SHAPES:
+        matches = [i for i, o in enumerate(objects) if o.shape == words[4]]
+    elif question.startswith("What shape is the ") and words[4] in COLORS:
+        matches = [i for i, o in enumerate(objects) if o.color == words[4]]
+    elif question.startswith("What color is the ") and words[4] in DIRECTIONS:
+        target = position_target(scene, words[4]) if len(objects) == 2 else None
+        matches = [objects.index(target)] if target is not None else []
+    elif question.startswith("What color is the ") and words[4] in COMPARISONS and len(objects) == 2:
+        sizes = [o.size for o in objects]
+        pick = max(sizes) if words[4] == "larger" else min(sizes)
+        matches = [i for i, size in enumerate(sizes) if size == pick]
+    else:
+        raise ValueError(f"not a question of the generator: {question!r}")
+    if len(matches) != 1:
+        raise ValueError(f"question {question!r} does not name exactly one object of the scene {scene}")
+    return words[4], matches[0]
 
 
 @dataclass(frozen=True)
@@ -247,11 +279,12 @@ class SceneQuestion:
 
 
 def scene_questions(scene: Scene) -> list[SceneQuestion]:
-    """Every question of the five kinds that `scene` answers unambiguously, in a fixed order.
+    """Every question of the five kinds that `scene` answers unambiguously and that `make_item` could ask about it,
+    in a fixed order. Used to add further question turns about the same image to a training conversation.
 
-    Used to add further question turns about the same image to a training conversation. A question qualifies when
-    its referent is unique (a shape or colour that occurs once) and, for position and size, when the extreme object is
-    clearly extreme (>= 24 px ahead of the next along the axis; >= 8 px larger / smaller) and its colour unique.
+    Counting applies to every scene; colour and shape questions to scenes of at most `MAX_REFERENCE_OBJECTS` objects
+    whose referent (shape, resp. colour) is unique; position and size questions to two-object scenes of two colours
+    whose objects lie in different halves of the image along the axis (>= 24 px apart), resp. of different sizes.
     """
     objects = scene.objects
     colors = [o.color for o in objects]
@@ -259,25 +292,24 @@ def scene_questions(scene: Scene) -> list[SceneQuestion]:
     out: list[SceneQuestion] = []
     if 1 <= len(objects) <= len(COUNTS):
         out.append(SceneQuestion("count", "How many objects are there?", COUNTS[len(objects) - 1], COUNTS))
+    if len(objects) > MAX_REFERENCE_OBJECTS:
+        return out
     for obj in objects:
         if shapes.count(obj.shape) == 1:
             out.append(SceneQuestion("color", f"What color is the {obj.shape}?", obj.color, tuple(COLORS)))
     for obj in objects:
         if colors.count(obj.color) == 1:
             out.append(SceneQuestion("shape", f"What shape is the {obj.color} object?", obj.shape, SHAPES))
-    if len(objects) < 2:
+    if len(objects) != 2 or colors[0] == colors[1]:
         return out
     for direction in DIRECTIONS:
-        axis = (lambda o: o.cx) if direction in ("leftmost", "rightmost") else (lambda o: o.cy)
-        ranked = sorted(objects, key=axis, reverse=direction in ("rightmost", "bottommost"))
-        if abs(axis(ranked[0]) - axis(ranked[1])) >= 24 and colors.count(ranked[0].color) == 1:
-            out.append(
-                SceneQuestion("position", f"What color is the {direction} object?", ranked[0].color, tuple(COLORS))
-            )
-    for extreme in EXTREMES:
-        ranked = sorted(objects, key=lambda o: o.size, reverse=extreme == "largest")
-        if abs(ranked[0].size - ranked[1].size) >= 8 and colors.count(ranked[0].color) == 1:
-            out.append(SceneQuestion("size", f"What color is the {extreme} object?", ranked[0].color, tuple(COLORS)))
+        target = position_target(scene, direction)
+        if target is not None:
+            out.append(SceneQuestion("position", f"What color is the {direction} object?", target.color, tuple(COLORS)))
+    if objects[0].size != objects[1].size:
+        for comparison, pick in zip(COMPARISONS, (max, min), strict=True):
+            answer = pick(objects, key=lambda o: o.size).color
+            out.append(SceneQuestion("size", f"What color is the {comparison} object?", answer, tuple(COLORS)))
     return out
 
 
@@ -352,7 +384,7 @@ def vocabulary() -> list[str]:
     texts = [SHORT_SUFFIX, "How many objects are there?", *COUNTS]
     texts += [f"What color is the {s}?" for s in SHAPES]
     texts += [f"What shape is the {c} object?" for c in COLORS]
-    texts += [f"What color is the {d} object?" for d in (*DIRECTIONS, *EXTREMES)]
+    texts += [f"What color is the {d} object?" for d in (*DIRECTIONS, *COMPARISONS)]
     for text in texts:
         for word in split_words(text):
             if word not in words:

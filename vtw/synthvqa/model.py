@@ -2,11 +2,13 @@
 
 Architecture (a real `LlavaForConditionalGeneration`, LLaVA-1.5 layout at toy width):
 
-- vision tower: `CLIPVisionModel`, 192 x 192 images, 16 px patches -> 1 CLS + 144 patch tokens, `VISION_LAYERS`
-  layers of width `VISION_WIDTH`; `vision_feature_select_strategy="default"` drops the CLS token, so every image
-  becomes `NUM_IMAGE_TOKENS = 144` vision tokens (`LlavaProcessor` expands `<image>` to exactly that many).
+- vision tower: `CLIPVisionModel`, 192 x 192 images, 16 px patches -> 1 CLS + 144 patch tokens,
+  `TinyLlavaSpec.vision_layers` layers of width `TinyLlavaSpec.vision_width`; `vision_feature_select_strategy=
+  "default"` drops the CLS token, so every image becomes `NUM_IMAGE_TOKENS = 144` vision tokens (`LlavaProcessor`
+  expands `<image>` to exactly that many).
 - projector: 2-layer MLP with GELU (`LlavaMultiModalProjector`).
-- language model: `LlamaForCausalLM` with `TEXT_LAYERS` layers of width `TEXT_WIDTH`.
+- language model: a Llama decoder (`TinyLlavaSpec.text_layers` >= 8 layers of width `text_width`), input and output
+  embeddings tied.
 - tokenizer: a `PreTrainedTokenizerFast` over a `tokenizers` WordLevel model whose vocabulary is every word the
   generator (`vtw.synthvqa.generator`) and the chat template can write; `<image>` is a special token.
 - chat template (LLaVA-1.5 style, no system prompt): `USER: <image>\\n{question} ASSISTANT: {answer}</s>`.
@@ -76,10 +78,16 @@ class TinyLlavaSpec:
     text_kv_heads: int = 4
     text_ffn: int = 384
     vision_ffn: int = 288
+    init_std: float = 0.08
+    """Std of the decoder's and projector's initial weights: about 1/sqrt(text_width), not Llama's 0.02 (which is
+    tuned for widths in the thousands and leaves a 128-wide decoder near a saddle where attention learns slowly)."""
 
     def __post_init__(self) -> None:
         for name, value in asdict(self).items():
-            if not isinstance(value, int) or value <= 0:
+            if name == "init_std":
+                if not isinstance(value, float) or not 0.0 < value < 1.0:
+                    raise ValueError(f"TinyLlavaSpec.init_std must be a float in (0, 1), got {value!r}")
+            elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"TinyLlavaSpec.{name} must be a positive int, got {value!r}")
         if self.text_layers < 8:
             raise ValueError(f"TinyLlavaSpec.text_layers must be >= 8, got {self.text_layers}")
@@ -163,7 +171,8 @@ def build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Lla
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        initializer_range=spec.init_std,
+        tie_word_embeddings=True,
     )
     return LlavaConfig(
         vision_config=vision,
@@ -173,16 +182,40 @@ def build_config(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Lla
         projector_hidden_act="gelu",
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
-        tie_word_embeddings=False,
+        tie_word_embeddings=True,
     )
 
 
 def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast, seed: int) -> LlavaForConditionalGeneration:
-    """A freshly initialised tiny LLaVA (float32, SDPA attention), seeded with `seed`."""
+    """A freshly initialised tiny LLaVA (float32, SDPA attention), seeded with `seed`.
+
+    The vision tower's position embeddings start from `grid_position_table` instead of CLIP's small random init, so
+    that from the first step every patch token says where in the image it is (a learnt table, still trained)."""
     config = build_config(spec, tokenizer)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():
+        model.model.vision_tower.embeddings.position_embedding.weight.copy_(
+            grid_position_table(spec.vision_width, IMAGE_SIZE // PATCH_SIZE)
+        )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     return model.float()
+
+
+def grid_position_table(width: int, grid: int, amplitude: float = 0.7) -> torch.Tensor:
+    """(1 + grid * grid, width) initial position embeddings of a CLIP vision tower: row 0 (the CLS token) is zero,
+    row `1 + r * grid + c` (patch in row r, column c) holds sines and cosines of c (first half of the width) and of r
+    (second half) at `width // 4` periods from 2 to 4 * grid patches, times `amplitude`."""
+    if width % 4:
+        raise ValueError(f"width must be a multiple of 4, got {width}")
+    quarter = width // 4
+    periods = 2.0 * (2.0 * grid) ** (torch.arange(quarter, dtype=torch.float64) / max(1, quarter - 1))
+    cells = torch.arange(grid * grid)
+    table = torch.zeros(1 + grid * grid, width, dtype=torch.float64)
+    for offset, coordinate in ((0, cells % grid), (2 * quarter, cells // grid)):
+        angles = coordinate[:, None].double() * (2 * torch.pi / periods[None])  # (P, quarter)
+        table[1:, offset : offset + quarter] = angles.sin()
+        table[1:, offset + quarter : offset + 2 * quarter] = angles.cos()
+    return (amplitude * table).float()
