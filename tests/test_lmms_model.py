@@ -212,3 +212,27 @@ def test_generation_records_flops_per_request(model_dir, task_objs):
         assert r.flops_full == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, layer=None).total
         assert r.paper_flops == paper_flops(lm.config, vision_tokens=n_vision, text_tokens=n_text, layer=2)
         assert r.flops < r.flops_full and r.latency_s > 0 and r.batch_size == 3
+
+
+@pytest.mark.parametrize("kind", ["gen", "mc"])
+def test_first_timed_call_is_preceded_by_one_untimed_warm_up(model_dir, task_objs, kind):
+    """Latency is not charged with one-off start-up costs: the wrapper's first batch runs one extra, untimed forward
+    (seen as one more call of the model than the same batch needs afterwards); later batches and calls run none, and
+    switching the layer does not warm up again."""
+    names, tasks = task_objs
+    reqs = tasks[names[kind]].instances[:3]
+    lm = _model(model_dir, task_objs, batch_size=3, layer=2)
+    calls = []
+    hook = lm.model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    run = lm.generate_until if kind == "gen" else lm.loglikelihood
+    try:
+        first = [r.text for r in run(reqs)]
+        n_first = len(calls)
+        lm.set_layer(None)
+        lm.set_layer(2)
+        second = [r.text for r in run(reqs)]
+        n_second = len(calls) - n_first
+    finally:
+        hook.remove()
+    assert first == second and lm.warmed_up
+    assert n_first == n_second + 1
