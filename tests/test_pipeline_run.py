@@ -142,6 +142,49 @@ def test_wandb_trouble_never_fails_the_job(first_run, monkeypatch):
     assert log_job(LoggerSpec(name="none"), result, [], out_dir=out, group="g") == {"status": "disabled"}
 
 
+def test_wandb_trouble_after_init_closes_the_run_as_failed(first_run, monkeypatch, tmp_path):
+    """A run that W&B opened and that then fails (job or sweep) is finished with exit code 1, and the caller gets
+    the failed status with the error; nothing raises."""
+    import wandb
+
+    from vtw.pipeline.config import LoggerSpec
+    from vtw.pipeline.results import read_results
+    from vtw.pipeline.wandb_logger import log_job, log_sweep
+
+    class BrokenSummary(dict):
+        def update(self, *a, **k):
+            raise OSError("disk full")
+
+    finished = []
+
+    class FakeRun:
+        summary = BrokenSummary()
+        dir = str(tmp_path / "wandb" / "run" / "files")
+        id = "fake"
+
+        def log(self, payload):
+            pass
+
+        def finish(self, exit_code=0):
+            finished.append(exit_code)
+
+    class FakeSummary:
+        sweep_dir = tmp_path / "sweep"
+        jobs, ok, failed, paths = 0, 0, 0, {}
+        TABLE_COLUMNS = ("job",)
+
+        def table_rows(self):
+            return []
+
+    out, _ = first_run
+    monkeypatch.setattr(wandb, "init", lambda *a, **k: FakeRun())
+    spec = LoggerSpec(name="wandb", mode="offline")
+    info = log_job(spec, read_results(out), [], out_dir=tmp_path / "wb", group="g")
+    assert info == {"status": "failed", "error": "OSError: disk full"}
+    assert log_sweep(spec, FakeSummary(), group="g") == {"status": "failed", "error": "OSError: disk full"}
+    assert finished == [1, 1]
+
+
 def test_online_without_credentials_falls_back_to_offline(monkeypatch, tmp_path):
     from vtw.pipeline.wandb_logger import resolve_mode
 

@@ -126,6 +126,18 @@ def _finish_info(run, mode: str, group: str) -> dict:
     return info
 
 
+def _failed(run, error: Exception, message: str) -> dict:
+    """After W&B trouble: warn (`message` takes the error's type and text), close `run` as failed if it was opened,
+    and return the ``failed`` status; never raises."""
+    log.warning(message, type(error).__name__, error)
+    if run is not None:
+        try:
+            run.finish(exit_code=1)
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+    return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
+
+
 def _log_layer_search(run, path: Path) -> None:
     """With ``vtw.layer=auto``: the chosen K, eta, the KL-per-layer table and the plot of the job's layer search."""
     if not path.exists():
@@ -170,13 +182,7 @@ def log_job(spec: LoggerSpec, result: RunResult, samples: list[dict], *, out_dir
         run.finish()
         return info
     except Exception as e:  # noqa: BLE001 - W&B trouble never fails the job
-        log.warning("W&B logging failed (%s: %s); local results are complete", type(e).__name__, e)
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001
-                pass
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        return _failed(run, e, "W&B logging failed (%s: %s); local results are complete")
 
 
 def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
@@ -215,11 +221,5 @@ def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
         info = _finish_info(run, mode, group)
         run.finish()
         return info
-    except Exception as e:  # noqa: BLE001
-        log.warning("W&B sweep logging failed (%s: %s); local summaries are complete", type(e).__name__, e)
-        if run is not None:
-            try:
-                run.finish(exit_code=1)
-            except Exception:  # noqa: BLE001
-                pass
-        return {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001 - W&B trouble never fails the sweep
+        return _failed(run, e, "W&B sweep logging failed (%s: %s); local summaries are complete")
