@@ -11,7 +11,7 @@ the image, and the decoder still has to find, compare and count objects among 14
 | `color`    | What color is the {shape}?                 | 1-2 objects       | one of `COLORS` (6) |
 | `shape`    | What shape is the {color} object?          | 1-2 objects       | one of `SHAPES` (4) |
 | `count`    | How many objects are there?                | 1-5 objects       | one of `COUNTS` (5) |
-| `position` | What color is the {left,right,top,bottom} object? | 2 objects  | one of `COLORS` (6) |
+| `position` | What color is the {direction} object?      | 2 objects         | one of `COLORS` (6) |
 | `size`     | What color is the {larger,smaller} object? | 2 objects         | one of `COLORS` (6) |
 
 The prompt is the question followed by `SHORT_SUFFIX`; the answer is one word. Every item also carries
@@ -224,8 +224,7 @@ def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...]
         scene = _scene(rng, shapes, colors, rng.sample([1, 2, 3], 2))  # two different sizes
         if scene is None:
             return None
-        pick = max if comparison == "larger" else min
-        answer = pick(scene.objects, key=lambda o: o.size).color
+        answer = size_target(scene, comparison).color
         return (f"What color is the {comparison} object?", answer, tuple(color_names), scene)
     raise ValueError(f"unknown question kind {kind!r}; allowed: {KINDS}")  # pragma: no cover
 
@@ -240,6 +239,15 @@ def position_target(scene: Scene, direction: str) -> SceneObject | None:
         return None
     smaller_first = axis(first) < axis(second)
     return first if smaller_first == (direction in ("left", "top")) else second
+
+
+def size_target(scene: Scene, comparison: str) -> SceneObject | None:
+    """The `comparison` ("larger" or "smaller") object of a two-object scene, or None unless the scene holds two
+    objects of different sizes."""
+    if len(scene.objects) != 2 or scene.objects[0].size == scene.objects[1].size:
+        return None
+    pick = max if comparison == "larger" else min
+    return pick(scene.objects, key=lambda o: o.size)
 
 
 def question_referent(scene: Scene, question: str) -> tuple[str, int] | None:
@@ -257,10 +265,9 @@ def question_referent(scene: Scene, question: str) -> tuple[str, int] | None:
     elif question.startswith("What color is the ") and words[4] in DIRECTIONS:
         target = position_target(scene, words[4]) if len(objects) == 2 else None
         matches = [objects.index(target)] if target is not None else []
-    elif question.startswith("What color is the ") and words[4] in COMPARISONS and len(objects) == 2:
-        sizes = [o.size for o in objects]
-        pick = max(sizes) if words[4] == "larger" else min(sizes)
-        matches = [i for i, size in enumerate(sizes) if size == pick]
+    elif question.startswith("What color is the ") and words[4] in COMPARISONS:
+        target = size_target(scene, words[4])
+        matches = [objects.index(target)] if target is not None else []
     else:
         raise ValueError(f"not a question of the generator: {question!r}")
     if len(matches) != 1:
@@ -306,10 +313,10 @@ def scene_questions(scene: Scene) -> list[SceneQuestion]:
         target = position_target(scene, direction)
         if target is not None:
             out.append(SceneQuestion("position", f"What color is the {direction} object?", target.color, tuple(COLORS)))
-    if objects[0].size != objects[1].size:
-        for comparison, pick in zip(COMPARISONS, (max, min), strict=True):
-            answer = pick(objects, key=lambda o: o.size).color
-            out.append(SceneQuestion("size", f"What color is the {comparison} object?", answer, tuple(COLORS)))
+    for comparison in COMPARISONS:
+        target = size_target(scene, comparison)
+        if target is not None:
+            out.append(SceneQuestion("size", f"What color is the {comparison} object?", target.color, tuple(COLORS)))
     return out
 
 
