@@ -144,9 +144,9 @@ class Batch:
     "larger"; "many" in counting questions); find_targets: (N, T) bool, the vision tokens of that object (for
     counting: the vision token holding each object's centre, and `<s>` at position 0). find_spread: (N,) bool, True
     for counting rows, whose attention should be spread evenly over their targets (the share left on `<s>`, 1 / (n +
-    1), then says how many objects there are); other rows only need their mass on the targets. relay_queries: (N, 2) long, the position that predicts the
-    answer's first token (the `:` after `ASSISTANT`); relay_targets: (N, T) bool, the naming word. One row per
-    question turn.
+    1), then says how many objects there are); other rows only need their mass on the targets. relay_queries: (N, 2)
+    long, the position that predicts the answer's first token (the `:` after `ASSISTANT`); relay_targets: (N, T)
+    bool, the naming word. One row per question turn.
     """
 
     input_ids: torch.Tensor
@@ -425,16 +425,17 @@ def head_attention(
     dim = attention.head_dim
     kv_head = head // attention.num_key_value_groups
     rows, positions = queries[:, 0], queries[:, 1]
-    normed = layer.input_layernorm(hidden[rows])  # (N, T, D)
-    q = attention.q_proj(normed[torch.arange(len(rows)), positions])[:, head * dim : (head + 1) * dim]  # (N, hd)
-    k = attention.k_proj(normed)[..., kv_head * dim : (kv_head + 1) * dim]  # (N, T, hd)
     index = torch.arange(len(rows))
+    # Keys are projected per query row (a sample with several queries is projected several times): cheaper once per
+    # sample, but that sums the gradients in another order and no longer reproduces the shipped checkpoint's bits.
+    normed = layer.input_layernorm(hidden[rows])  # (N, T, D)
+    q = attention.q_proj(normed[index, positions])[:, head * dim : (head + 1) * dim]  # (N, hd)
+    k = attention.k_proj(normed)[..., kv_head * dim : (kv_head + 1) * dim]  # (N, T, hd)
     cos, sin = rotary[0][rows], rotary[1][rows]  # (N, T, hd)
     q = q * cos[index, positions] + rotate_half(q) * sin[index, positions]
     k = k * cos + rotate_half(k) * sin
     scores = torch.einsum("nd,ntd->nt", q, k) * attention.scaling  # (N, T)
-    allowed = mask[rows, positions]  # (N, T)
-    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+    return scores.masked_fill(~mask[rows, positions], float("-inf")).softmax(dim=-1)
 
 
 def masked_forward(
@@ -495,8 +496,8 @@ def answer_loss(
     guide: (find layer, relay layer) or None. The guidance loss is the mean negative log of the attention mass that
     head 0 of the find layer puts, from each naming word, on the named object's vision tokens (for counting rows:
     the cross-entropy with an even spread over the objects' centre tokens and `<s>`), plus that of the mass head 0
-    of the relay layer puts, from the answer position, on the naming word (0 when `guide` is None or no row names an
-    object). Rows whose withdrawal layer is <= the relay layer are left out.
+    of the relay layer puts, from the answer position, on the naming word. Rows whose withdrawal layer is <= the relay
+    layer are left out (0 when `guide` is None or no row is left).
     """
     inputs: dict = {}
     hidden = masked_forward(model, batch, withdraw_layer, inputs if guide else None)
@@ -514,21 +515,18 @@ def answer_loss(
         layers = model.model.language_model.layers
         usable = withdraw_layer[batch.find_queries[:, 0]] > relay  # (N,)
         if bool(usable.any()):
-            terms = []
-            spread = batch.find_spread[usable]
-            for layer, queries, wanted in (
-                (find, batch.find_queries, batch.find_targets),
-                (relay, batch.relay_queries, batch.relay_targets),
-            ):
-                probs = head_attention(layers[layer], inputs[layer], inputs["rotary"], inputs["mask"], queries[usable])
-                wanted = wanted[usable]
-                mass = -torch.log((probs * wanted).sum(dim=-1).clamp_min(1e-6))  # (N,)
-                if layer == find:  # cross-entropy with the even spread over the targets
-                    even = wanted.float() / wanted.float().sum(dim=-1, keepdim=True)
-                    cross = -(even * torch.log(probs.clamp_min(1e-6))).sum(dim=-1)
-                    mass = torch.where(spread, cross, mass)
-                terms.append(mass.mean())
-            guide_loss = sum(terms)
+
+            def attention(layer: int, queries: torch.Tensor) -> torch.Tensor:
+                return head_attention(layers[layer], inputs[layer], inputs["rotary"], inputs["mask"], queries[usable])
+
+            probs, wanted = attention(find, batch.find_queries), batch.find_targets[usable]
+            find_loss = -torch.log((probs * wanted).sum(dim=-1).clamp_min(1e-6))  # (N,) mass on the object
+            even = wanted.float() / wanted.float().sum(dim=-1, keepdim=True)  # counting: spread evenly
+            spread_loss = -(even * torch.log(probs.clamp_min(1e-6))).sum(dim=-1)
+            find_loss = torch.where(batch.find_spread[usable], spread_loss, find_loss)
+            probs, wanted = attention(relay, batch.relay_queries), batch.relay_targets[usable]
+            relay_loss = -torch.log((probs * wanted).sum(dim=-1).clamp_min(1e-6))
+            guide_loss = find_loss.mean() + relay_loss.mean()
     return loss, correct, guide_loss
 
 
