@@ -14,7 +14,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vtw.synthvqa import train as train_module
 from vtw.synthvqa.generator import Scene, iter_items, make_item
-from vtw.synthvqa.model import CHAT_TEMPLATE, NUM_IMAGE_TOKENS, TinyLlavaSpec, build_tokenizer
+from vtw.synthvqa.model import CHAT_TEMPLATE, NUM_IMAGE_TOKENS, TinyLlavaSpec, build_tokenizer, grid_position_table
 from vtw.synthvqa.train import (
     TrainConfig,
     conversation_text,
@@ -340,3 +340,23 @@ def test_vtw_wrapper_scores_the_multiple_choice_task(monkeypatch):
             bootstrap_iters=0,
         )
         assert results["results"]["vtw_synthvqa_mc"]["acc,none"] >= 0.8, layer
+
+
+def test_grid_position_table_encodes_column_and_row():
+    """Hand-derived values: CLS row zero; the first half of a patch's vector depends on its column only, the second
+    half on its row only; the shortest period is 2 patches (sin 0, cos +-1) and the longest 4 x grid."""
+    import math
+
+    table = grid_position_table(width=16, grid=12, amplitude=0.5)  # quarter = 4 periods: 2, 2*24**(1/3), ..., 48
+    assert table.shape == (145, 16) and not table[0].any()
+    patch = lambda r, c: table[1 + r * 12 + c]  # noqa: E731
+    for r, c in ((0, 0), (3, 7), (11, 5)):
+        torch.testing.assert_close(patch(r, c)[:8], patch((r + 5) % 12, c)[:8])  # same column
+        torch.testing.assert_close(patch(r, c)[8:], patch(r, (c + 4) % 12)[8:])  # same row
+        assert patch(r, c)[0] == pytest.approx(0.0, abs=1e-6) and patch(r, c)[4] == pytest.approx(0.5 * (-1) ** c)
+        assert patch(r, c)[8] == pytest.approx(0.0, abs=1e-6) and patch(r, c)[12] == pytest.approx(0.5 * (-1) ** r)
+        assert patch(r, c)[3] == pytest.approx(0.5 * math.sin(2 * math.pi * c / 48), abs=1e-6)
+        assert patch(r, c)[15] == pytest.approx(0.5 * math.cos(2 * math.pi * r / 48), abs=1e-6)
+    assert not torch.allclose(patch(0, 1)[:8], patch(0, 2)[:8])
+    with pytest.raises(ValueError, match="multiple of 4, got 30"):
+        TinyLlavaSpec(vision_width=30, vision_heads=2)

@@ -93,6 +93,8 @@ class TinyLlavaSpec:
             raise ValueError(f"TinyLlavaSpec.text_layers must be >= 8, got {self.text_layers}")
         if self.text_width % self.text_heads or self.vision_width % self.vision_heads:
             raise ValueError(f"widths must divide by head counts, got {self}")
+        if self.vision_width % 4:  # grid_position_table: sin and cos of column and of row
+            raise ValueError(f"TinyLlavaSpec.vision_width must be a multiple of 4, got {self.vision_width}")
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
