@@ -220,16 +220,20 @@ def small_job(tmp_path_factory) -> list[str]:
             *common]  # fmt: skip
 
 
-def _squeue(*job_ids: str) -> list[str]:
+def _squeue(*job_ids: str) -> list[str] | None:
+    """Queue lines of the jobs still pending/running; None when squeue itself failed (controller busy), so a
+    transient error is never read as "all jobs done"."""
     r = subprocess.run(["squeue", "-h", "-o", "%i %T", "-j", ",".join(job_ids)], capture_output=True, text=True)
-    return r.stdout.split("\n") if r.returncode == 0 and r.stdout.strip() else []
+    if r.returncode != 0:
+        return None
+    return r.stdout.split("\n") if r.stdout.strip() else []
 
 
 def _wait_gone(job_ids: list[str], timeout: float, what: str, sweep_dir: Path) -> None:
     """Wait until none of the jobs is pending or running; on timeout cancel them and show the logs."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _squeue(*job_ids):
+        if _squeue(*job_ids) == []:
             return
         time.sleep(1)
     subprocess.run(["scancel", *job_ids])
@@ -388,12 +392,17 @@ def test_requeued_task_runs_again_in_the_same_dir(cluster, tmp_path):
             assert time.monotonic() < deadline, "task 1 was not requeued"
             time.sleep(0.3)
         assert _run(["scontrol", "update", f"JobId={array}_1", "StartTime=now"]).returncode == 0
+        # Wait for what the test is about (the second start), not only for the queue to look empty.
+        starts = sweep / "1_vtw.layer=2" / "starts.txt"
+        deadline = time.monotonic() + 60
+        while starts.read_text().count("\n") < 2 and time.monotonic() < deadline:
+            time.sleep(0.3)
         _wait_gone([array], 60, "requeued array", sweep)
     finally:
         subprocess.run(["scancel", f"--name={name}"])
     assert (sweep / "0_vtw.layer=1" / "starts.txt").read_text() == "0 0\n"
-    assert (sweep / "1_vtw.layer=2" / "starts.txt").read_text() == "1 0\n1 1\n"
     log = (sweep / "logs" / f"{array}_1.out").read_text()  # one log, appended to by the second start
+    assert (sweep / "1_vtw.layer=2" / "starts.txt").read_text() == "1 0\n1 1\n", log
     assert "restart=0" in log and "DUE TO JOB REQUEUE" in log and "restart=1" in log
 
 

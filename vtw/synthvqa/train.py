@@ -313,7 +313,7 @@ def pretrain_vision(
         nn.utils.clip_grad_norm_(params, config.grad_clip)
         optimizer.step()
         recent = (recent + [float(torch.stack(correct).mean())])[-20:]
-        bar.set_postfix(loss=f"{float(loss):.3f}", patch_acc=f"{sum(recent) / len(recent):.3f}")
+        bar.set_postfix(loss=f"{loss.item():.3f}", patch_acc=f"{sum(recent) / len(recent):.3f}")
     return sum(recent) / max(1, len(recent))
 
 
@@ -581,7 +581,7 @@ def train(
         (loss + config.guide_weight * guide_loss).backward()
         nn.utils.clip_grad_norm_([p for _, p in trainable], config.grad_clip)
         optimizer.step()
-        loss_value = float(loss)
+        loss_value = loss.item()
         recent = (recent + [float(correct.float().mean())])[-100:]
         bar.set_postfix(
             loss=f"{loss_value:.3f}", guide=f"{float(guide_loss):.3f}", acc=f"{sum(recent) / len(recent):.3f}"
