@@ -584,7 +584,7 @@ def train(
         loss_value = loss.item()
         recent = (recent + [float(correct.float().mean())])[-100:]
         bar.set_postfix(
-            loss=f"{loss_value:.3f}", guide=f"{float(guide_loss):.3f}", acc=f"{sum(recent) / len(recent):.3f}"
+            loss=f"{loss_value:.3f}", guide=f"{guide_loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}"
         )
     model.eval()
     model.model.vision_tower.requires_grad_(True)
