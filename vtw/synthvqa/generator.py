@@ -48,6 +48,28 @@ COUNTS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 KINDS: tuple[str, ...] = ("color", "shape", "count", "position", "size")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "top", "bottom")
 COMPARISONS: tuple[str, ...] = ("larger", "smaller")
+QUESTIONS: dict[str, str] = {
+    "color": "What color is the {}?",
+    "shape": "What shape is the {} object?",
+    "count": "How many objects are there?",
+    "position": "What color is the {} object?",
+    "size": "What color is the {} object?",
+}
+"""The question of each kind; `{}` takes the word that names the object asked about (one of `REFERENT_WORDS`)."""
+REFERENT_WORDS: dict[str, tuple[str, ...]] = {
+    "color": SHAPES,
+    "shape": tuple(COLORS),
+    "position": DIRECTIONS,
+    "size": COMPARISONS,
+}
+ANSWER_SETS: dict[str, tuple[str, ...]] = {
+    "color": tuple(COLORS),
+    "shape": SHAPES,
+    "count": COUNTS,
+    "position": tuple(COLORS),
+    "size": tuple(COLORS),
+}
+"""The possible answers of each kind (answers are uniform over them)."""
 MAX_REFERENCE_OBJECTS = 2
 """Colour and shape questions are asked about scenes of at most this many objects."""
 NUM_CHOICES = 4
@@ -186,8 +208,9 @@ def _scene(rng: random.Random, shapes: list[str], colors: list[str], spans: list
     return Scene(objects=tuple(objects), background=rng.choice(_BACKGROUNDS))
 
 
-def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...], Scene] | None:
-    """(question, answer word, answer set, scene) for one attempt; None when the sampled scene is unusable."""
+def _question(rng: random.Random, kind: Kind) -> tuple[str | None, str, Scene] | None:
+    """(the word naming the object asked about (None for counting), answer word, scene) for one attempt; None when the
+    sampled scene is unusable."""
     color_names = list(COLORS)
     if kind == "color":
         n = rng.randint(1, MAX_REFERENCE_OBJECTS)
@@ -195,19 +218,19 @@ def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...]
         colors = [rng.choice(color_names) for _ in range(n)]
         scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
         # the asked-for object is the first one sampled: its colour is uniform over COLORS
-        return (f"What color is the {shapes[0]}?", colors[0], tuple(color_names), scene) if scene else None
+        return (shapes[0], colors[0], scene) if scene else None
     if kind == "shape":
         n = rng.randint(1, MAX_REFERENCE_OBJECTS)
         colors = rng.sample(color_names, n)
         shapes = [rng.choice(SHAPES) for _ in range(n)]
         scene = _scene(rng, shapes, colors, [rng.randint(1, 3) for _ in range(n)])
-        return (f"What shape is the {colors[0]} object?", shapes[0], SHAPES, scene) if scene else None
+        return (colors[0], shapes[0], scene) if scene else None
     if kind == "count":
         n = rng.randint(1, len(COUNTS))
         shapes = [rng.choice(SHAPES) for _ in range(n)]
         colors = [rng.choice(color_names) for _ in range(n)]
         scene = _scene(rng, shapes, colors, [rng.randint(1, 2) for _ in range(n)])
-        return ("How many objects are there?", COUNTS[n - 1], COUNTS, scene) if scene else None
+        return (None, COUNTS[n - 1], scene) if scene else None
     if kind == "position":
         colors = rng.sample(color_names, 2)
         shapes = [rng.choice(SHAPES) for _ in range(2)]
@@ -216,7 +239,7 @@ def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...]
         if scene is None:
             return None
         target = position_target(scene, direction)
-        return (f"What color is the {direction} object?", target.color, tuple(color_names), scene) if target else None
+        return (direction, target.color, scene) if target else None
     if kind == "size":
         colors = rng.sample(color_names, 2)
         shapes = [rng.choice(SHAPES) for _ in range(2)]
@@ -224,8 +247,7 @@ def _question(rng: random.Random, kind: Kind) -> tuple[str, str, tuple[str, ...]
         scene = _scene(rng, shapes, colors, rng.sample([1, 2, 3], 2))  # two different sizes
         if scene is None:
             return None
-        answer = size_target(scene, comparison).color
-        return (f"What color is the {comparison} object?", answer, tuple(color_names), scene)
+        return (comparison, size_target(scene, comparison).color, scene)
     raise ValueError(f"unknown question kind {kind!r}; allowed: {KINDS}")  # pragma: no cover
 
 
@@ -254,25 +276,27 @@ def question_referent(scene: Scene, question: str) -> tuple[str, int] | None:
     """The object a question is about: (the word of the question that names it, its index in `scene.objects`), or
     None for counting questions. The word is the shape in colour questions, the colour in shape questions, the
     direction in position questions and the comparison in size questions; it must name exactly one object."""
-    words = split_words(question)
-    if question == "How many objects are there?":
+    if question == QUESTIONS["count"]:
         return None
+    words = split_words(question)
+    word = words[4] if len(words) > 4 else None
+    kind = next((k for k, ws in REFERENT_WORDS.items() if word in ws and question == QUESTIONS[k].format(word)), None)
     objects = scene.objects
-    if question.startswith("What color is the ") and words[4] in SHAPES:
-        matches = [i for i, o in enumerate(objects) if o.shape == words[4]]
-    elif question.startswith("What shape is the ") and words[4] in COLORS:
-        matches = [i for i, o in enumerate(objects) if o.color == words[4]]
-    elif question.startswith("What color is the ") and words[4] in DIRECTIONS:
-        target = position_target(scene, words[4]) if len(objects) == 2 else None
+    if kind == "color":
+        matches = [i for i, o in enumerate(objects) if o.shape == word]
+    elif kind == "shape":
+        matches = [i for i, o in enumerate(objects) if o.color == word]
+    elif kind == "position":
+        target = position_target(scene, word) if len(objects) == 2 else None
         matches = [objects.index(target)] if target is not None else []
-    elif question.startswith("What color is the ") and words[4] in COMPARISONS:
-        target = size_target(scene, words[4])
+    elif kind == "size":
+        target = size_target(scene, word)
         matches = [objects.index(target)] if target is not None else []
     else:
         raise ValueError(f"not a question of the generator: {question!r}")
     if len(matches) != 1:
         raise ValueError(f"question {question!r} does not name exactly one object of the scene {scene}")
-    return words[4], matches[0]
+    return word, matches[0]
 
 
 @dataclass(frozen=True)
@@ -298,25 +322,22 @@ def scene_questions(scene: Scene) -> list[SceneQuestion]:
     shapes = [o.shape for o in objects]
     out: list[SceneQuestion] = []
     if 1 <= len(objects) <= len(COUNTS):
-        out.append(SceneQuestion("count", "How many objects are there?", COUNTS[len(objects) - 1], COUNTS))
+        out.append(SceneQuestion("count", QUESTIONS["count"], COUNTS[len(objects) - 1], ANSWER_SETS["count"]))
     if len(objects) > MAX_REFERENCE_OBJECTS:
         return out
     for obj in objects:
         if shapes.count(obj.shape) == 1:
-            out.append(SceneQuestion("color", f"What color is the {obj.shape}?", obj.color, tuple(COLORS)))
+            out.append(SceneQuestion("color", QUESTIONS["color"].format(obj.shape), obj.color, ANSWER_SETS["color"]))
     for obj in objects:
         if colors.count(obj.color) == 1:
-            out.append(SceneQuestion("shape", f"What shape is the {obj.color} object?", obj.shape, SHAPES))
+            out.append(SceneQuestion("shape", QUESTIONS["shape"].format(obj.color), obj.shape, ANSWER_SETS["shape"]))
     if len(objects) != 2 or colors[0] == colors[1]:
         return out
-    for direction in DIRECTIONS:
-        target = position_target(scene, direction)
-        if target is not None:
-            out.append(SceneQuestion("position", f"What color is the {direction} object?", target.color, tuple(COLORS)))
-    for comparison in COMPARISONS:
-        target = size_target(scene, comparison)
-        if target is not None:
-            out.append(SceneQuestion("size", f"What color is the {comparison} object?", target.color, tuple(COLORS)))
+    for kind, find in (("position", position_target), ("size", size_target)):
+        for word in REFERENT_WORDS[kind]:
+            target = find(scene, word)
+            if target is not None:
+                out.append(SceneQuestion(kind, QUESTIONS[kind].format(word), target.color, ANSWER_SETS[kind]))
     return out
 
 
@@ -349,8 +370,9 @@ def make_item(split: str, index: int) -> SynthItem:
             break
     else:  # pragma: no cover - placing <= 5 small blocks on a 12 x 12 grid never fails 100 times in practice
         raise RuntimeError(f"could not place a scene for {split}[{index}]")
-    question, answer, answer_set, scene = drawn
-    others = choice_rng.sample([a for a in answer_set if a != answer], NUM_CHOICES - 1)
+    word, answer, scene = drawn
+    question = QUESTIONS[kind].format(word)
+    others = choice_rng.sample([a for a in ANSWER_SETS[kind] if a != answer], NUM_CHOICES - 1)
     return SynthItem(
         item_id=f"{split}-{index:06d}",
         split=split,
@@ -380,18 +402,16 @@ def chance_accuracy(items: list[SynthItem], multiple_choice: bool = False) -> fl
         raise ValueError("chance_accuracy needs at least one item")
     if multiple_choice:
         return 1.0 / NUM_CHOICES
-    sizes = {"color": len(COLORS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(COLORS)}
-    sizes["size"] = len(COLORS)
-    return sum(1.0 / sizes[it.kind] for it in items) / len(items)
+    return sum(1.0 / len(ANSWER_SETS[it.kind]) for it in items) / len(items)
 
 
 def vocabulary() -> list[str]:
     """Every word and punctuation mark the generator can write, in a fixed order (for the word-level tokenizer)."""
     words: list[str] = []
-    texts = [SHORT_SUFFIX, "How many objects are there?", *COUNTS]
-    texts += [f"What color is the {s}?" for s in SHAPES]
-    texts += [f"What shape is the {c} object?" for c in COLORS]
-    texts += [f"What color is the {d} object?" for d in (*DIRECTIONS, *COMPARISONS)]
+    texts = [SHORT_SUFFIX, QUESTIONS["count"], *COUNTS]  # this order fixes the token ids of the shipped checkpoint
+    texts += [
+        QUESTIONS[kind].format(word) for kind in ("color", "shape", "position", "size") for word in REFERENT_WORDS[kind]
+    ]
     for text in texts:
         for word in split_words(text):
             if word not in words:
@@ -402,7 +422,8 @@ def vocabulary() -> list[str]:
 def split_words(text: str) -> list[str]:
     """The word-level split used by the tokenizer: runs of letters/digits, and every other non-space character alone.
 
-    Mirrors `tokenizers.pre_tokenizers.Whitespace` followed by per-character punctuation splitting.
+    For the generator's texts this is what the tokenizer's pre-tokenizer (`WhitespaceSplit`, then `Punctuation`
+    isolated) produces.
     """
     out: list[str] = []
     current = ""
