@@ -288,9 +288,8 @@ def pretrain_vision(
         first = VISION_ITEM_OFFSET + step * config.vision_batch_size
         scenes = [make_item("train", first + j).scene for j in range(config.vision_batch_size)]
         pixels = pixel_values(processor, [scene.render() for scene in scenes])
-        targets = {
-            name: torch.from_numpy(np.stack([t[name] for t in map(patch_targets, scenes)])) for name in PATCH_TARGETS
-        }  # each (B, P)
+        per_scene = [patch_targets(scene) for scene in scenes]
+        targets = {name: torch.from_numpy(np.stack([t[name] for t in per_scene])) for name in PATCH_TARGETS}  # (B, P)
         hidden = tower(pixels, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
         tokens = norm(projector(hidden))  # (B, P, D)
         unit = nn.functional.normalize(tokens, dim=-1)
@@ -570,12 +569,12 @@ def train(
     recent: list[float] = []
     loss_value = float("nan")
     bar = tqdm(range(config.steps), desc="train tiny-llava", unit="step", disable=not progress)
+    guide = config.guide_layers if config.guide_weight > 0 else None
     for step in bar:
         items = [make_item("train", step * config.batch_size + j) for j in range(config.batch_size)]
         batch = make_batch(processor, items, config.follow_ups)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config, step)
-        guide = config.guide_layers if config.guide_weight > 0 else None
         loss, correct, guide_loss = answer_loss(model, batch, sample_withdraw_layers(config, generator), guide)
         optimizer.zero_grad(set_to_none=True)
         (loss + config.guide_weight * guide_loss).backward()
