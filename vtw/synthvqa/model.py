@@ -32,10 +32,10 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from vtw.synthvqa.generator import IMAGE_SIZE, vocabulary
+from vtw.synthvqa.generator import CELL, GRID, IMAGE_SIZE, vocabulary
 
-PATCH_SIZE = 16
-NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+PATCH_SIZE = CELL  # the generator places objects on the vision tower's patch grid
+NUM_PATCHES = GRID * GRID
 NUM_IMAGE_TOKENS = NUM_PATCHES  # "default" strategy: CLS dropped
 
 PAD, BOS, EOS, UNK, IMAGE = "<pad>", "<s>", "</s>", "<unk>", "<image>"
@@ -198,7 +198,7 @@ def build_model(spec: TinyLlavaSpec, tokenizer: PreTrainedTokenizerFast, seed: i
     model = LlavaForConditionalGeneration(config)
     with torch.no_grad():
         model.model.vision_tower.embeddings.position_embedding.weight.copy_(
-            grid_position_table(spec.vision_width, IMAGE_SIZE // PATCH_SIZE)
+            grid_position_table(spec.vision_width, GRID)
         )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id

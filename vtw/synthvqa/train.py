@@ -56,6 +56,7 @@ from transformers.models.llama.modeling_llama import rotate_half
 from vtw.synthvqa.generator import (
     CELL,
     COLORS,
+    GRID,
     IMAGE_SIZE,
     SHAPES,
     Scene,
@@ -74,8 +75,8 @@ PATCH_TARGETS: dict[str, int] = {
     "shape": 1 + len(SHAPES),
     "size": 4,
     "centre": 2,
-    "column": IMAGE_SIZE // CELL,
-    "row": IMAGE_SIZE // CELL,
+    "column": GRID,
+    "row": GRID,
     "color_shape": 1 + len(COLORS) * len(SHAPES),
     "color_size": 1 + len(COLORS) * 3,
     "color_x_half": 1 + len(COLORS) * 2,
@@ -191,9 +192,8 @@ def pixel_values(processor: LlavaProcessor, images: Sequence) -> torch.Tensor:
 def patch_owner(scene: Scene) -> np.ndarray:
     """(NUM_IMAGE_TOKENS,) int64, row-major: `k + 1` if `scene.objects[k]` covers most of the patch's object pixels
     and at least 15% of the patch, else 0 (background)."""
-    grid = IMAGE_SIZE // PATCH_SIZE
-    ids = np.asarray(scene.object_map()).reshape(grid, PATCH_SIZE, grid, PATCH_SIZE).transpose(0, 2, 1, 3)
-    ids = ids.reshape(grid * grid, PATCH_SIZE * PATCH_SIZE)
+    ids = np.asarray(scene.object_map()).reshape(GRID, PATCH_SIZE, GRID, PATCH_SIZE).transpose(0, 2, 1, 3)
+    ids = ids.reshape(GRID * GRID, PATCH_SIZE * PATCH_SIZE)
     counts = np.stack([(ids == k).sum(axis=1) for k in range(len(scene.objects) + 1)], axis=1)  # (P, 1 + n)
     owner = counts[:, 1:].argmax(axis=1) + 1
     owner[counts[:, 1:].max(axis=1) < 0.15 * PATCH_SIZE * PATCH_SIZE] = 0
@@ -202,8 +202,7 @@ def patch_owner(scene: Scene) -> np.ndarray:
 
 def centre_patches(scene: Scene) -> np.ndarray:
     """(n_objects,) int64: the row-major index of the patch holding each object's centre pixel."""
-    grid = IMAGE_SIZE // PATCH_SIZE
-    return np.asarray([(obj.cy // PATCH_SIZE) * grid + obj.cx // PATCH_SIZE for obj in scene.objects], dtype=np.int64)
+    return np.asarray([(obj.cy // PATCH_SIZE) * GRID + obj.cx // PATCH_SIZE for obj in scene.objects], dtype=np.int64)
 
 
 def patch_targets(scene: Scene) -> dict[str, np.ndarray]:
@@ -219,7 +218,6 @@ def patch_targets(scene: Scene) -> dict[str, np.ndarray]:
     1 + which half (left/right, top/bottom) holds the centre of the patch's object (0: background), so that "left"
     can find an object by content (the decoder's 1-D positions only tell rows apart easily).
     """
-    grid = IMAGE_SIZE // PATCH_SIZE
     owner = patch_owner(scene)
     color_index = {name: i for i, name in enumerate(COLORS)}
     table = np.zeros((len(scene.objects) + 1, 9), dtype=np.int64)
@@ -237,16 +235,16 @@ def patch_targets(scene: Scene) -> dict[str, np.ndarray]:
             1 + int(obj.cx >= half),
             1 + int(obj.cy >= half),
         )
-    centre = np.zeros(grid * grid, dtype=np.int64)
+    centre = np.zeros(GRID * GRID, dtype=np.int64)
     centre[centre_patches(scene)] = 1
-    cells = np.arange(grid * grid, dtype=np.int64)
+    cells = np.arange(GRID * GRID, dtype=np.int64)
     return {
         "color": table[owner, 0],
         "shape": table[owner, 1],
         "size": table[owner, 2],
         "centre": centre,
-        "column": cells % grid,
-        "row": cells // grid,
+        "column": cells % GRID,
+        "row": cells // GRID,
         "color_shape": table[owner, 3],
         "color_size": table[owner, 4],
         "color_x_half": table[owner, 5],
