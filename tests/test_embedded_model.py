@@ -3,6 +3,7 @@ and the training script (a smoke run on a toy size)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -29,6 +30,11 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "vtw" / "assets" / "tiny-llava"
 TASKS = ROOT / "vtw" / "assets" / "tasks"
 FIXED_ITEMS = tuple(range(10))  # the first ten test items (every question kind occurs among them)
+TOY_SPEC = TinyLlavaSpec(
+    vision_width=32, vision_layers=1, vision_heads=2, vision_ffn=64, text_width=32, text_heads=2, text_kv_heads=2,
+    text_ffn=64,
+)  # fmt: skip
+"""Sizes for training-code tests: the shipped architecture's layout at a width that trains in seconds."""
 
 
 @pytest.fixture(scope="module")
@@ -180,8 +186,6 @@ def test_llava_hf_runs_the_tasks(shipped, monkeypatch):
 
 
 def test_training_smoke_run_and_atomic_save(tmp_path):
-    spec = TinyLlavaSpec(vision_width=32, vision_layers=1, vision_heads=2, vision_ffn=64, text_width=32, text_heads=2)
-    spec = TinyLlavaSpec(**{**spec.__dict__, "text_kv_heads": 2, "text_ffn": 64})
     config = TrainConfig(
         steps=2,
         batch_size=2,
@@ -190,7 +194,7 @@ def test_training_smoke_run_and_atomic_save(tmp_path):
         warmup_steps=1,
         withdraw_prob=1.0,
         withdraw_min_layer=3,
-        spec=spec,
+        spec=TOY_SPEC,
     )
     model, processor, report = train(config, progress=False)
     assert report.seconds > 0 and torch.isfinite(torch.tensor(report.final_loss))
@@ -206,8 +210,6 @@ def test_training_smoke_run_and_atomic_save(tmp_path):
 
 
 def test_stage_two_keeps_the_vision_tower_frozen(monkeypatch):
-    spec = TinyLlavaSpec(vision_width=32, vision_layers=1, vision_heads=2, vision_ffn=64, text_width=32, text_heads=2)
-    spec = TinyLlavaSpec(**{**spec.__dict__, "text_kv_heads": 2, "text_ffn": 64})
     snapshots = {}
     original = train_module.pretrain_vision
 
@@ -218,7 +220,7 @@ def test_stage_two_keeps_the_vision_tower_frozen(monkeypatch):
         return result
 
     monkeypatch.setattr(train_module, "pretrain_vision", record)
-    config = TrainConfig(steps=3, batch_size=2, vision_steps=1, vision_batch_size=2, warmup_steps=1, spec=spec)
+    config = TrainConfig(steps=3, batch_size=2, vision_steps=1, vision_batch_size=2, warmup_steps=1, spec=TOY_SPEC)
     model, _, _ = train_module.train(config, progress=False)
     for key, value in model.model.vision_tower.state_dict().items():
         torch.testing.assert_close(value, snapshots["tower"][key])
@@ -244,8 +246,7 @@ def test_bad_training_arguments_are_rejected():
 def test_head_attention_equals_the_layers_own_eager_attention():
     """The guidance loss reads attention probabilities through `head_attention`; they must be exactly what the
     decoder layer's own (eager) attention computes for those queries and that head."""
-    spec = TinyLlavaSpec(vision_width=32, vision_layers=1, vision_heads=2, vision_ffn=64, text_width=64, text_heads=4)
-    spec = TinyLlavaSpec(**{**spec.__dict__, "text_kv_heads": 2, "text_ffn": 64})  # grouped-query attention
+    spec = dataclasses.replace(TOY_SPEC, text_width=64, text_heads=4)  # 4 query heads on 2 key/value heads (GQA)
     processor = train_module.build_processor()
     model = train_module.build_model(spec, processor.tokenizer, seed=3).eval()
     batch = make_batch(processor, [make_item("train", i) for i in range(4)], follow_ups=3)
@@ -265,7 +266,7 @@ def test_head_attention_equals_the_layers_own_eager_attention():
             torch.testing.assert_close(ours, weights[rows, head, positions], atol=1e-6, rtol=1e-5)
 
 
-def _single_object_coverage(scene, obj) -> torch.Tensor:
+def _single_object_coverage(obj) -> torch.Tensor:
     """(144,) fraction of each 16 px patch covered by `obj`, from a rendering of `obj` alone (white on black)."""
     alone = Scene(objects=(obj,), background=(0, 0, 0))
     pixels = torch.from_numpy(np.asarray(alone.render()).copy()).float().sum(dim=-1) > 0  # (192, 192)
@@ -300,7 +301,7 @@ def test_guidance_rows_point_at_the_named_object():
             continue
         fitting = []
         for obj in objects:
-            coverage = _single_object_coverage(items[row].scene, obj)
+            coverage = _single_object_coverage(obj)
             if targets == [vision[p] for p in torch.nonzero(coverage >= 0.15).flatten().tolist()]:
                 fitting.append(obj)
         assert len(fitting) == 1, (named, answer, objects)

@@ -1,8 +1,8 @@
 """lmms-eval hooks of the `vtw_synthvqa` / `vtw_synthvqa_mc` tasks (data written by `vtw.synthvqa.build_task`).
 
-Each doc is one row of the task's parquet file: `prompt` (question, options for the multiple-choice form, and the
-answer instruction), `answer` (a word, or a letter for the multiple-choice form) and `image` (a 192 x 192 PNG,
-decoded by `datasets` into a PIL image).
+Each doc is one row of the task's parquet file: `prompt` (the question and the answer instruction, the same for both
+forms), `answer` (one word), `choices` (four candidate answers joined by `|`, `answer` among them; the multiple-choice
+form scores the likelihood of each) and `image` (a 192 x 192 PNG, decoded by `datasets` into a PIL image).
 """
 
 from __future__ import annotations
