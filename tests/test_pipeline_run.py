@@ -3,6 +3,7 @@ per-sample rows, W&B offline read back against ``results.json``, determinism, re
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -10,6 +11,7 @@ from test_lmms_fixtures import pipeline_overrides, tiny_llava_dir, tiny_tasks  #
 
 from vtw.io import read_json, read_jsonl
 from vtw.pipeline.config import compose_config
+from vtw.pipeline.envinfo import LOCK_FILE
 from vtw.pipeline.job import JobContext, find_finished, run_job
 from vtw.pipeline.wandb_offline import find_offline_runs, read_offline_run
 
@@ -42,6 +44,9 @@ def test_job_writes_results_consistent_with_its_samples(first_run, tiny_tasks): 
     assert res["primary_metric"] == f"{names['gen']}/exact_match"  # first metric of the first task
     assert res["config"]["vtw"]["layer"] == 2 and res["packages"]["transformers"]
     assert set(res["git"]) == {"commit", "dirty"}
+    lock = LOCK_FILE.read_bytes()
+    assert res["lock"]["sha256"] == hashlib.sha256(lock).hexdigest() and res["lock"]["packages"] > 100
+    assert res["lock"]["locked"] == (not res["lock"]["mismatches"])
     for variant in ("baseline", "result"):
         v = res[variant]
         rows = [s for s in samples if s["variant"] == v["label"]]

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from ..io import atomic_write_bytes, atomic_write_json, read_json
 from .config import RunSpec, config_hash, resolved_config, validate_config
-from .envinfo import git_info, package_versions
+from .envinfo import git_info, lock_status, package_versions
 from .layer import resolve_layer
 from .results import RESULTS_FILE, SAMPLES_FILE, SCHEMA, RunResult, write_results
 from .status import JobStatus, now_iso
@@ -212,6 +212,7 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         config_hash=config_hash(resolved),
         git=git_info(),
         packages=package_versions(),
+        lock=lock_status(),
         job={
             "output_dir": str(Path(ctx.output_dir).resolve()),
             "sweep_dir": None if ctx.sweep_dir is None else str(Path(ctx.sweep_dir).resolve()),

@@ -4,7 +4,8 @@ Each job directory holds (all written atomically):
 
 * ``results.json``: :class:`RunResult` (``schema: vtw.results/1``): every task metric, the cost figures of the
   configured layer (and of the baseline ``K = L`` when ``compare_baseline`` evaluated it), the resolved config and
-  its hash, git commit, package versions, and ``summary``: the flat metrics also logged to W&B.
+  its hash, git commit, package versions, whether they are the locked set (``lock``: ``requirements.lock``'s
+  sha256 and any package that differs from it), and ``summary``: the flat metrics also logged to W&B.
 * ``samples.jsonl``: one line per sample and evaluated variant (response, target, per-sample scores, tokens,
   FLOPs, latency).
 * ``job.json``: :mod:`vtw.pipeline.status`.
@@ -114,6 +115,7 @@ class RunResult:
     packages: dict
     job: dict
     conventions: dict = field(default_factory=dict)
+    lock: dict = field(default_factory=dict)  # envinfo.lock_status(): the lock's sha256 and whether it is installed
     schema: str = SCHEMA
     status: str = "ok"
 

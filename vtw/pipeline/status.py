@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ..io import atomic_write_json, read_json
@@ -22,7 +22,7 @@ STATUSES = ("running", "ok", "failed", "skipped")
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 class JobStatus:
