@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from hydra_plugins.vtw_launcher import slurm as launcher
 from vtw.pipeline import sweepspec as ss
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -294,6 +295,88 @@ def test_launcher_slurm_runs_the_sweep_as_one_array(cluster, small_job, tmp_path
     assert [rows[d]["status"] for d in job_dirs] == ["ok", "ok", "ok", "failed"]
     assert "vtw.layer=99" in rows[job_dirs[3]]["error"]
     assert (sweep / "pareto.png").stat().st_size > 0
+
+
+def _fake_sinfo(tmp_path: Path, stdout: str, code: int = 0) -> Path:
+    """A `sinfo` on PATH that prints ``stdout`` and exits ``code``; returns its folder."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    script = bin_dir / "sinfo"
+    script.write_text(f"#!/bin/sh\ncat <<'EOF'\n{stdout}\nEOF\nexit {code}\n")
+    script.chmod(0o755)
+    return bin_dir
+
+
+def test_gpu_check_reads_partitions_from_sinfo(tmp_path):
+    """The launcher's GPU check from a hand-written `sinfo -o "%P|%G"` table: the default partition (starred) or the
+    named ones; a GPU request on a partition without generic resources is the one-line error naming the setting."""
+    sinfo = _fake_sinfo(tmp_path, "cpu*|(null)\ngpu|gpu:a100:4\ngpu|(null)\nmixed|(null)") / "sinfo"
+    assert launcher.partition_gres(None, str(sinfo)) == {"cpu": ["(null)"]}
+    assert launcher.partition_gres("gpu,mixed", str(sinfo)) == {"gpu": ["gpu:a100:4", "(null)"], "mixed": ["(null)"]}
+    assert launcher.partition_gres("nope", str(sinfo)) is None
+    assert launcher.partition_gres(None, str(_fake_sinfo(tmp_path, "", code=1) / "sinfo")) is None
+    assert launcher.partition_gres(None, str(tmp_path / "no-such-sinfo")) is None
+    cpu = {"cpu": ["(null)"]}
+    msg = launcher.gpu_mismatch({"gpus_per_node": 1}, cpu)
+    assert "'cpu' has no GPUs" in msg and "hydra.launcher.gpus_per_node=1 asks" in msg
+    assert "add hydra.launcher.gpus_per_node=null" in msg and "\n" not in msg
+    assert "additional_parameters.gres=gpu:1" in launcher.gpu_mismatch(
+        {"additional_parameters": {"gres": "gpu:1"}}, cpu
+    )
+    assert launcher.gpu_mismatch({"gpus_per_node": None}, cpu) is None  # a CPU job
+    assert launcher.gpu_mismatch({"gpus_per_node": 0, "gpus_per_task": None}, cpu) is None
+    assert launcher.gpu_mismatch({"gpus_per_node": 1}, {"gpu": ["gpu:a100:4", "(null)"]}) is None
+    assert launcher.gpu_mismatch({"gpus_per_node": 1}, None) is None  # sinfo could not tell: sbatch decides
+    line = launcher.sbatch_refusal("sbatch: error: Invalid generic resource (gres) specification\n")
+    assert line.startswith("vtw: sbatch refused the sweep: sbatch: error: Invalid generic resource")
+    assert "gpus_per_node=null" in line
+    assert "gpus_per_node" not in launcher.sbatch_refusal("sbatch: error: invalid partition specified: x")
+
+
+def test_failed_submission_leaves_no_half_written_sweep(tmp_path):
+    """What a failed launch wrote goes; what was there before stays; a dir left with only multirun.yaml goes."""
+    old = tmp_path / "old"
+    (old / "0_done").mkdir(parents=True)
+    (old / "0_done" / "results.json").write_text("{}")
+    (old / "multirun.yaml").write_text("old")
+    before = launcher._tree(old)
+    (old / ".submitit").mkdir()
+    (old / ".submitit" / "x.pkl").write_text("new")
+    launcher.undo_submission(old, before)
+    assert launcher._tree(old) == before
+    new = tmp_path / "new"
+    new.mkdir()
+    (new / "multirun.yaml").write_text("sweeper")
+    before = launcher._tree(new)
+    (new / ".submitit" / "1").mkdir(parents=True)
+    (new / ".submitit" / "1" / "a.sh").write_text("new")
+    launcher.undo_submission(new, before)
+    assert not new.exists()
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("sinfo_answers", [True, False], ids=["checked-before-submit", "sbatch-refusal"])
+def test_launcher_slurm_gpus_on_a_cpu_partition_is_one_line(cluster, small_job, tmp_path, sinfo_answers):
+    """The default one GPU per task on the test cluster (no GRES): exit 1, one line naming
+    hydra.launcher.gpus_per_node=null, no traceback, no sweep dir left. When sinfo does not answer, sbatch's own
+    refusal is turned into the same kind of line."""
+    sweep = tmp_path / "multirun"
+    env = _env()
+    if not sinfo_answers:
+        env["PATH"] = f"{_fake_sinfo(tmp_path, '', code=1)}:{env['PATH']}"
+    cmd = [sys.executable, ROOT / "run.py", "-m", "launcher=slurm", "vtw.layer=null,1", *small_job,
+           f"hydra.sweep.dir={sweep}", f"hydra.launcher.name=vtwtest-{os.getpid()}", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.mem_gb=1"]  # fmt: skip
+    r = _run(cmd, cwd=ROOT, timeout=120, env=env)
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Traceback" not in r.stderr + r.stdout
+    ours = [ln for ln in r.stderr.splitlines() if ln.startswith("vtw: ")]
+    assert len(ours) == 1 and "hydra.launcher.gpus_per_node=null" in ours[0], r.stderr
+    assert ("sbatch refused" in ours[0]) is (not sinfo_answers)
+    assert not sweep.exists()
+    assert (
+        subprocess.run(["squeue", "-h", f"--name=vtwtest-{os.getpid()}"], capture_output=True, text=True).stdout == ""
+    )
 
 
 def _submit(args: list, tmp_path: Path) -> dict[str, str]:
