@@ -12,14 +12,17 @@ from .families import (
     text_config,
     vision_token_mask,
 )
-from .reducers import REDUCERS, RandomTokens, withdraw_vision
-from .withdraw import WithdrawalHandle, validate_layer, withdraw
+from .methods import METHODS, RandomTokens, Reduction, StageContext, Withdrawal, make_method, method_names
+from .withdraw import SUPPORTED_ATTENTION, WithdrawalHandle, validate_layer, withdraw
 
 __all__ = [
     "SUPPORTED_FAMILIES",
-    "REDUCERS",
+    "METHODS",
+    "SUPPORTED_ATTENTION",
     "FamilySpec",
     "RandomTokens",
+    "Reduction",
+    "StageContext",
     "WithdrawalHandle",
     "get_family",
     "language_model",
@@ -27,7 +30,9 @@ __all__ = [
     "text_config",
     "validate_layer",
     "vision_token_mask",
+    "Withdrawal",
+    "make_method",
+    "method_names",
     "withdraw",
-    "withdraw_vision",
 ]
 __version__ = "0.1.0"

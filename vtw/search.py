@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .families import language_model, num_decoder_layers, vision_token_mask
-from .withdraw import additive_causal_mask, gather_positions, gather_tokens, packed_keep_index
+from .withdraw import additive_causal_mask, gather_positions, gather_tokens, pack_kept
 
 DIRECTIONS = ("reference", "forward")
 
@@ -164,11 +164,8 @@ def candidate_logits(model: nn.Module, inputs: dict, layers: list[int]) -> tuple
     attn2d = inputs.get("attention_mask")
     if attn2d is None:
         attn2d = torch.ones_like(input_ids)
-    keep = ~vision_token_mask(model, input_ids) & attn2d.bool()
-    keep[:, -1] |= attn2d[:, -1].bool()
-    keep_index = packed_keep_index(keep.to(full.device))
+    keep_index, deep2d = pack_kept(~vision_token_mask(model, input_ids).to(full.device), attn2d.to(full.device))
     gather_index = keep_index.clamp(min=0)
-    deep2d = torch.where(keep_index >= 0, attn2d.to(full.device).gather(1, gather_index), 0)
     pe = layer_kwargs.get("position_embeddings")
     pe = tuple(gather_tokens(t, gather_index) for t in pe) if pe is not None else None
     pos = layer_kwargs.get("position_ids")

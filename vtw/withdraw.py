@@ -1,24 +1,27 @@
-"""Visual Tokens Withdrawal on one model instance, with forward hooks that :meth:`WithdrawalHandle.remove` undoes.
+"""Token reduction inside the language decoder of one model instance (VTW and its peers), with forward hooks that
+:meth:`WithdrawalHandle.remove` undoes.
 
-What happens, for a model whose language decoder has ``L`` layers and withdrawal layer ``K`` (0-based):
+A method (:mod:`vtw.methods`) names its stages, decoder layers ``k_1 < k_2 < ...`` (VTW: one stage ``K`` that keeps
+no vision token), and decides at each stage which tokens go on. Everything else is done here, for every method:
 
-* Prefill (the cache is empty): layers ``0..K-1`` run on every token. A pre-hook on layer ``K`` asks the reducer which
-  positions to keep (VTW: every non-vision token), gathers them from the hidden states, the rotary position
-  embeddings (so kept tokens keep their full-sequence positions, M-RoPE included) and the position ids, and builds a
-  causal + padding mask for the shorter sequence. Samples keep different numbers of tokens, so the kept tokens of each
-  sample are packed in order and left-padded to ``T_out = max_b #kept_b`` (input padding is dropped as well). Layers ``K+1..L-1`` get the same tensors.
-  The deep layers' KV cache therefore holds the kept tokens only.
-* Decode steps (the cache is not empty): new tokens are text. Layers ``< K`` attend over the full cache as usual;
-  layers ``>= K`` get a mask built from the deep cache's own padding mask extended by the new tokens. Positions come
-  from the model as usual (the full-sequence length, held by layer 0's cache), so they continue from the full sequence.
+* Prefill (the cache is empty): layers ``0..k_1-1`` run on every token. A pre-hook on layer ``k_s`` asks the method
+  which of the current tokens to keep, gathers them from the hidden states, the rotary position embeddings (so kept
+  tokens keep their full-sequence positions, M-RoPE included) and the position ids, and builds a causal + padding
+  mask for the shorter sequence. Samples keep different numbers of tokens, so the kept tokens of each sample are
+  packed in order and left-padded to ``T_s = max_b #kept_b`` (input padding is dropped as well). The other layers of
+  the segment ``k_s..k_{s+1}-1`` get the same tensors, so each segment's KV cache holds its kept tokens only.
+* Decode steps (the cache is not empty): new tokens are text. Layers ``< k_1`` attend over the full cache as usual;
+  the layers of segment ``s`` get a mask built from that segment's own padding mask, extended by the new tokens.
+  Positions come from the model as usual (the full-sequence length, held by layer 0's cache), so they continue from
+  the full sequence.
 
-Output: the decoder's last hidden state and the logits cover the ``T_out`` packed positions. Because of the left
-padding the last output position is every sample's last input token, so ``generate`` (greedy, sampling,
-``logits_to_keep``) works unchanged. :attr:`WithdrawalHandle.last_keep_index` maps output positions back to input
-positions.
+Output: the decoder's last hidden state and the logits cover the ``T_S`` packed positions of the last segment.
+Because of the left padding the last output position is every sample's last input token, so ``generate`` (greedy,
+sampling, ``logits_to_keep``) works unchanged. :attr:`WithdrawalHandle.last_keep_index` maps output positions back
+to input positions.
 
 Hooks are registered on this instance's modules only (no class is patched); several models in one process can use
-different ``K``. ``layer=None`` and ``layer=L`` register nothing: the model is untouched.
+different methods. A method without stages (``layer=None``, or ``K = L``) registers nothing: the model is untouched.
 """
 
 from __future__ import annotations
@@ -32,77 +35,78 @@ import torch
 from torch import nn
 
 from .families import get_family, language_model, num_decoder_layers, vision_token_mask
-from .reducers import Reducer, get_reducer
+from .methods import KeepFn, Reduction, StageContext, check_layer, make_method
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
 
 def validate_layer(layer, num_layers: int) -> int | None:
     """Check a withdrawal layer: ``None`` or an int in ``[0, num_layers]``; returns it, else ``ValueError``."""
-    if layer is None:
-        return None
-    if isinstance(layer, bool) or not isinstance(layer, int):
+    return check_layer(layer, num_layers)
+
+
+def check_attention(impl, what: str = "attention implementation") -> str:
+    """``impl`` if vtw supports it (:data:`SUPPORTED_ATTENTION`), else ``ValueError`` naming it and the allowed ones."""
+    if impl not in SUPPORTED_ATTENTION:
         raise ValueError(
-            f"withdrawal layer must be an integer in [0, {num_layers}] or None, got {layer!r} ({type(layer).__name__})"
+            f"{what} {impl!r} is not supported by vtw; load the model with attn_implementation in {SUPPORTED_ATTENTION}"
         )
-    if not 0 <= layer <= num_layers:
-        raise ValueError(f"withdrawal layer {layer} is out of range: allowed 0..{num_layers} (L={num_layers}) or None")
-    return layer
+    return impl
 
 
 @dataclass
-class _Prefill:
-    """Tensors shared by layers ``K..L-1`` during one prefill forward."""
+class _Segment:
+    """Prefill tensors shared by the layers of one segment ``k_s..k_{s+1}-1`` during one prefill forward."""
 
-    keep_index: torch.Tensor  # (B, T_out) long, input position of each output position, -1 = padding
-    gather_index: torch.Tensor  # (B, T_out) long, keep_index with -1 replaced by 0
-    mask4d: torch.Tensor | None = None  # (B, 1, T_out, T_out) additive float mask, built at layer K
+    keep_index: torch.Tensor  # (B, T_s) long, input position of each token, -1 = padding added by packing
+    mask2d: torch.Tensor  # (B, T_s) long, 1 = real token
+    vision: torch.Tensor  # (B, T_s) bool
+    mask4d: torch.Tensor | None = None  # (B, 1, T_s, T_s) additive float mask (None: the kernel's default)
     position_embeddings: tuple | None = None
     position_ids: torch.Tensor | None = None
 
 
 class WithdrawalHandle:
-    """Withdrawal installed on one model instance. Use :func:`withdraw` to create it.
+    """A reduction method installed on one model instance. Use :func:`withdraw` to create it.
 
     Attributes:
-        layer: the withdrawal layer ``K`` (or ``None``).
+        method: the resolved method object (:class:`vtw.methods.Reduction`); ``label``: its label.
+        layer: the first stage ``K`` (``None`` when nothing is installed); ``stages``: every stage, ``(k_1, ...)``.
         num_layers: ``L``, the number of decoder layers.
-        active: whether hooks are installed (False for ``None`` and ``K = L``).
+        active: whether hooks are installed (False for ``layer=None`` and ``K = L``).
         last_keep_index: ``(B, T_out)`` long tensor of the last prefill: input position of each output position,
             ``-1`` where the repacking added left padding. ``None`` before any prefill.
-        last_num_kept: ``(B,)`` number of positions each sample kept in the last prefill (its text tokens for VTW).
     """
 
-    def __init__(self, model: nn.Module, layer: int | None, method: str | Reducer = "vtw"):
+    def __init__(self, model: nn.Module, method: Reduction):
         self.family = get_family(model)  # unsupported model: ValueError listing the supported ones
         self.num_layers = num_decoder_layers(model)
-        self.layer = validate_layer(layer, self.num_layers)
-        self.method = method if isinstance(method, str) else getattr(method, "__name__", type(method).__name__)
-        self._reducer = get_reducer(method) if isinstance(method, str) else method
+        self.method = method.resolve(self.num_layers)
+        self.stages = tuple(k for k in self.method.stages() if k < self.num_layers)
+        self.layer = self.stages[0] if self.stages else None
         self._model_ref = weakref.ref(model)
         self._hooks: list = []
         self._explicit_vision_mask: torch.Tensor | None = None
         self.last_keep_index: torch.Tensor | None = None
-        self.last_num_kept: torch.Tensor | None = None
         # per-forward state
         self._vision: torch.Tensor | None = None  # (B, T) vision mask of the current prefill
         self._attn2d: torch.Tensor | None = None  # (B, T_full) 2-D padding mask passed to the current forward
-        self._prefill: _Prefill | None = None
-        self._decode_mask: torch.Tensor | None = None  # (B, 1, q, kv_deep) for the current decode step
-        # across forwards of one generation: the deep layers' padding mask and the cache it belongs to
-        self._deep_mask2d: torch.Tensor | None = None  # (B, kv_deep)
+        self._segments: list[_Segment] | None = None  # the current prefill's segments, built stage by stage
+        self._decode_masks: dict[int, torch.Tensor | None] = {}  # segment -> (B, 1, q, kv_s), current decode step
+        # across forwards of one generation: each segment's padding mask and the cache it belongs to
+        self._deep_masks2d: list[torch.Tensor] | None = None  # [(B, kv_s)] per segment
         self._cache_ref = None
-        self.active = self.layer is not None and self.layer < self.num_layers
+        self.active = bool(self.stages)
         if self.active:
             self._install(model)
 
-    # ------------------------------------------------------------------ public
     @property
-    def removed(self) -> bool:
-        return self.active and not self._hooks
+    def label(self) -> str:
+        return self.method.label
 
+    # ------------------------------------------------------------------ public
     def remove(self) -> None:
-        """Undo the withdrawal: remove every hook; the model behaves exactly as before."""
+        """Undo the reduction: remove every hook; the model behaves exactly as before."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -128,40 +132,51 @@ class WithdrawalHandle:
             self._explicit_vision_mask = None
 
     def __repr__(self) -> str:
-        return f"WithdrawalHandle(layer={self.layer}, num_layers={self.num_layers}, method={self.method!r}, active={self.active})"
+        return (
+            f"WithdrawalHandle({self.method!r}, stages={self.stages}, num_layers={self.num_layers}, "
+            f"active={self.active})"
+        )
 
     # ------------------------------------------------------------------ hooks
     def _install(self, model: nn.Module) -> None:
         cfg = model.config.get_text_config()
         impl = getattr(cfg, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
-        if impl not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"attention implementation {impl!r} is not supported by vtw; load the model with "
-                f"attn_implementation in {SUPPORTED_ATTENTION}"
-            )
+        self._attn_impl = check_attention(impl)
         layer_types = getattr(cfg, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types[self.layer :]):
             raise ValueError(
                 f"layers {self.layer}..{self.num_layers - 1} include non-full attention ({sorted(set(layer_types))}); "
                 "vtw supports full-attention decoders only"
             )
-        self._attn_impl = impl
         layers = language_model(model).layers
         self._hooks.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
-        for i in range(self.layer, self.num_layers):
-            hook = self._on_withdraw_layer if i == self.layer else self._on_deep_layer
-            self._hooks.append(layers[i].register_forward_pre_hook(hook, with_kwargs=True))
+        bounds = [*self.stages, self.num_layers]
+        for s, (first, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            self._hooks.append(layers[first].register_forward_pre_hook(self._stage_hook(s), with_kwargs=True))
+            for i in range(first + 1, stop):
+                self._hooks.append(layers[i].register_forward_pre_hook(self._segment_hook(s), with_kwargs=True))
+
+    def _stage_hook(self, s: int):
+        def hook(module, args, kwargs):
+            if self._vision is not None:  # prefill: reduce
+                return self._reduce(s, module, args, kwargs)
+            return self._on_segment_layer(s, args, kwargs)
+
+        return hook
+
+    def _segment_hook(self, s: int):
+        return lambda module, args, kwargs: self._on_segment_layer(s, args, kwargs)
 
     def _reset_generation(self) -> None:
-        self._deep_mask2d = None
+        self._deep_masks2d = None
         self._cache_ref = None
-        self._prefill = None
-        self._decode_mask = None
+        self._segments = None
+        self._decode_masks = {}
         self._vision = None
 
     def _deep_mask(self, mask2d: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
-        """The deep layers' mask, or ``None`` where the attention kernel's own default is the same thing.
+        """A segment's mask, or ``None`` where the attention kernel's own default is the same thing.
 
         Without padding, one query attends to every cached key (both kernels' behaviour without a mask), and SDPA
         runs causal for ``q_len == kv`` without a mask; skipping the mask then keeps SDPA on its fast path, as
@@ -178,8 +193,8 @@ class WithdrawalHandle:
         if attn2d is not None and attn2d.dim() != 2:
             raise ValueError("vtw needs a 2-D (batch, sequence) attention_mask, got shape " + str(tuple(attn2d.shape)))
         past = cache.get_seq_length() if cache is not None else 0
-        self._prefill = None
-        self._decode_mask = None
+        self._segments = None
+        self._decode_masks = {}
         if input_ids is not None:
             vision = vision_token_mask(module.config, input_ids)
             if self._explicit_vision_mask is not None:
@@ -198,94 +213,112 @@ class WithdrawalHandle:
             self._vision = vision
             return None
         # decode / continuation step
-        if self._deep_mask2d is None or self._cache_ref is None or self._cache_ref() is not cache:
+        if self._deep_masks2d is None or self._cache_ref is None or self._cache_ref() is not cache:
             raise RuntimeError(
                 "vtw: this forward continues a KV cache that was not prefilled under this withdrawal handle; "
                 "start generation from an empty cache (beam search and cache reuse are not supported)"
             )
         # New tokens in a continuation step are text: a generated id that equals a placeholder id carries no pixel
         # features (pixel inputs go with the prefill only), so it is embedded, and kept, like any other token.
-        if self._deep_mask2d.shape[0] != batch:
+        if self._deep_masks2d[0].shape[0] != batch:
             raise RuntimeError(
-                f"vtw: batch size changed from {self._deep_mask2d.shape[0]} to {batch} during generation "
+                f"vtw: batch size changed from {self._deep_masks2d[0].shape[0]} to {batch} during generation "
                 "(beam search / batch expansion after prefill is not supported)"
             )
         new_cols = (
             attn2d[:, -q:] if attn2d is not None else torch.ones(batch, q, dtype=torch.long, device=vision.device)
         )
-        self._deep_mask2d = torch.cat([self._deep_mask2d, new_cols.to(self._deep_mask2d)], dim=1)
+        self._deep_masks2d = [torch.cat([m, new_cols.to(m)], dim=1) for m in self._deep_masks2d]
         return None
 
     def _on_model_end(self, module, args, kwargs, output):
         cache = getattr(output, "past_key_values", None)
-        if self._prefill is not None and cache is not None:
+        if self._segments is not None and cache is not None:
             self._cache_ref = weakref.ref(cache)
-        elif self._prefill is not None:
-            self._deep_mask2d = None  # no cache: nothing to continue
-        self._prefill = None
-        self._decode_mask = None
+        elif self._segments is not None:
+            self._deep_masks2d = None  # no cache: nothing to continue
+        self._segments = None
+        self._decode_masks = {}
         self._vision = None
         return None
 
-    def _on_withdraw_layer(self, module, args, kwargs):
+    def _reduce(self, s: int, module, args, kwargs):
+        """Stage ``s`` of a prefill: ask the method what to keep, pack it, and build segment ``s``'s tensors."""
         hidden = args[0] if args else kwargs["hidden_states"]
-        if self._vision is not None:  # prefill: withdraw
-            return self._withdraw(module, args, kwargs, hidden)
-        return self._on_deep_layer(module, args, kwargs)
-
-    def _withdraw(self, module, args, kwargs, hidden: torch.Tensor):
         batch, length, _ = hidden.shape
-        vision = self._vision
-        if vision.shape != (batch, length):
-            raise RuntimeError(f"vtw: vision mask {tuple(vision.shape)} does not match hidden states {(batch, length)}")
-        attn2d = self._attn2d
-        if attn2d is None:
-            attn2d = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
-        attn2d = attn2d[:, -length:].to(hidden.device)
-        real = attn2d.bool()
-        keep = self._reducer(hidden, vision.to(hidden.device), attn2d).bool()
-        keep[:, -1] |= real[:, -1]  # the last token predicts the next one: it is never withdrawn
-        keep &= real  # padding carries nothing: drop it too, the packing re-pads on the left
-        keep_index = packed_keep_index(keep)
-        gather_index = keep_index.clamp(min=0)
-        valid = keep_index >= 0
-        deep2d = torch.where(valid, attn2d.gather(1, gather_index), torch.zeros_like(gather_index))
-        state = _Prefill(keep_index=keep_index, gather_index=gather_index)
-        state.mask4d = self._deep_mask(deep2d, deep2d.shape[1], hidden.dtype)
-        pe = kwargs.get("position_embeddings")
+        if s == 0:  # the first stage sees the model's own inputs
+            vision = self._vision
+            if vision.shape != (batch, length):
+                raise RuntimeError(
+                    f"vtw: vision mask {tuple(vision.shape)} does not match hidden states {(batch, length)}"
+                )
+            attn2d = self._attn2d
+            if attn2d is None:
+                attn2d = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+            attn2d = attn2d[:, -length:].to(hidden.device)
+            positions = torch.arange(length, device=hidden.device).expand(batch, length)
+            prev = _Segment(keep_index=positions, mask2d=attn2d, vision=vision.to(hidden.device))
+            pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+            self._segments = []
+        else:  # a later stage continues from the previous segment's packed tokens
+            prev = self._segments[s - 1]
+            pe, pos = prev.position_embeddings, prev.position_ids
+            if pe is None:
+                pe = kwargs.get("position_embeddings")
+            if pos is None:
+                pos = kwargs.get("position_ids")
+        ctx = StageContext(
+            stage=s,
+            layer=self.stages[s],
+            hidden=hidden,
+            vision=prev.vision,
+            attention_mask=prev.mask2d,
+            positions=prev.keep_index,
+            module=module,
+            model=self._model_ref(),
+            layer_kwargs=kwargs,
+        )
+        local, mask2d = pack_kept(self.method.keep(ctx).to(hidden.device), prev.mask2d)
+        gather_index = local.clamp(min=0)
+        valid = local >= 0
+        seg = _Segment(
+            keep_index=torch.where(valid, prev.keep_index.gather(1, gather_index), -1),
+            mask2d=mask2d,
+            vision=prev.vision.gather(1, gather_index) & valid,
+        )
+        seg.mask4d = self._deep_mask(mask2d, mask2d.shape[1], hidden.dtype)
         if pe is not None:
-            state.position_embeddings = tuple(gather_tokens(t, gather_index) for t in pe)
-        pos = kwargs.get("position_ids")
+            seg.position_embeddings = tuple(gather_tokens(t, gather_index) for t in pe)
         if isinstance(pos, torch.Tensor) and pos.shape[-1] == length:
-            state.position_ids = gather_positions(pos, gather_index)
-        self._prefill = state
-        self._deep_mask2d = deep2d
-        self.last_keep_index = keep_index
-        self.last_num_kept = valid.sum(1)
+            seg.position_ids = gather_positions(pos, gather_index)
+        self._segments.append(seg)
+        if s == 0:
+            self._deep_masks2d = []
+        self._deep_masks2d.append(mask2d)
+        self.last_keep_index = seg.keep_index
         new_hidden = gather_tokens(hidden, gather_index)
-        args, kwargs = self._replace_layer_inputs(args, kwargs, new_hidden)
-        return args, kwargs
+        return self._replace_layer_inputs(seg, args, kwargs, new_hidden)
 
-    def _on_deep_layer(self, module, args, kwargs):
-        if self._prefill is not None:
-            return self._replace_layer_inputs(args, kwargs, None)
-        if self._deep_mask2d is None:
+    def _on_segment_layer(self, s: int, args, kwargs):
+        if self._segments is not None:
+            return self._replace_layer_inputs(self._segments[s], args, kwargs, None)
+        if self._deep_masks2d is None:
             raise RuntimeError("vtw: deep layer called without a withdrawal prefill or decode state")
-        if self._decode_mask is None:
+        if s not in self._decode_masks:
             hidden = args[0] if args else kwargs["hidden_states"]
-            self._decode_mask = self._deep_mask(self._deep_mask2d, hidden.shape[1], hidden.dtype)
+            self._decode_masks[s] = self._deep_mask(self._deep_masks2d[s], hidden.shape[1], hidden.dtype)
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._decode_mask
+        kwargs["attention_mask"] = self._decode_masks[s]
         return args, kwargs
 
-    def _replace_layer_inputs(self, args, kwargs, new_hidden):
-        state = self._prefill
+    @staticmethod
+    def _replace_layer_inputs(seg: _Segment, args, kwargs, new_hidden):
         kwargs = dict(kwargs)
-        kwargs["attention_mask"] = state.mask4d
-        if state.position_embeddings is not None:
-            kwargs["position_embeddings"] = state.position_embeddings
-        if state.position_ids is not None:
-            kwargs["position_ids"] = state.position_ids
+        kwargs["attention_mask"] = seg.mask4d
+        if seg.position_embeddings is not None:
+            kwargs["position_embeddings"] = seg.position_embeddings
+        if seg.position_ids is not None:
+            kwargs["position_ids"] = seg.position_ids
         if new_hidden is not None:
             if args:
                 args = (new_hidden, *args[1:])
@@ -294,24 +327,53 @@ class WithdrawalHandle:
         return args, kwargs
 
 
-def withdraw(model: nn.Module, layer: int | None, method: str | Reducer = "vtw") -> WithdrawalHandle:
-    """Withdraw the vision tokens of ``model`` before decoder layer ``layer``.
+def withdraw(
+    model: nn.Module, layer: int | None = None, method: str | Reduction | KeepFn = "vtw", **params
+) -> WithdrawalHandle:
+    """Reduce the vision tokens of ``model`` inside its language decoder; by default VTW before layer ``layer``.
 
     Args:
         model: a supported ``...ForConditionalGeneration`` instance (see :data:`vtw.SUPPORTED_FAMILIES`).
-        layer: ``K`` in ``[0, L]``; layers ``0..K-1`` see every token, ``K..L-1`` text only. ``None`` or ``L``: no
-            withdrawal (nothing is installed). ``0``: the decoder never sees vision tokens (an ablation).
-        method: ``"vtw"`` (withdraw vision tokens), ``"random"`` (ablation: as many random tokens), or a reducer
-            callable ``keep(hidden (B,T,D), vision_mask (B,T), attention_mask (B,T)) -> (B,T) bool``.
+        layer: ``K`` in ``[0, L]``: the method's layer (VTW: layers ``0..K-1`` see every token, ``K..L-1`` text
+            only). ``None`` or ``L``: no withdrawal (nothing is installed). ``0``: the decoder never sees vision
+            tokens (an ablation). Methods with several stages take ``layers=`` instead.
+        method: a name from :data:`vtw.methods.METHODS` (``"vtw"``; ``"random"``: the paper's ablation, as many
+            random tokens), a method object (:class:`vtw.methods.Reduction`), or a callable
+            ``keep(hidden (B,T,D), vision_mask (B,T), attention_mask (B,T)) -> (B,T) bool`` applied at ``layer``.
+        params: the method's other parameters (e.g. ``seed=`` for ``"random"``).
 
     Returns:
         A :class:`WithdrawalHandle`; ``handle.remove()`` (or leaving its ``with`` block) restores the model.
 
     Raises:
-        ValueError: unsupported model, ``layer`` not ``None`` or an int in ``[0, L]``, unknown method, unsupported
-            attention implementation — before anything runs.
+        ValueError: unsupported model, a layer not ``None`` or an int in ``[0, L]``, unknown method or parameter,
+            unsupported attention implementation — before anything runs.
     """
-    return WithdrawalHandle(model, layer, method)
+    if layer is not None:
+        if isinstance(method, Reduction):
+            raise ValueError(f"give the layer to the method object {method!r}, not to withdraw(layer={layer!r})")
+        params["layer"] = layer
+    return WithdrawalHandle(model, make_method(method, **params))
+
+
+def pack_kept(keep: torch.Tensor, mask2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The packing every method shares: what a method keeps, plus each sample's last token (it predicts the next
+    one), minus padding (it carries nothing), packed in order and left-padded.
+
+    Args:
+        keep: ``(B, T)`` bool, the method's choice; mask2d: ``(B, T)`` 1 at real tokens, 0 at padding.
+
+    Returns:
+        ``(index (B, T_out), mask2d (B, T_out))``: the position in ``T`` of each packed token (``-1`` = padding) and
+        the packed padding mask.
+    """
+    real = mask2d.bool()
+    keep = keep.bool().clone()
+    keep[:, -1] |= real[:, -1]
+    keep &= real
+    index = packed_keep_index(keep)
+    packed = torch.where(index >= 0, mask2d.gather(1, index.clamp(min=0)), torch.zeros_like(index))
+    return index, packed
 
 
 def packed_keep_index(keep: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,174 @@
+"""The method layer: the registry, method objects, and the shared mechanism with several stages.
+
+The multi-stage mechanism is checked with a two-stage method written here (stage 1 keeps the vision tokens at even
+input positions, stage 2 the first two vision tokens left), against an independent reference written here too:
+decoder layers called by hand without a cache, the test's own keep rule applied at each stage, and a full
+recomputation at every decode step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from test_withdraw import _causal, _extend, _lm_inputs, _model, _prompt
+from tiny_models import Sample, make_batch, make_singles
+
+import vtw
+from vtw import withdraw
+from vtw.methods import METHODS, RandomTokens, Reduction, StageContext, Withdrawal, make_method, method_params
+
+NUM_LAYERS = 4
+STAGES = (1, 3)
+ATOL = 1e-4
+
+
+@dataclass(frozen=True)
+class EvenThenFirstTwo(Reduction):
+    """Stage 0 (layer 1): keep text and the vision tokens at even input positions. Stage 1 (layer 3): keep text and
+    the first two vision tokens still present."""
+
+    name = "even_then_two"
+    seen: list = field(default_factory=list, compare=False)  # (stage, positions, vision) of each prefill stage
+
+    def stages(self):
+        return STAGES
+
+    def keep(self, ctx: StageContext) -> torch.Tensor:
+        self.seen.append((ctx.stage, ctx.positions.clone(), ctx.vision.clone()))
+        if ctx.stage == 0:
+            return ~ctx.vision | (ctx.positions % 2 == 0)
+        first_two = (ctx.vision.long().cumsum(1) <= 2) & ctx.vision
+        return ~ctx.vision | first_two
+
+    def stage_tokens(self, stage, vision, text):
+        return ((vision + 1) // 2 if stage == 0 else min(vision, 2)), text
+
+
+def _reference_keep(vision_row: torch.Tensor, alive: torch.Tensor, stage: int) -> torch.Tensor:
+    """The test's own rule over the input positions still ``alive`` (1-D long): which of them stay."""
+    is_vision = vision_row[alive]
+    if stage == 0:
+        stays = ~is_vision | (alive % 2 == 0)
+    else:
+        order = torch.cumsum(is_vision.long(), 0)
+        stays = ~is_vision | (order <= 2)
+    stays[-1] = True  # the last token is always kept
+    return alive[stays]
+
+
+def _naive_logits(model, embeds, pos, vision) -> torch.Tensor:
+    """Layers by hand, no cache, tokens dropped at the stages by the test's rule; logits of the surviving positions."""
+    lm = vtw.language_model(model)
+    h = embeds
+    cos, sin = lm.rotary_emb(h, pos if pos.dim() == 2 or pos.shape[0] == 3 else pos[1:])
+    mpos = pos if not (pos.dim() == 3 and pos.shape[0] == 4) else pos[1:]
+    alive = torch.arange(h.shape[1])
+    for i, layer in enumerate(lm.layers):
+        if i in STAGES:
+            new = _reference_keep(vision[0], alive, STAGES.index(i))
+            local = torch.searchsorted(alive, new)
+            h, cos, sin, mpos = h[:, local], cos[..., local, :], sin[..., local, :], mpos[..., local]
+            alive = new
+        h = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=(cos, sin), position_ids=mpos,
+                  past_key_values=None, use_cache=False)  # fmt: skip
+    return model.lm_head(lm.norm(h))[0]
+
+
+def _naive_generate(model, inputs, steps):
+    tokens, logits, cur = [], [], inputs
+    with torch.no_grad():
+        for _ in range(steps):
+            embeds, pos = _lm_inputs(model, cur)
+            out = _naive_logits(model, embeds, pos, vtw.vision_token_mask(model, cur["input_ids"]))[-1]
+            tokens.append(int(out.argmax()))
+            logits.append(out)
+            cur = _extend(cur, tokens[-1])
+    return tokens, torch.stack(logits)
+
+
+def _generate(model, inputs, method, steps=4):
+    with torch.no_grad(), withdraw(model, method=method):
+        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
+def test_two_stages_with_cache_match_naive_reference(family, attn):
+    model = _model(family, attn)
+    (inputs,) = make_singles(model, _prompt(family))
+    assert vtw.vision_token_mask(model, inputs["input_ids"]).sum() > 4
+    ref_tokens, ref_logits = _naive_generate(model, inputs, 4)
+    method = EvenThenFirstTwo()
+    tokens, logits = _generate(model, inputs, method)
+    assert tokens[0].tolist() == ref_tokens
+    torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0)
+    # one prefill: the method saw every input position at stage 0, the survivors (input positions) at stage 1
+    vision = vtw.vision_token_mask(model, inputs["input_ids"])[0]
+    assert [stage for stage, _, _ in method.seen] == [0, 1]
+    everything = torch.arange(vision.numel())
+    survivors = _reference_keep(vision, everything, 0)
+    for (_, positions, seen_vision), expected in zip(method.seen, (everything, survivors)):
+        assert torch.equal(positions[0], expected) and torch.equal(seen_vision[0], vision[expected])
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
+def test_two_stages_batch_equals_each_sample_alone_and_cache_lengths(family):
+    model = _model(family, "sdpa")
+    samples = [Sample(images=1, prefix=3, suffix=6), Sample(prefix=9, suffix=4), Sample(images=1, prefix=1, suffix=2)]
+    batch = make_batch(model, samples)
+    assert (batch["attention_mask"] == 0).any()
+    method = EvenThenFirstTwo()
+    tokens, logits = _generate(model, batch, method)
+    for i, single in enumerate(make_singles(model, samples)):
+        t, lg = _generate(model, single, method)
+        assert tokens[i].tolist() == t[0].tolist(), f"sample {i}"
+        torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)
+        # every layer's KV cache holds what layer_tokens says that layer sees
+        v = int(vtw.vision_token_mask(model, single["input_ids"]).sum())
+        n = single["input_ids"].shape[1]
+        with torch.no_grad(), withdraw(model, method=method):
+            cache = model(**single, use_cache=True).past_key_values
+        lengths = [cache.layers[j].keys.shape[-2] for j in range(NUM_LAYERS)]
+        assert lengths == [sum(c) for c in method.layer_tokens(NUM_LAYERS, v, n - v)], (i, lengths)
+
+
+def test_registry_and_method_objects():
+    assert set(METHODS) >= {"vtw", "random"} and vtw.method_names() == tuple(METHODS)
+    assert method_params("vtw") == ("layer",) and method_params("random") == ("layer", "seed")
+    assert make_method("vtw", layer=3) == Withdrawal(layer=3)
+    assert make_method("random", layer=2, seed=5) == RandomTokens(layer=2, seed=5)
+    with pytest.raises(ValueError, match="unknown withdrawal method 'fast'; allowed: vtw, random"):
+        make_method("fast")
+    with pytest.raises(ValueError, match=r"method 'vtw' takes layer; got unknown keep"):
+        make_method("vtw", layer=2, keep=0.5)
+    with pytest.raises(ValueError, match="random seed must be an integer >= 0, got -1"):
+        RandomTokens(layer=1, seed=-1)
+    with pytest.raises(ValueError, match=r"withdrawal layer 9 is out of range: allowed 0..8"):
+        Withdrawal(layer=9).resolve(8)
+    assert Withdrawal(layer=3).label == "vtw K=3" and Withdrawal().label == "vtw"
+    assert Withdrawal().stages() == () and Withdrawal(layer=2).stages() == (2,)
+
+
+def test_layer_tokens_hand_derived():
+    # VTW at K=2 of 4 layers, 10 vision + 5 text: layers 0, 1 see 15 tokens, layers 2, 3 the 5 text tokens
+    assert Withdrawal(layer=2).layer_tokens(4, 10, 5) == [(10, 5), (10, 5), (0, 5), (0, 5)]
+    assert Withdrawal(layer=4).layer_tokens(4, 10, 5) == [(10, 5)] * 4  # K = L: untouched
+    assert Withdrawal().layer_tokens(4, 10, 5) == [(10, 5)] * 4
+    # the ablation drops as many tokens as there are vision tokens, never the last one
+    assert [sum(c) for c in RandomTokens(layer=1).layer_tokens(3, 10, 5)] == [15, 5, 5]
+    assert [sum(c) for c in RandomTokens(layer=0).layer_tokens(2, 4, 0)] == [1, 1]
+    # the test's two-stage method: 7 vision -> 4 -> 2
+    assert EvenThenFirstTwo().layer_tokens(4, 7, 3) == [(7, 3), (4, 3), (4, 3), (2, 3)]
+
+
+def test_method_object_and_layer_together_is_an_error():
+    model = _model("llava", "sdpa")
+    with pytest.raises(ValueError, match="give the layer to the method object"):
+        withdraw(model, 2, method=Withdrawal(layer=1))
+    handle = withdraw(model, method=Withdrawal(layer=1))
+    assert handle.active and handle.stages == (1,) and handle.label == "vtw K=1"
+    handle.remove()

@@ -1,0 +1,69 @@
+"""The registry of reduction methods: one place that config, the lmms-eval model, the FLOPs model and the tests ask.
+
+Each method is one file of this package (a frozen dataclass, :class:`~vtw.methods.base.Reduction`); adding one is
+that file plus its entry in :data:`METHODS` and its test.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+from .base import Reduction, StageContext, check_int, check_layer
+from .custom import CustomKeep, KeepFn
+from .random_tokens import RandomTokens
+from .vtw import Withdrawal
+
+#: ``vtw.method=<name>`` -> the method's class
+METHODS: dict[str, type[Reduction]] = {cls.name: cls for cls in (Withdrawal, RandomTokens)}
+
+
+def method_names() -> tuple[str, ...]:
+    """The names ``vtw.method`` / ``withdraw(method=...)`` / the lmms-eval ``method=`` model arg accept."""
+    return tuple(METHODS)
+
+
+def method_params(name: str) -> tuple[str, ...]:
+    """The parameter names of method ``name`` (``ValueError`` for an unknown method)."""
+    return tuple(f.name for f in fields(_method_class(name)))
+
+
+def _method_class(name) -> type[Reduction]:
+    if name not in METHODS:
+        raise ValueError(f"unknown withdrawal method {name!r}; allowed: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def make_method(method: str | Reduction | KeepFn = "vtw", **params) -> Reduction:
+    """A method object from its name and parameters (``make_method("vtw", layer=16)``), an existing method object
+    (returned as is), or a ``keep(hidden, vision, attention_mask)`` callable (a one-stage :class:`CustomKeep`).
+
+    Raises:
+        ValueError: unknown method, a parameter the method does not take (naming the ones it takes), or a bad value.
+    """
+    if isinstance(method, Reduction):
+        if params:
+            raise ValueError(f"{method!r} is a method object already: give its parameters to it, not {sorted(params)}")
+        return method
+    if callable(method) and not isinstance(method, str):
+        return CustomKeep(keep_fn=method, **params)
+    cls = _method_class(method)
+    allowed = {f.name for f in fields(cls)}
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ValueError(f"method {method!r} takes {', '.join(sorted(allowed))}; got unknown {', '.join(unknown)}")
+    return cls(**params)
+
+
+__all__ = [
+    "METHODS",
+    "CustomKeep",
+    "RandomTokens",
+    "Reduction",
+    "StageContext",
+    "Withdrawal",
+    "check_int",
+    "check_layer",
+    "make_method",
+    "method_names",
+    "method_params",
+]

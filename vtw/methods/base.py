@@ -1,0 +1,118 @@
+"""What every reduction method is: a small frozen dataclass that validates its parameters and answers the questions
+the layers above ask (where it acts, what it keeps, how many tokens each layer sees, its label).
+
+The mechanism that applies a method to a model (:mod:`vtw.withdraw`) is shared: at each of the method's *stages*
+(decoder layers ``k_1 < k_2 < ...``) it asks :meth:`Reduction.keep` which of the current tokens go on, then packs
+them (kept tokens keep their positions), builds per-layer masks, keeps the deep layers' KV cache consistent with
+what they saw, and continues decode steps on the reduced cache. A method only decides; it never touches the model.
+
+Lifecycle: ``Method(**params)`` checks what can be checked without a model (types, ranges); ``resolve(num_layers)``
+checks the layers against the decoder's ``L`` and fills layer defaults that depend on ``L``; every other question is
+asked of the resolved method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a method sees at one stage of a prefill (decode steps never call :meth:`Reduction.keep`).
+
+    Attributes:
+        stage: index of this stage in :meth:`Reduction.stages`.
+        layer: the decoder layer the stage acts before: layers ``>= layer`` see only the kept tokens.
+        hidden: ``(B, T, D)`` input hidden states of ``layer`` (``T``: the tokens still present, left-padded).
+        vision: ``(B, T)`` bool, True at vision tokens.
+        attention_mask: ``(B, T)`` long, 1 at real tokens, 0 at padding.
+        positions: ``(B, T)`` long, the input position of each token (``-1`` at padding added by packing).
+        module: the decoder layer module ``layer``; ``model``: the whole model (``None`` in tests of a method alone).
+        layer_kwargs: the keyword arguments of the call of ``layer`` (``position_embeddings`` ...).
+    """
+
+    stage: int
+    layer: int
+    hidden: torch.Tensor
+    vision: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    module: nn.Module | None = None
+    model: nn.Module | None = None
+    layer_kwargs: dict | None = None
+
+
+def check_layer(layer, num_layers: int, what: str = "withdrawal layer") -> int | None:
+    """``None`` or an int in ``[0, num_layers]``; returns it, else ``ValueError`` naming the value and the range."""
+    if layer is None:
+        return None
+    if isinstance(layer, bool) or not isinstance(layer, int):
+        raise ValueError(
+            f"{what} must be an integer in [0, {num_layers}] or None, got {layer!r} ({type(layer).__name__})"
+        )
+    if not 0 <= layer <= num_layers:
+        raise ValueError(f"{what} {layer} is out of range: allowed 0..{num_layers} (L={num_layers}) or None")
+    return layer
+
+
+def check_int(value, what: str, minimum: int = 0) -> int:
+    """An int (not a bool) ``>= minimum``, else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """Base of every method. Subclasses are frozen dataclasses with a class attribute :attr:`name` (the registry
+    key, ``vtw.method=<name>``) and override :meth:`stages`, :meth:`keep` and :meth:`stage_tokens`."""
+
+    name: ClassVar[str] = ""
+
+    def resolve(self, num_layers: int) -> Reduction:
+        """This method checked against a decoder of ``num_layers`` layers, with ``L``-dependent defaults filled in.
+
+        Raises:
+            ValueError: a layer out of range, naming it and the allowed range.
+        """
+        return self
+
+    def stages(self) -> tuple[int, ...]:
+        """The layers ``k_1 < k_2 < ...`` before which the method reduces (of a resolved method); ``()``: none,
+        the model runs untouched. A stage at ``L`` (after the last layer) does nothing."""
+        raise NotImplementedError
+
+    def keep(self, ctx: StageContext) -> torch.Tensor:
+        """``(B, T)`` bool: the tokens that go on past ``ctx.layer``. The mechanism always keeps each sample's last
+        token (it predicts the next one) and drops padding, whatever is returned."""
+        raise NotImplementedError
+
+    def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
+        """``(vision, text)`` tokens of one sample that remain after ``stage``, given ``(vision, text)`` before it."""
+        raise NotImplementedError
+
+    def layer_tokens(self, num_layers: int, vision: int, text: int) -> list[tuple[int, int]]:
+        """``(vision, text)`` tokens each decoder layer ``0..L-1`` sees in the prefill of one sample with ``vision``
+        vision and ``text`` text tokens (what the FLOPs and KV-cache models count; a layer's KV cache holds them)."""
+        stages = self.resolve(num_layers).stages()
+        out, current, s = [], (vision, text), 0
+        for layer in range(num_layers):
+            while s < len(stages) and stages[s] == layer:
+                current = self.stage_tokens(s, *current)
+                s += 1
+            out.append(current)
+        return out
+
+    def params(self) -> dict:
+        """The method's parameters, as given (for results and logs)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @property
+    def label(self) -> str:
+        """Short human label for tables and plots, e.g. ``vtw K=3``."""
+        inner = ", ".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
+        return f"{self.name} {inner}".strip()

@@ -1,0 +1,49 @@
+"""The paper's ablation: withdraw as many *random* tokens as the sample has vision tokens, before layer ``K``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Reduction, StageContext, check_int, check_layer
+
+
+@dataclass(frozen=True)
+class RandomTokens(Reduction):
+    """Drop as many random non-padding tokens (vision or text; never the last) as the sample has vision tokens, at
+    layer ``layer``. Seeded (``seed``), so runs repeat; the draw is made on the CPU, sample after sample."""
+
+    name = "random"
+    layer: int | None = None
+    seed: int = 0
+
+    def __post_init__(self):  # the layer is checked by resolve(), against L
+        check_int(self.seed, "random seed")
+
+    def resolve(self, num_layers: int) -> RandomTokens:
+        check_layer(self.layer, num_layers)
+        return self
+
+    def stages(self) -> tuple[int, ...]:
+        return () if self.layer is None else (self.layer,)
+
+    def keep(self, ctx: StageContext) -> torch.Tensor:
+        g = torch.Generator(device="cpu").manual_seed(self.seed)
+        keep = torch.ones_like(ctx.vision)
+        for b in range(ctx.vision.shape[0]):
+            candidates = torch.nonzero(ctx.attention_mask[b, :-1].bool().cpu()).flatten()
+            n_drop = min(int(ctx.vision[b].sum()), candidates.numel())
+            drop = candidates[torch.randperm(candidates.numel(), generator=g)[:n_drop]]
+            keep[b, drop.to(keep.device)] = False
+        return keep
+
+    def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
+        """In expectation the same share of vision and text is drawn; the FLOPs model needs only the total, which is
+        exact: ``min(V, V + T - 1)`` tokens go (the last one stays). Reported as text-only after the stage."""
+        total = vision + text
+        return 0, (total - min(vision, total - 1)) if total else 0
+
+    @property
+    def label(self) -> str:
+        return "random" if self.layer is None else f"random K={self.layer}"

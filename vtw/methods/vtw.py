@@ -1,0 +1,38 @@
+"""VTW (arXiv 2405.05803): before layer ``K`` every vision token is withdrawn; layers ``K..L-1`` see text only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .base import Reduction, StageContext, check_layer
+
+
+@dataclass(frozen=True)
+class Withdrawal(Reduction):
+    """Visual Tokens Withdrawal before decoder layer ``layer`` (``K``).
+
+    ``layer=None`` or ``layer=L``: no withdrawal (nothing is installed). ``layer=0``: the decoder never sees vision
+    tokens (an ablation).
+    """
+
+    name = "vtw"
+    layer: int | None = None
+
+    def resolve(self, num_layers: int) -> Withdrawal:
+        check_layer(self.layer, num_layers)
+        return self
+
+    def stages(self) -> tuple[int, ...]:
+        return () if self.layer is None else (self.layer,)
+
+    def keep(self, ctx: StageContext) -> torch.Tensor:
+        return ~ctx.vision
+
+    def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
+        return 0, text
+
+    @property
+    def label(self) -> str:
+        return "vtw" if self.layer is None else f"vtw K={self.layer}"
