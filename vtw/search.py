@@ -46,12 +46,17 @@ class SearchSettings:
     max_layer: int | None = None  # last candidate; None: L - 1
     direction: str = "reference"
 
-    def validate(self, num_layers: int) -> SearchSettings:
-        """Check the settings against a decoder of ``num_layers`` layers; returns them with ``min_layer`` resolved."""
+    def check(self) -> SearchSettings:
+        """Check what needs no model (``eta > 0``, a known direction); returns the settings."""
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not self.eta > 0:
             raise ValueError(f"search eta must be a number > 0, got {self.eta!r}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"search direction {self.direction!r} is unknown; allowed: {list(DIRECTIONS)}")
+        return self
+
+    def validate(self, num_layers: int) -> SearchSettings:
+        """Check the settings against a decoder of ``num_layers`` layers; returns them with ``min_layer`` resolved."""
+        self.check()
         min_layer = default_min_layer(num_layers) if self.min_layer is None else self.min_layer
         if isinstance(min_layer, bool) or not isinstance(min_layer, int) or not 0 <= min_layer <= num_layers - 1:
             raise ValueError(

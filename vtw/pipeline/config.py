@@ -21,15 +21,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..methods import check_layer, method_names
+from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION
+from ..search import SearchSettings
 from .resolvers import register_resolvers
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MODES = ("eval", "flops", "search")
-METHODS = ("vtw", "random")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ATTENTION = ("sdpa", "eager")
 COMPARE = ("auto", True, False)
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 #: keys of the resolved config that do not change what a job computes (ignored when resume compares configs)
@@ -229,9 +229,11 @@ def _model(m: dict) -> ModelSpec:
         config=str(config_ref),
         family=family,
         num_layers=num_decoder_layers(hf_config),
-        dtype=_choice(m.get("dtype", "auto"), DTYPES, "model.dtype"),
+        dtype=_choice(m.get("dtype", "auto"), DTYPE_CHOICES, "model.dtype"),
         batch_size=_int(m.get("batch_size", 1), "model.batch_size", 1),
-        attn_implementation=_choice(m.get("attn_implementation", "sdpa"), ATTENTION, "model.attn_implementation"),
+        attn_implementation=_choice(
+            m.get("attn_implementation", "sdpa"), SUPPORTED_ATTENTION, "model.attn_implementation"
+        ),
         max_new_tokens=_int(m.get("max_new_tokens", 128), "model.max_new_tokens", 1),
         chat_template=None if template in (None, "") else str(template),
         max_frames_num=_int(m.get("max_frames_num", 8), "model.max_frames_num", 1),
@@ -278,40 +280,35 @@ def _layer(value, num_layers: int, model: str):
         return value
     if isinstance(value, str) and value.lower() in ("null", "none"):
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= num_layers:
+    try:
+        return check_layer(value, num_layers)
+    except ValueError as e:
         raise ValueError(
-            f"vtw.layer={value!r} is not a valid layer for model {model} (L={num_layers} decoder layers); allowed: "
-            f"null (no withdrawal), an integer 0..{num_layers}, or auto"
-        )
-    return value
+            f"vtw.layer={value!r} is not a valid layer for model {model} ({e}); allowed: null (no withdrawal), an "
+            f"integer 0..{num_layers}, or auto"
+        ) from None
 
 
 def _search(s: dict | None, num_layers: int, used: bool) -> SearchSpec:
-    """The search settings; the candidate range is checked against ``L`` only when the search will run."""
-    from ..search import DIRECTIONS, default_min_layer
-
+    """The search settings, checked by the layer search's own rules (:meth:`vtw.search.SearchSettings.validate`)
+    against ``L`` when the search will run."""
     s = s or {}
     tasks = s.get("tasks")
-    eta = s.get("eta", 0.003)
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or eta <= 0:
-        raise ValueError(f"vtw.search.eta={eta!r} must be a positive number")
     lo, hi = s.get("min_layer"), s.get("max_layer")
-    lo = None if lo is None else _int(lo, "vtw.search.min_layer", 0)
-    hi = None if hi is None else _int(hi, "vtw.search.max_layer", 0)
-    first = default_min_layer(num_layers) if lo is None else lo
-    last = num_layers - 1 if hi is None else hi
-    if used and not first <= last <= num_layers - 1:
-        raise ValueError(
-            f"vtw.search.min_layer={lo} / max_layer={hi} must satisfy 0 <= min_layer <= max_layer <= L-1 = "
-            f"{num_layers - 1} (null: min_layer {default_min_layer(num_layers)}, max_layer L-1)"
-        )
+    settings = SearchSettings(
+        eta=s.get("eta", 0.003), min_layer=lo, max_layer=hi, direction=s.get("direction", "reference")
+    )
+    try:  # the candidate range only when the search runs
+        settings.validate(num_layers) if used else settings.check()
+    except ValueError as e:
+        raise ValueError(f"vtw.{e}") from None
     return SearchSpec(
         tasks=None if tasks is None else _str_list(tasks, "vtw.search.tasks"),
         limit=_int(s.get("limit", 20), "vtw.search.limit", 1),
-        eta=float(eta),
+        eta=float(settings.eta),
         min_layer=lo,
         max_layer=hi,
-        direction=_choice(s.get("direction", "reference"), DIRECTIONS, "vtw.search.direction"),
+        direction=settings.direction,
     )
 
 
@@ -366,7 +363,7 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
         model=model,
         dataset=_dataset(data["dataset"]),
         layer=layer,
-        method=_choice(vtw.get("method", "vtw"), METHODS, "vtw.method"),
+        method=_choice(vtw.get("method", "vtw"), method_names(), "vtw.method"),
         search=_search(vtw.get("search"), model.num_layers, used=layer == "auto" or mode == "search"),
         logger=logger_spec(data.get("logger")),
         seed=_int(data.get("seed", 1234), "seed", 0),
