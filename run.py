@@ -12,8 +12,10 @@ import hydra
 from omegaconf import DictConfig
 
 from vtw.pipeline.resolvers import register_resolvers
+from vtw.pipeline.schema import register_schema
 
 register_resolvers()  # the conf/ interpolations ${vtw_uid:}, ${vtw_slug:...}, ${vtw_asset:...}
+register_schema()  # conf/config.yaml's first default: the typed schema of every group
 log = logging.getLogger("vtw")
 
 

@@ -146,3 +146,51 @@ def test_resolvers_and_identity():
     c2 = resolved_config(compose_config(["model=llava-1.5-7b", "vtw.layer=8", "logger=none", "resume=true"]))
     c3 = resolved_config(compose_config(["model=llava-1.5-7b", "vtw.layer=9"]))
     assert config_hash(c1) == config_hash(c2) != config_hash(c3)
+
+
+# ------------------------------------------------------------------------------------------ the schema
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [("model.batchsize=8", ["batchsize"]), ("model.batch_size=eight", ["eight", "batch_size"]),
+     ("vtw.search.limit=many", ["many", "limit"]), ("dataset.tasks=gqa", ["dataset.tasks", "gqa"])],
+)  # fmt: skip
+def test_schema_rejects_unknown_keys_and_wrong_types_at_composition(override, needles):
+    with pytest.raises(ValueError) as info:
+        compose_config([override])
+    for n in needles:
+        assert n in str(info.value), (n, str(info.value))
+
+
+@pytest.mark.parametrize("group", ["model", "dataset"])
+def test_every_group_option_sets_every_schema_key(group):
+    """Values live in the YAML files: each option of these groups sets every key of its schema node, so no option
+    silently takes a default from elsewhere."""
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from vtw.pipeline.config import CONF_DIR
+    from vtw.pipeline.schema import Config
+
+    node = {f.name: f for f in fields(Config)}[group].default_factory
+    keys = {f.name for f in fields(node)}
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        assert set(OmegaConf.load(path)) == keys, path.name
+
+
+def test_plain_dict_gets_the_schema_defaults():
+    """validate_config on plain data (as a job re-validates its resolved config): a key left out takes the schema's
+    default, a wrong type or a missing mandatory value is a ValueError naming it."""
+    from vtw.pipeline.config import resolved_config
+
+    data = resolved_config(compose_config(["model=llava-1.5-7b"]))
+    del data["seed"], data["vtw"]["search"]["limit"]
+    spec = validate_config(data)
+    assert spec.seed == 1234 and spec.search.limit == 20
+    data["model"]["batch_size"] = "eight"
+    with pytest.raises(ValueError, match="eight"):
+        validate_config(data)
+    data["model"]["batch_size"] = 8
+    del data["model"]["name"]
+    with pytest.raises(ValueError, match="model.name"):
+        validate_config(data)

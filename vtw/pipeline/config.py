@@ -20,11 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ..methods import check_layer, method_names
 from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION
 from ..search import SearchSettings
 from .resolvers import register_resolvers
+from .schema import Config, LoggerConf, register_schema
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 MODES = ("eval", "flops", "search")
@@ -132,6 +134,7 @@ def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike 
     from hydra.errors import ConfigCompositionException, MissingConfigException
 
     register_resolvers()
+    register_schema()
     config_dir = str(Path(config_dir or CONF_DIR).resolve())
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
         try:
@@ -215,28 +218,26 @@ def load_model_config_for(spec_pretrained: str, config_ref: str):
 def _model(m: dict) -> ModelSpec:
     from ..families import get_family, num_decoder_layers
 
-    name = _str(m.get("name"), "model.name")
-    pretrained = _str(m.get("pretrained"), "model.pretrained")
+    name = _str(m["name"], "model.name")
+    pretrained = _str(m["pretrained"], "model.pretrained")
     if looks_like_path(pretrained) and not (Path(os.path.expanduser(pretrained)) / "config.json").is_file():
         raise ValueError(f"model.pretrained={pretrained!r}: no such model directory (no config.json there)")
-    config_ref = m.get("config") or pretrained
+    config_ref = m["config"] or pretrained
     hf_config = load_model_config_for(pretrained, config_ref)
     family = get_family(hf_config).model_type
-    template = m.get("chat_template")
+    template = m["chat_template"]
     return ModelSpec(
         name=name,
         pretrained=pretrained,
         config=str(config_ref),
         family=family,
         num_layers=num_decoder_layers(hf_config),
-        dtype=_choice(m.get("dtype", "auto"), DTYPE_CHOICES, "model.dtype"),
-        batch_size=_int(m.get("batch_size", 1), "model.batch_size", 1),
-        attn_implementation=_choice(
-            m.get("attn_implementation", "sdpa"), SUPPORTED_ATTENTION, "model.attn_implementation"
-        ),
-        max_new_tokens=_int(m.get("max_new_tokens", 128), "model.max_new_tokens", 1),
+        dtype=_choice(m["dtype"], DTYPE_CHOICES, "model.dtype"),
+        batch_size=_int(m["batch_size"], "model.batch_size", 1),
+        attn_implementation=_choice(m["attn_implementation"], SUPPORTED_ATTENTION, "model.attn_implementation"),
+        max_new_tokens=_int(m["max_new_tokens"], "model.max_new_tokens", 1),
         chat_template=None if template in (None, "") else str(template),
-        max_frames_num=_int(m.get("max_frames_num", 8), "model.max_frames_num", 1),
+        max_frames_num=_int(m["max_frames_num"], "model.max_frames_num", 1),
     )
 
 
@@ -253,12 +254,12 @@ def _limit(value):
 
 
 def _dataset(d: dict) -> DatasetSpec:
-    tasks = _str_list(d.get("tasks"), "dataset.tasks")
-    include = _str_list(d.get("include_path") or [], "dataset.include_path", allow_empty=True)
+    tasks = _str_list(d["tasks"], "dataset.tasks")
+    include = _str_list(d["include_path"], "dataset.include_path", allow_empty=True)
     for p in include:
         if not Path(p).is_dir():
             raise ValueError(f"dataset.include_path entry {p!r} is not a directory")
-    primary = d.get("primary_metric")
+    primary = d["primary_metric"]
     if primary is not None:
         primary = _str(primary, "dataset.primary_metric")
         task = primary.split("/", 1)[0]
@@ -267,10 +268,10 @@ def _dataset(d: dict) -> DatasetSpec:
                 f"dataset.primary_metric={primary!r} must be '<task>/<metric>' with <task> in {list(tasks)}"
             )
     return DatasetSpec(
-        name=_str(d.get("name"), "dataset.name"),
+        name=_str(d["name"], "dataset.name"),
         tasks=tasks,
         include_path=tuple(str(Path(p).resolve()) for p in include),
-        limit=_limit(d.get("limit")),
+        limit=_limit(d["limit"]),
         primary_metric=primary,
     )
 
@@ -293,18 +294,16 @@ def _search(s: dict | None, num_layers: int, used: bool) -> SearchSpec:
     """The search settings, checked by the layer search's own rules (:meth:`vtw.search.SearchSettings.validate`)
     against ``L`` when the search will run."""
     s = s or {}
-    tasks = s.get("tasks")
-    lo, hi = s.get("min_layer"), s.get("max_layer")
-    settings = SearchSettings(
-        eta=s.get("eta", 0.003), min_layer=lo, max_layer=hi, direction=s.get("direction", "reference")
-    )
+    tasks = s["tasks"]
+    lo, hi = s["min_layer"], s["max_layer"]
+    settings = SearchSettings(eta=s["eta"], min_layer=lo, max_layer=hi, direction=s["direction"])
     try:  # the candidate range only when the search runs
         settings.validate(num_layers) if used else settings.check()
     except ValueError as e:
         raise ValueError(f"vtw.{e}") from None
     return SearchSpec(
         tasks=None if tasks is None else _str_list(tasks, "vtw.search.tasks"),
-        limit=_int(s.get("limit", 20), "vtw.search.limit", 1),
+        limit=_int(s["limit"], "vtw.search.limit", 1),
         eta=float(settings.eta),
         min_layer=lo,
         max_layer=hi,
@@ -312,20 +311,30 @@ def _search(s: dict | None, num_layers: int, used: bool) -> SearchSpec:
     )
 
 
+def _schema_merged(data: dict, node) -> dict:
+    """``data`` merged onto the schema node (its defaults filled in, its types checked), as plain data."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(node), data)
+        return OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"config does not fit the schema (vtw/pipeline/schema.py): {e}") from None
+
+
 def logger_spec(lg: dict | None) -> LoggerSpec:
     if lg is None:
         raise ValueError(f"logger is missing; allowed: {', '.join(LOGGERS)}")
-    name = _choice(lg.get("name"), LOGGERS, "logger")
+    lg = _schema_merged(lg, LoggerConf)
+    name = _choice(lg["name"], LOGGERS, "logger")
     if name == "none":
         return LoggerSpec(name="none")
     return LoggerSpec(
         name=name,
-        mode=_choice(lg.get("mode", "offline"), WANDB_MODES, "logger.mode"),
-        project=_str(lg.get("project", "vtw"), "logger.project"),
-        entity=lg.get("entity"),
-        group=lg.get("group"),
-        tags=_str_list(lg.get("tags") or [], "logger.tags", allow_empty=True),
-        log_samples=bool(lg.get("log_samples", True)),
+        mode=_choice(lg["mode"], WANDB_MODES, "logger.mode"),
+        project=_str(lg["project"], "logger.project"),
+        entity=lg["entity"],
+        group=lg["group"],
+        tags=_str_list(lg["tags"], "logger.tags", allow_empty=True),
+        log_samples=bool(lg["log_samples"]),
     )
 
 
@@ -348,14 +357,15 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
             raise ValueError(
                 f"config has no {group!r} group; allowed {group} options: {', '.join(group_options(group))}"
             )
-    mode = _choice(data.get("mode", "eval"), MODES, "mode")
+    data = _schema_merged(data, Config)
+    mode = _choice(data["mode"], MODES, "mode")
     model = _model(data["model"])
     vtw = data["vtw"]
-    layer = _layer(vtw.get("layer"), model.num_layers, model.name)
-    compare = data.get("compare_baseline", "auto")
+    layer = _layer(vtw["layer"], model.num_layers, model.name)
+    compare = data["compare_baseline"]
     if compare not in COMPARE:
         raise ValueError(f"compare_baseline={compare!r} is not allowed; allowed: auto, true, false")
-    device = data.get("device", "auto")
+    device = data["device"]
     if not isinstance(device, str) or not _DEVICE.match(device):
         raise ValueError(f"device={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
     return RunSpec(
@@ -363,17 +373,17 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
         model=model,
         dataset=_dataset(data["dataset"]),
         layer=layer,
-        method=_choice(vtw.get("method", "vtw"), method_names(), "vtw.method"),
-        search=_search(vtw.get("search"), model.num_layers, used=layer == "auto" or mode == "search"),
-        logger=logger_spec(data.get("logger")),
-        seed=_int(data.get("seed", 1234), "seed", 0),
+        method=_choice(vtw["method"], method_names(), "vtw.method"),
+        search=_search(vtw["search"], model.num_layers, used=layer == "auto" or mode == "search"),
+        logger=logger_spec(data["logger"]),
+        seed=_int(data["seed"], "seed", 0),
         device=device,
         compare_baseline=compare,
-        resume=bool(data.get("resume", False)),
-        resume_root=str(data.get("resume_root", "outputs")),
-        bootstrap_iters=_int(data.get("bootstrap_iters", 0), "bootstrap_iters", 0),
-        progress=bool(data.get("progress", True)),
-        flops=dict(data.get("flops") or {}),
+        resume=bool(data["resume"]),
+        resume_root=str(data["resume_root"]),
+        bootstrap_iters=_int(data["bootstrap_iters"], "bootstrap_iters", 0),
+        progress=bool(data["progress"]),
+        flops=dict(data["flops"]),
     )
 
 

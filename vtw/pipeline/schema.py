@@ -1,0 +1,110 @@
+"""The schema of the composed config, as OmegaConf structured configs.
+
+``conf/config.yaml`` starts its defaults list with ``vtw_schema`` (registered here in Hydra's ConfigStore), so every
+group option (``conf/model/*.yaml`` ...) and every command-line override is merged into these typed nodes: a key
+that does not exist (``model.batchsize=8``) or a value of the wrong type (``model.batch_size=eight``) fails at
+composition, with Hydra's message naming the key and the value. What the types cannot say (allowed choices, ranges,
+``vtw.layer <= L``, a metric of one of the tasks, paths that exist) is checked by one function,
+:func:`vtw.pipeline.config.validate_config`, before any model loads.
+
+Values live in the YAML files; the defaults here are for keys a YAML file leaves out (none of the shipped ones do,
+except the ``none`` logger, which has only its name).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import II, MISSING
+
+SCHEMA_NAME = "vtw_schema"
+
+
+@dataclass
+class ModelConf:
+    name: str = MISSING
+    pretrained: str = MISSING  # hub id or local directory (from_pretrained)
+    config: str | None = None  # config read without weights (shipped name, hub id, path); null: pretrained's
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    batch_size: int = MISSING
+    attn_implementation: str = "sdpa"  # sdpa | eager
+    max_new_tokens: int = 128
+    chat_template: str | None = None
+    max_frames_num: int = 8
+    default_layer: int | None = None  # vtw.layer when none is given
+    kl_eta: float = 0.003  # KL threshold of the layer search
+
+
+@dataclass
+class DatasetConf:
+    name: str = MISSING
+    tasks: list[str] = MISSING
+    include_path: list[str] = field(default_factory=list)
+    limit: Any = None  # null | int >= 1 | fraction in (0, 1)
+    primary_metric: str | None = None
+
+
+@dataclass
+class SearchConf:
+    tasks: list[str] | None = None
+    limit: int = 20
+    eta: float = II("model.kl_eta")
+    min_layer: int | None = None
+    max_layer: int | None = None
+    direction: str = "reference"
+
+
+@dataclass
+class VtwConf:
+    layer: Any = II("model.default_layer")  # null | int 0..L | auto
+    method: str = "vtw"
+    search: SearchConf = field(default_factory=SearchConf)
+
+
+@dataclass
+class LoggerConf:
+    name: str = MISSING  # wandb | none
+    mode: str = "offline"
+    project: str = "vtw"
+    entity: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_samples: bool = True
+
+
+@dataclass
+class LauncherConf:
+    name: str = MISSING
+
+
+@dataclass
+class FlopsConf:
+    image_size: list[int] | None = None
+    text_tokens: int = 64
+    generated_tokens: int = 16
+
+
+@dataclass
+class Config:
+    model: ModelConf = field(default_factory=ModelConf)
+    dataset: DatasetConf = field(default_factory=DatasetConf)
+    vtw: VtwConf = field(default_factory=VtwConf)
+    logger: LoggerConf = field(default_factory=LoggerConf)
+    launcher: LauncherConf = field(default_factory=LauncherConf)
+    mode: str = "eval"
+    seed: int = 1234
+    device: str = "auto"
+    compare_baseline: Any = "auto"  # auto | true | false
+    resume: bool = False
+    resume_root: str = "outputs"
+    bootstrap_iters: int = 0
+    progress: bool = True
+    flops: FlopsConf = field(default_factory=FlopsConf)
+
+
+def register_schema() -> None:
+    """Store :class:`Config` as ``vtw_schema`` in Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=Config)
