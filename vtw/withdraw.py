@@ -36,6 +36,7 @@ from torch import nn
 
 from .families import get_family, language_model, num_decoder_layers, vision_token_mask
 from .methods import KeepFn, Reduction, StageContext, check_layer, make_method
+from .methods.base import LayerInput
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -92,6 +93,8 @@ class WithdrawalHandle:
         self._vision: torch.Tensor | None = None  # (B, T) vision mask of the current prefill
         self._attn2d: torch.Tensor | None = None  # (B, T_full) 2-D padding mask passed to the current forward
         self._segments: list[_Segment] | None = None  # the current prefill's segments, built stage by stage
+        self._previous: dict[int, LayerInput] = {}  # stage -> input of layer k_s - 1 (methods that ask for it)
+        self._input_vision: torch.Tensor | None = None  # (B,) vision tokens per sample of the current prefill
         self._decode_masks: dict[int, torch.Tensor | None] = {}  # segment -> (B, 1, q, kv_s), current decode step
         # across forwards of one generation: each segment's padding mask and the cache it belongs to
         self._deep_masks2d: list[torch.Tensor] | None = None  # [(B, kv_s)] per segment
@@ -156,12 +159,24 @@ class WithdrawalHandle:
             self._hooks.append(layers[first].register_forward_pre_hook(self._stage_hook(s), with_kwargs=True))
             for i in range(first + 1, stop):
                 self._hooks.append(layers[i].register_forward_pre_hook(self._segment_hook(s), with_kwargs=True))
+        if self.method.uses_previous_layer:  # registered last: they see each layer's inputs as replaced above
+            for s, k in enumerate(self.stages):
+                if k >= 1:
+                    self._hooks.append(layers[k - 1].register_forward_pre_hook(self._capture(s), with_kwargs=True))
 
     def _stage_hook(self, s: int):
         def hook(module, args, kwargs):
             if self._vision is not None:  # prefill: reduce
                 return self._reduce(s, module, args, kwargs)
             return self._on_segment_layer(s, args, kwargs)
+
+        return hook
+
+    def _capture(self, s: int):
+        def hook(module, args, kwargs):
+            if self._vision is not None:  # prefill only
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._previous[s] = LayerInput(module, hidden, kwargs.get("position_embeddings"))
 
         return hook
 
@@ -195,6 +210,7 @@ class WithdrawalHandle:
         past = cache.get_seq_length() if cache is not None else 0
         self._segments = None
         self._decode_masks = {}
+        self._previous = {}
         if input_ids is not None:
             vision = vision_token_mask(module.config, input_ids)
             if self._explicit_vision_mask is not None:
@@ -239,6 +255,7 @@ class WithdrawalHandle:
             self._deep_masks2d = None  # no cache: nothing to continue
         self._segments = None
         self._decode_masks = {}
+        self._previous = {}
         self._vision = None
         return None
 
@@ -260,6 +277,7 @@ class WithdrawalHandle:
             prev = _Segment(keep_index=positions, mask2d=attn2d, vision=vision.to(hidden.device))
             pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
             self._segments = []
+            self._input_vision = (prev.vision & attn2d.bool()).sum(1)
         else:  # a later stage continues from the previous segment's packed tokens
             prev = self._segments[s - 1]
             pe, pos = prev.position_embeddings, prev.position_ids
@@ -277,8 +295,11 @@ class WithdrawalHandle:
             module=module,
             model=self._model_ref(),
             layer_kwargs=kwargs,
+            position_embeddings=pe,
+            previous=self._previous.get(s),
+            input_vision=self._input_vision,
         )
-        local, mask2d = pack_kept(self.method.keep(ctx).to(hidden.device), prev.mask2d)
+        local, mask2d = pack_kept(self.method.select(ctx).to(hidden.device), prev.mask2d)
         gather_index = local.clamp(min=0)
         valid = local >= 0
         seg = _Segment(

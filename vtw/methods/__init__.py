@@ -10,11 +10,16 @@ from dataclasses import fields
 
 from .base import Reduction, StageContext, check_int, check_layer
 from .custom import CustomKeep, KeepFn
+from .fastv import FastV
+from .pdrop import PyramidDrop
 from .random_tokens import RandomTokens
+from .random_vision import RandomVision
 from .vtw import Withdrawal
 
 #: ``vtw.method=<name>`` -> the method's class
-METHODS: dict[str, type[Reduction]] = {cls.name: cls for cls in (Withdrawal, RandomTokens)}
+METHODS: dict[str, type[Reduction]] = {
+    cls.name: cls for cls in (Withdrawal, FastV, PyramidDrop, RandomVision, RandomTokens)
+}
 
 
 def method_names() -> tuple[str, ...]:
@@ -57,6 +62,9 @@ def make_method(method: str | Reduction | KeepFn = "vtw", **params) -> Reduction
 __all__ = [
     "METHODS",
     "CustomKeep",
+    "FastV",
+    "PyramidDrop",
+    "RandomVision",
     "RandomTokens",
     "Reduction",
     "StageContext",

@@ -2,7 +2,7 @@
 the layers above ask (where it acts, what it keeps, how many tokens each layer sees, its label).
 
 The mechanism that applies a method to a model (:mod:`vtw.withdraw`) is shared: at each of the method's *stages*
-(decoder layers ``k_1 < k_2 < ...``) it asks :meth:`Reduction.keep` which of the current tokens go on, then packs
+(decoder layers ``k_1 < k_2 < ...``) it asks :meth:`Reduction.select` which of the current tokens go on, then packs
 them (kept tokens keep their positions), builds per-layer masks, keeps the deep layers' KV cache consistent with
 what they saw, and continues decode steps on the reduced cache. A method only decides; it never touches the model.
 
@@ -22,7 +22,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class StageContext:
-    """What a method sees at one stage of a prefill (decode steps never call :meth:`Reduction.keep`).
+    """What a method sees at one stage of a prefill (decode steps never call :meth:`Reduction.select`).
 
     Attributes:
         stage: index of this stage in :meth:`Reduction.stages`.
@@ -32,7 +32,11 @@ class StageContext:
         attention_mask: ``(B, T)`` long, 1 at real tokens, 0 at padding.
         positions: ``(B, T)`` long, the input position of each token (``-1`` at padding added by packing).
         module: the decoder layer module ``layer``; ``model``: the whole model (``None`` in tests of a method alone).
-        layer_kwargs: the keyword arguments of the call of ``layer`` (``position_embeddings`` ...).
+        layer_kwargs: the keyword arguments of the call of ``layer`` as the decoder made it (full-length tensors).
+        position_embeddings: ``(cos, sin)`` of these ``T`` tokens (their own positions), as ``layer`` will get them.
+        previous: for methods with ``uses_previous_layer``, the input of layer ``layer - 1`` on these same tokens
+            (``None`` at layer 0).
+        input_vision: ``(B,)`` long, each sample's number of vision tokens in the input (before any stage).
     """
 
     stage: int
@@ -44,6 +48,19 @@ class StageContext:
     module: nn.Module | None = None
     model: nn.Module | None = None
     layer_kwargs: dict | None = None
+    position_embeddings: tuple | None = None
+    previous: LayerInput | None = None
+    input_vision: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """What one decoder layer received in a prefill: the layer, ``hidden`` ``(B, T, D)`` and ``position_embeddings``
+    ``(cos, sin)`` of the same ``T`` tokens."""
+
+    module: nn.Module
+    hidden: torch.Tensor
+    position_embeddings: tuple | None
 
 
 def check_layer(layer, num_layers: int, what: str = "withdrawal layer") -> int | None:
@@ -69,9 +86,11 @@ def check_int(value, what: str, minimum: int = 0) -> int:
 @dataclass(frozen=True)
 class Reduction:
     """Base of every method. Subclasses are frozen dataclasses with a class attribute :attr:`name` (the registry
-    key, ``vtw.method=<name>``) and override :meth:`stages`, :meth:`keep` and :meth:`stage_tokens`."""
+    key, ``vtw.method=<name>``) and override :meth:`stages`, :meth:`select` and :meth:`stage_tokens`."""
 
     name: ClassVar[str] = ""
+    #: whether :meth:`select` needs the input of the layer before each stage (``StageContext.previous``)
+    uses_previous_layer: ClassVar[bool] = False
 
     def resolve(self, num_layers: int) -> Reduction:
         """This method checked against a decoder of ``num_layers`` layers, with ``L``-dependent defaults filled in.
@@ -86,7 +105,7 @@ class Reduction:
         the model runs untouched. A stage at ``L`` (after the last layer) does nothing."""
         raise NotImplementedError
 
-    def keep(self, ctx: StageContext) -> torch.Tensor:
+    def select(self, ctx: StageContext) -> torch.Tensor:
         """``(B, T)`` bool: the tokens that go on past ``ctx.layer``. The mechanism always keeps each sample's last
         token (it predicts the next one) and drops padding, whatever is returned."""
         raise NotImplementedError

@@ -35,7 +35,7 @@ class CustomKeep(Reduction):
     def stages(self) -> tuple[int, ...]:
         return () if self.layer is None else (self.layer,)
 
-    def keep(self, ctx: StageContext) -> torch.Tensor:
+    def select(self, ctx: StageContext) -> torch.Tensor:
         return self.keep_fn(ctx.hidden, ctx.vision, ctx.attention_mask)
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:

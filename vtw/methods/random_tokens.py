@@ -28,7 +28,7 @@ class RandomTokens(Reduction):
     def stages(self) -> tuple[int, ...]:
         return () if self.layer is None else (self.layer,)
 
-    def keep(self, ctx: StageContext) -> torch.Tensor:
+    def select(self, ctx: StageContext) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(self.seed)
         keep = torch.ones_like(ctx.vision)
         for b in range(ctx.vision.shape[0]):

@@ -27,7 +27,7 @@ class Withdrawal(Reduction):
     def stages(self) -> tuple[int, ...]:
         return () if self.layer is None else (self.layer,)
 
-    def keep(self, ctx: StageContext) -> torch.Tensor:
+    def select(self, ctx: StageContext) -> torch.Tensor:
         return ~ctx.vision
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:

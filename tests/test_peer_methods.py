@@ -1,0 +1,259 @@
+"""FastV, PyramidDrop and random vision pruning: exact under KV-cache decoding and batching, every family, eager and
+SDPA, against an independent naive reference written here.
+
+The reference calls the decoder layers by hand without a cache, on a model loaded with eager attention: at each stage
+of the prompt's pass it takes the attention probabilities from the layer's own eager attention module (FastV: layer
+K-1's weights as the layer ran; PyramidDrop: layer ℓ's attention module applied to the hidden states entering ℓ),
+the last token's row averaged over heads, picks the top ``ceil(keep · V)`` vision tokens itself and drops the rest.
+Every decode step recomputes everything without a cache, keeping the prompt tokens chosen then (the methods decide
+at prefill, from the last *prompt* token; re-ranking at every step would be a different model) and every generated
+token. The method under test runs with the KV cache, under eager and SDPA alike (same weights).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_withdraw import _causal, _extend, _lm_inputs, _prompt
+from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
+
+import vtw
+from vtw import withdraw
+from vtw.methods import FastV, PyramidDrop, RandomVision
+from vtw.methods.attention import last_token_attention
+
+NUM_LAYERS = 4
+STEPS = 3
+ATOL = 1e-4
+
+
+def _model(family, attn):
+    model = build_tiny_model(family, attn_implementation=attn, num_layers=NUM_LAYERS)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _top(scores: torch.Tensor, is_vision: torch.Tensor, share: float, n_vision: int) -> torch.Tensor:
+    """Indices (into the current tokens) kept: all text + the ceil(share · n_vision) best-scored vision tokens."""
+    n = min(int(is_vision.sum()), math.ceil(round(share * n_vision, 9)))
+    vis = torch.nonzero(is_vision).flatten()
+    best = vis[torch.argsort(scores[vis], descending=True, stable=True)[:n]]
+    keep = ~is_vision
+    keep[best] = True
+    keep[-1] = True
+    return torch.nonzero(keep).flatten()
+
+
+def _attn_row(layer, h, cos, sin) -> torch.Tensor:
+    """The last token's attention probabilities in ``layer`` over the current tokens, mean over heads, from the
+    layer's eager attention module (the model is loaded with eager attention)."""
+    _, weights = layer.self_attn(layer.input_layernorm(h), position_embeddings=(cos, sin),
+                                 attention_mask=_causal(h.shape[1], h.dtype))  # fmt: skip
+    return weights[0, :, -1, :].mean(0)
+
+
+def _naive_logits(model, embeds, pos, vision, method, n_prompt: int, chosen: dict | None = None):
+    """Layers by hand, no cache. The first call (the prompt alone, ``chosen=None``) picks the kept tokens at each
+    stage and returns them as input positions, ``{layer: positions}``; later calls (prompt + generated tokens) keep
+    those prompt tokens and every generated one, as a KV cache filled at prefill does.
+
+    Returns ``(logits of the surviving positions, chosen)``.
+    """
+    lm = vtw.language_model(model)
+    h = embeds
+    cos, sin = lm.rotary_emb(h, pos if pos.dim() == 2 or pos.shape[0] == 3 else pos[1:])
+    mpos = pos if not (pos.dim() == 3 and pos.shape[0] == 4) else pos[1:]
+    is_vision = vision[0].clone()
+    alive = torch.arange(h.shape[1])
+    n_vision = int(is_vision.sum())
+    if isinstance(method, PyramidDrop):
+        plan = {layer: share for layer, share in zip(method.layers, method.keep)}
+    else:
+        plan = {method.layer: method.keep}
+    picking = chosen is None
+    chosen = {} if picking else chosen
+    previous_row = None
+    g = torch.Generator().manual_seed(method.seed) if isinstance(method, RandomVision) else None
+    for i, layer in enumerate(lm.layers):
+        if i in plan:
+            if picking:
+                if isinstance(method, FastV):
+                    scores = previous_row
+                elif isinstance(method, PyramidDrop):
+                    scores = _attn_row(layer, h, cos, sin)
+                else:  # random vision: a random rank per vision token, drawn in position order
+                    scores = torch.zeros(h.shape[1])
+                    scores[is_vision] = torch.rand(int(is_vision.sum()), generator=g) + 1
+                chosen[i] = alive[_top(scores, is_vision, plan[i], n_vision)]
+            local = torch.nonzero(torch.isin(alive, chosen[i]) | (alive >= n_prompt)).flatten()
+            h, cos, sin, mpos = h[:, local], cos[..., local, :], sin[..., local, :], mpos[..., local]
+            is_vision, alive = is_vision[local], alive[local]
+        if isinstance(method, FastV) and i == method.layer - 1 and picking:
+            previous_row = _attn_row(layer, h, cos, sin)
+        h = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=(cos, sin), position_ids=mpos,
+                  past_key_values=None, use_cache=False)  # fmt: skip
+    return model.lm_head(lm.norm(h))[0], chosen
+
+
+def _naive_generate(model, inputs, method):
+    tokens, logits, cur, chosen = [], [], inputs, None
+    n_prompt = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        for _ in range(STEPS):
+            embeds, pos = _lm_inputs(model, cur)
+            vision = vtw.vision_token_mask(model, cur["input_ids"])
+            out, chosen = _naive_logits(model, embeds, pos, vision, method, n_prompt, chosen)
+            tokens.append(int(out[-1].argmax()))
+            logits.append(out[-1])
+            cur = _extend(cur, tokens[-1])
+    return tokens, torch.stack(logits)
+
+
+def _generate(model, inputs, **kw):
+    with torch.no_grad(), withdraw(model, **kw) as handle:
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), handle
+
+
+SETTINGS = {
+    "fastv": [dict(layer=2, keep=0.5), dict(layer=1, keep=0.01), dict(layer=3, keep=0.75)],
+    "pdrop": [dict(layers=(1, 2, 3), keep=(0.5, 0.25, 0.125)), dict(layers=(0, 2), keep=(0.6, 0.01))],
+    "random_vision": [dict(layer=2, keep=0.5, seed=0), dict(layer=0, keep=0.3, seed=7)],
+}
+_CLASSES = {"fastv": FastV, "pdrop": PyramidDrop, "random_vision": RandomVision}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_generate_with_cache_matches_naive_reference(name, family, attn):
+    reference_model = _model(family, "eager")  # same seed: the same weights as the model under test
+    model = reference_model if attn == "eager" else _model(family, attn)
+    (inputs,) = make_singles(model, _prompt(family))
+    assert vtw.vision_token_mask(model, inputs["input_ids"]).sum() > 4
+    for params in SETTINGS[name]:
+        ref_tokens, ref_logits = _naive_generate(reference_model, inputs, _CLASSES[name](**params))
+        tokens, logits, _ = _generate(model, inputs, method=name, **params)
+        assert tokens[0].tolist() == ref_tokens, params
+        torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0, msg=str(params))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_last_token_attention_equals_eager_weights(family):
+    """The recomputed scores == the layer's own eager attention weights (last row, mean over heads), batch with left
+    padding and GQA (4 query heads over 2 key/value heads in the tiny decoders)."""
+    model = _model(family, "eager")
+    batch = make_batch(model, [Sample(images=1, prefix=3, suffix=4), Sample(prefix=5, suffix=2)])
+    seen = {}
+    layer = vtw.language_model(model).layers[1]
+    pre = layer.register_forward_pre_hook(
+        lambda m, a, kw: seen.update(h=a[0] if a else kw["hidden_states"], pe=kw["position_embeddings"]),
+        with_kwargs=True,
+    )
+    post = layer.self_attn.register_forward_hook(lambda m, a, out: seen.update(w=out[1]))
+    try:
+        with torch.no_grad():
+            model(**batch, use_cache=False)
+    finally:
+        pre.remove()
+        post.remove()
+    ours = last_token_attention(layer, seen["h"], seen["pe"], batch["attention_mask"])
+    torch.testing.assert_close(ours, seen["w"][:, :, -1, :].float().mean(1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_batch_equals_each_sample_alone(name):
+    for family in ("llava", "qwen2_vl"):
+        model = _model(family, "sdpa")
+        samples = [
+            Sample(images=1, prefix=3, suffix=6),
+            Sample(prefix=9, suffix=4),
+            Sample(images=1, prefix=1, suffix=2, image_shape=(32, 64) if family == "qwen2_vl" else (32, 32)),
+        ]
+        if family in VIDEO_FAMILIES:
+            samples.append(Sample(videos=1, prefix=1, suffix=2))
+        batch = make_batch(model, samples)
+        counts = vtw.vision_token_mask(model, batch["input_ids"]).sum(1).tolist()
+        assert counts[1] == 0 and (batch["attention_mask"] == 0).any()
+        params = SETTINGS[name][0]
+        tokens, logits, _ = _generate(model, batch, method=name, **params)
+        for i, single in enumerate(make_singles(model, samples)):
+            t, lg, _ = _generate(model, single, method=name, **params)
+            assert tokens[i].tolist() == t[0].tolist(), (family, i)
+            torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_keep_one_is_the_baseline_bit_identical_and_remove_restores(name):
+    model = _model("llava", "sdpa")
+    batch = make_batch(model, [Sample(images=1, prefix=3, suffix=5), Sample(prefix=6, suffix=2)])
+    with torch.no_grad():
+        ref = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
+        ref_logits = model(**batch).logits
+        ones = {**SETTINGS[name][0], "keep": (1, 1, 1) if name == "pdrop" else 1}
+        with withdraw(model, method=name, **ones) as handle:
+            assert not handle.active
+            assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
+        handle = withdraw(model, method=name, **SETTINGS[name][0])
+        assert model(**batch).logits.shape[1] < ref_logits.shape[1]  # something was dropped
+        handle.remove()
+        assert torch.equal(model(**batch).logits, ref_logits)
+        assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
+
+
+def test_deep_caches_hold_what_layer_tokens_says():
+    model = _model("llava", "sdpa")
+    (inputs,) = make_singles(model, _prompt("llava"))
+    v = int(vtw.vision_token_mask(model, inputs["input_ids"]).sum())
+    t = inputs["input_ids"].shape[1] - v
+    for name, settings in SETTINGS.items():
+        for params in settings:
+            with torch.no_grad(), withdraw(model, method=name, **params) as handle:
+                cache = model(**inputs, use_cache=True).past_key_values
+            lengths = [cache.layers[i].keys.shape[-2] for i in range(NUM_LAYERS)]
+            assert lengths == [a + b for a, b in handle.method.layer_tokens(NUM_LAYERS, v, t)], (name, params)
+
+
+def test_the_api_calls_of_the_issue():
+    model = _model("llava", "sdpa")
+    assert withdraw(model, layer=2, method="fastv", keep=0.5).method == FastV(layer=2, keep=0.5)
+    h = withdraw(model, method="pdrop", layers=(1, 2, 3), keep=(0.5, 0.25, 0.125))
+    assert h.stages == (1, 2, 3)
+    h.remove()
+    h = withdraw(model, method="pdrop")  # the paper's (8, 16, 24) of 32 scaled to L = 4: (1, 2, 3)
+    assert h.stages == (1, 2, 3)
+    h.remove()
+    assert withdraw(model, layer=2, method="random_vision", keep=0.5, seed=0).method == RandomVision(2, 0.5, 0)
+    model = _model("llava", "sdpa")  # fresh: the handles above were not removed
+    assert withdraw(model, layer=2).method == vtw.Withdrawal(layer=2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        (dict(method="fastv", layer=2, keep=0.0), "fastv keep must be a number in (0, 1]"),
+        (dict(method="fastv", layer=2, keep=1.5), "got 1.5"),
+        (dict(method="fastv", layer=0, keep=0.5), "fastv layer must be an integer in [1, 4]"),
+        (dict(method="fastv", layer=9), "fastv layer 9 is out of range"),
+        (dict(method="random_vision", layer=2, keep=-0.1), "random_vision keep must be a number in (0, 1]"),
+        (dict(method="random_vision", layer=5), "random_vision layer 5 is out of range"),
+        (dict(method="pdrop", layers=(2, 1, 3)), "pdrop layers must be strictly increasing, got [2, 1, 3]"),
+        (dict(method="pdrop", layers=(1, 2, 4)), "pdrop layers [1, 2, 4] are out of range: allowed 0..3"),
+        (dict(method="pdrop", layers=(1, 2), keep=(0.5, 0.25, 0.1)), "must have the same length"),
+        (dict(method="pdrop", keep=(0.25, 0.5)), "non-increasing"),
+        (dict(method="pdrop", keep=(0.5, 0.25)), "needs its layers"),
+        (dict(method="fastv", layer=2, keep=0.5, seed=1), "takes keep, layer; got unknown seed"),
+        (dict(method="sparsevlm"), "unknown withdrawal method 'sparsevlm'"),
+    ],
+)
+def test_bad_parameters_fail_before_any_forward(kwargs, needle):
+    model = _model("llava", "sdpa")
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError) as info:
+        withdraw(model, **kwargs)
+    assert needle in str(info.value), str(info.value)
+    assert not calls

@@ -1,0 +1,35 @@
+"""Shared by the methods that keep a share of each sample's vision tokens: how many, and which of them by score."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_keep(keep, what: str = "keep") -> float:
+    """A number in ``(0, 1]`` (the share of each sample's vision tokens kept), else ``ValueError`` naming it."""
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+        raise ValueError(f"{what} must be a number in (0, 1] (the share of vision tokens kept), got {keep!r}")
+    return float(keep)
+
+
+def kept_count(keep: float, vision: int) -> int:
+    """``ceil(keep · V)`` of a sample's ``V`` vision tokens (computed so that ``keep · V`` integral is exact)."""
+    return min(vision, math.ceil(round(keep * vision, 9)))
+
+
+def keep_top_vision(scores: torch.Tensor, vision: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """``(B, T)`` bool: every non-vision token, plus the ``counts[b]`` vision tokens of sample ``b`` with the highest
+    ``scores`` (ties: the earlier position first).
+
+    Args:
+        scores: ``(B, T)``; vision: ``(B, T)`` bool; counts: vision tokens to keep per sample.
+    """
+    keep = ~vision
+    ranked = torch.where(vision, scores.float(), torch.full_like(scores, -torch.inf, dtype=torch.float32))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
+    for b, n in enumerate(counts):
+        if n:
+            keep[b, order[b, :n]] = True
+    return keep
