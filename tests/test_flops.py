@@ -500,3 +500,27 @@ def test_bad_workloads_and_models_raise():
         image_layout(load_model_config("llava-next-7b"), (480, -1))
     with pytest.raises(ValueError, match="layers is empty"):
         flops_table(load_model_config("llava-1.5-7b"), vision_tokens=576, text_tokens=60, generated_tokens=1, layers=[])
+
+
+# ----------------------------------------------------------------------------------- shipped checkpoint ids
+def test_shipped_checkpoints_have_one_home(tmp_path, monkeypatch):
+    """The hub id of a shipped checkpoint is its config file's ``_name_or_path``; ``conf/model/<name>.yaml`` reads
+    it from there (``${vtw_checkpoint:<name>}``), so the config, the FLOPs lookup by hub id and the table agree."""
+    import json
+
+    from vtw.flops import configs
+    from vtw.pipeline.config import compose_config
+
+    folder = REPO / "vtw" / "assets" / "hf_configs"
+    for name, hub in SHIPPED_CHECKPOINTS.items():
+        assert json.loads((folder / f"{name}.json").read_text())["_name_or_path"] == hub
+        assert compose_config([f"model={name}"]).model.pretrained == hub
+    assert set(SHIPPED_CHECKPOINTS) == {p.stem for p in folder.glob("*.json")}
+    with pytest.raises(ValueError, match="no shipped checkpoint 'gpt-5'.*llava-1.5-7b"):
+        configs.checkpoint_of("gpt-5")
+    # a shipped config without its hub id is refused, naming the file
+    (tmp_path / "hf_configs").mkdir()
+    (tmp_path / "hf_configs" / "mine.json").write_text(json.dumps({"model_type": "llava"}))
+    monkeypatch.setattr(configs, "_assets", lambda: tmp_path)
+    with pytest.raises(ValueError, match=r"mine\.json: _name_or_path must be the checkpoint's hub id"):
+        configs._shipped_checkpoints()
