@@ -56,7 +56,8 @@ class FamilySpec:
         vision_tower: attribute path, from the top-level model, of the (image) vision tower.
         projector: attribute path of the projector (LLaVA's ``multi_modal_projector``, Qwen's patch merger).
         image_key: processor output key of the image pixels (``video_key`` is ``pixel_values_videos``).
-        video_frames: number of frames per video the model requires, ``None`` if any number works.
+        video_frames: frames per video the family's checkpoints were trained on, where fixed (Video-LLaVA's video
+            tower: 8; transformers runs any number), else ``None``. The tiny test inputs use that many.
         mrope: whether the decoder uses Qwen2-VL's 3-D multimodal RoPE position ids (it then needs the token types,
             ``mm_token_type_ids``: 0 text, 1 image, 2 video).
         build_tiny: ``num_layers -> config`` of a tiny model of the family (see :meth:`tiny_config`).
