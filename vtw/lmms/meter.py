@@ -8,12 +8,32 @@ count_flops`) and the papers' convention (:func:`vtw.flops.paper_flops`), each a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..families import get_family, vision_token_mask
+from ..flops import VisionWorkload, count_flops, paper_flops, workload_from_inputs
 from .inputs import Prepared
 from .records import RequestRecord
+
+
+@dataclass(frozen=True)
+class SampleCost:
+    """What one sample of a processed batch sends through the model.
+
+    Attributes:
+        work: its vision-encoder workload (:class:`vtw.flops.VisionWorkload`).
+        vision_tokens: its vision (image and video placeholder) tokens; text_tokens: its other non-padding tokens.
+    """
+
+    work: VisionWorkload
+    vision_tokens: int
+    text_tokens: int
+
+    @property
+    def input_tokens(self) -> int:
+        return self.vision_tokens + self.text_tokens
 
 
 class FlopsMeter:
@@ -36,13 +56,17 @@ class FlopsMeter:
         n_text = attention_mask.bool().sum(1) - n_vision
         return n_vision.tolist(), n_text.tolist()
 
-    def workloads(self, inputs, batch: Sequence[Prepared]) -> list:
+    def costs(self, inputs, batch: Sequence[Prepared]) -> list[SampleCost]:
+        """Per sample of a processed batch (``inputs``: the processor's output for ``batch``), its cost."""
+        n_vision, n_text = self.token_counts(inputs["input_ids"], inputs["attention_mask"])
+        return [SampleCost(*c) for c in zip(self.workloads(inputs, batch), n_vision, n_text)]
+
+    def workloads(self, inputs, batch: Sequence[Prepared]) -> list[VisionWorkload]:
         """Per sample of a processed batch, its vision-encoder workload (:class:`vtw.flops.VisionWorkload`).
 
         The processor stacks the images (videos) of all samples in order along dim 0 of the family's image key /
         ``image_sizes`` / ``image_grid_thw`` (``pixel_values_videos`` / ``video_grid_thw``): slice each sample's.
         """
-        from ..flops import workload_from_inputs
 
         def rows(name: str | None, counts: list[int]) -> list:
             t = inputs.get(name) if name is not None else None
@@ -71,12 +95,10 @@ class FlopsMeter:
         self,
         p: Prepared,
         kind: str,
-        work,
+        cost: SampleCost,
         *,
         layer: int | None,
-        n_vision: int,
-        n_text: int,
-        n_gen: int,
+        generated: int,
         logits: int,
         latency: float,
         batch_size: int,
@@ -85,29 +107,26 @@ class FlopsMeter:
 
         Args:
             kind: ``"generate_until"`` or ``"loglikelihood"``.
-            work: the sample's :class:`vtw.flops.VisionWorkload`.
-            n_gen: generated tokens; logits: prefill positions whose logits were computed.
-            latency: seconds of model call per request of the batch.
+            generated: generated tokens; logits: prefill positions whose logits were computed.
+            latency: seconds of model call per request of the batch; batch_size: requests in that batch.
         """
-        from ..flops import count_flops, paper_flops
-
-        cfg = self.config
+        cfg, work = self.config, cost.work
         if self.family.image_layout == "grid":
             enc = {"vision_grids": work.grids}
         else:
             enc = {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
-        tok = {"vision_tokens": int(n_vision), "text_tokens": int(n_text)}
-        flops = count_flops(cfg, **tok, **enc, generated_tokens=n_gen, layer=layer, prefill_logits=logits).total
-        full = count_flops(cfg, **tok, **enc, generated_tokens=n_gen, layer=None, prefill_logits=logits).total
+        tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
+        flops = count_flops(cfg, **tok, **enc, generated_tokens=generated, layer=layer, prefill_logits=logits).total
+        full = count_flops(cfg, **tok, **enc, generated_tokens=generated, layer=None, prefill_logits=logits).total
         self.records.append(
             RequestRecord(
                 task=p.task,
                 doc_id=p.doc_id,
                 request_type=kind,
                 layer=layer,
-                vision_tokens=int(n_vision),
-                text_tokens=int(n_text),
-                generated_tokens=int(n_gen),
+                vision_tokens=tok["vision_tokens"],
+                text_tokens=tok["text_tokens"],
+                generated_tokens=int(generated),
                 images=len(p.images) + len(p.videos),
                 latency_s=latency,
                 batch_size=batch_size,

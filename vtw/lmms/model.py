@@ -295,17 +295,16 @@ class VTWModel(lmms):
         self.meter.log_throughput(self.records[start:], self.layer)
         return results
 
-    def _timed(self, batch: list[Prepared], texts: list[str], call):
-        """Encode ``texts`` with the batch's visuals, run ``call(inputs)`` timed (after the one-off warm-up).
+    def _timed(self, batch: list[Prepared], texts: list[str], call) -> tuple:
+        """Encode ``texts`` with the batch's visuals and run ``call(inputs)``, timed (after the one-off warm-up).
 
         Returns:
-            ``(inputs, output, latency per request, [(workload, vision tokens, text tokens)] per request)``.
+            ``(inputs, call's output, seconds per request, [SampleCost] per request)``.
         """
         images = [x for p in batch for x in p.images]
         videos = [x for p in batch for x in p.videos]
         inputs = self.inputs.encode(texts, images, videos)
-        n_vision, n_text = self.meter.token_counts(inputs["input_ids"], inputs["attention_mask"])
-        costs = list(zip(self.meter.workloads(inputs, batch), n_vision, n_text))
+        costs = self.meter.costs(inputs, batch)
         self._warm_up(inputs)
         self._sync()
         t0 = time.perf_counter()
@@ -313,19 +312,9 @@ class VTWModel(lmms):
         self._sync()
         return inputs, out, (time.perf_counter() - t0) / len(batch), costs
 
-    def _record(self, p: Prepared, kind: str, cost, n_gen: int, logits: int, latency: float, bs: int) -> None:
-        work, n_vision, n_text = cost
+    def _record(self, p: Prepared, kind: str, cost, generated: int, logits: int, latency: float, bs: int) -> None:
         self.meter.record(
-            p,
-            kind,
-            work,
-            layer=self.layer,
-            n_vision=n_vision,
-            n_text=n_text,
-            n_gen=n_gen,
-            logits=logits,
-            latency=latency,
-            batch_size=bs,
+            p, kind, cost, layer=self.layer, generated=generated, logits=logits, latency=latency, batch_size=bs
         )
 
     # ------------------------------------------------------------------ measurement
@@ -389,7 +378,7 @@ class VTWModel(lmms):
             text = self._tokenizer.decode(new[b][:n_gen], skip_special_tokens=True)
             text = _cut_at_stop(text, until)
             self._record(p, "generate_until", costs[b], n_gen, 1, latency, len(batch))
-            counts = TokenCounts(input_tokens=costs[b][1] + costs[b][2], output_tokens=n_gen)
+            counts = TokenCounts(input_tokens=costs[b].input_tokens, output_tokens=n_gen)
             results.append(GenerationResult(text=text, token_counts=counts))
         return results
 
@@ -434,7 +423,7 @@ class VTWModel(lmms):
             greedy = bool((logp.argmax(-1) == target).all())
             # lmms-eval's convention (its multiple-choice scoring takes the argmin; its HF wrappers return the mean
             # token loss). Wrapped in GenerationResult: lmms-eval 0.7.3 turns a bare (float, bool) tuple into a str.
-            counts = TokenCounts(input_tokens=costs[b][1] + costs[b][2])
+            counts = TokenCounts(input_tokens=costs[b].input_tokens)
             out.append(GenerationResult(text=(nll, greedy), token_counts=counts))
             self._record(p, "loglikelihood", costs[b], 0, n + 1, latency, len(batch))
         return out
