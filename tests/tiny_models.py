@@ -96,7 +96,7 @@ def _image_inputs(family_name: str, model, samples: list[Sample], g: torch.Gener
                 rows.append(_pixels(g, h * w, patch_dim))
         grid = torch.tensor(grids)
         counts = (grid.prod(-1) // vc.spatial_merge_size**2).tolist()
-        kwargs = {"pixel_values": torch.cat(rows), "image_grid_thw": grid}
+        kwargs = {spec.image_key: torch.cat(rows), "image_grid_thw": grid}
     elif spec.image_layout == "single":  # LLaVA-1.5, Video-LLaVA (its own pixel key)
         size = model.config.vision_config.image_size
         kwargs = {spec.image_key: _pixels(g, n, 3, size, size)}
@@ -112,7 +112,7 @@ def _image_inputs(family_name: str, model, samples: list[Sample], g: torch.Gener
         pv = torch.zeros(n, max(n_crops), 3, size, size)
         for i, c in enumerate(n_crops):
             pv[i, :c] = _pixels(g, c, 3, size, size)
-        kwargs = {"pixel_values": pv, "image_sizes": torch.tensor(sizes)}
+        kwargs = {spec.image_key: pv, "image_sizes": torch.tensor(sizes)}
         with torch.no_grad():
             feats = inner.get_image_features(**kwargs).pooler_output
         counts = [int(f.shape[0]) for f in feats]
@@ -133,7 +133,7 @@ def _video_inputs(family_name: str, model, samples: list[Sample], g: torch.Gener
         h = w = 32 // vc.patch_size
         t = frames // vc.temporal_patch_size
         grid = torch.tensor([[t, h, w]] * n)
-        kwargs = {"pixel_values_videos": _pixels(g, n * t * h * w, patch_dim), "video_grid_thw": grid}
+        kwargs = {spec.video_key: _pixels(g, n * t * h * w, patch_dim), "video_grid_thw": grid}
         counts = (grid.prod(-1) // vc.spatial_merge_size**2).tolist()
     else:
         size = model.config.vision_config.image_size
