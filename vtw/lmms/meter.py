@@ -1,8 +1,9 @@
 """Per-request FLOPs accounting of the ``vtw`` lmms-eval model.
 
 :class:`FlopsMeter` reads, from each processed batch, every sample's vision/text token counts and vision-encoder
-workload, and appends one :class:`~vtw.lmms.records.RequestRecord` per request: exact FLOPs (:func:`vtw.flops.
-count_flops`) and the papers' convention (:func:`vtw.flops.paper_flops`), each at the layer in force and at ``K = L``.
+workload (:class:`SampleCost`), and appends one :class:`~vtw.lmms.records.RequestRecord` per request: exact FLOPs
+(:func:`vtw.flops.count_flops`) and the papers' convention (:func:`vtw.flops.paper_flops`), each at the layer in
+force and at ``K = L``.
 """
 
 from __future__ import annotations
