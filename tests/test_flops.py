@@ -25,7 +25,7 @@ from rich.console import Console
 from tiny_models import FAMILIES, VIDEO_FAMILIES, VIDEO_ID, Sample, build_tiny_model, make_batch, tiny_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from vtw import withdraw
+from vtw import get_family, withdraw
 from vtw.flops import (
     SHIPPED_CHECKPOINTS,
     available_models,
@@ -75,15 +75,14 @@ def _measure(model, batch: dict, generated: int, layer) -> dict[str, int]:
         model.generate(**batch, max_new_tokens=generated, min_new_tokens=generated, do_sample=False)
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     top = type(model).__name__
-    inner = model.model
-    if hasattr(inner, "visual"):  # Qwen: the merger (projector) lives inside the vision model
-        vision_name = type(inner.visual).__name__
-        projector = counts.get(f"{vision_name}.merger", 0)
-        vision = counts.get(vision_name, 0) - projector
+    spec = get_family(model)  # where the registry says the tower and the projector live
+    tower = type(spec.module(model, "vision_tower")).__name__
+    if spec.projector.startswith(spec.vision_tower + "."):  # Qwen: the merger lives inside the vision model
+        projector = counts.get(tower + spec.projector[len(spec.vision_tower) :], 0)
+        vision = counts.get(tower, 0) - projector
     else:  # the towers and the projector are called directly, so they are tracked under their class names
-        tower = getattr(inner, "vision_tower", None) or inner.image_tower
-        vision = counts.get(type(tower).__name__, 0)
-        projector = counts.get(type(inner.multi_modal_projector).__name__, 0)
+        vision = counts.get(tower, 0)
+        projector = counts.get(type(spec.module(model, "projector")).__name__, 0)
     out = {
         "vision_tower": vision,
         "projector": projector,
@@ -115,8 +114,9 @@ def _token_counts(model, input_ids: torch.Tensor) -> tuple[int, int]:
 def _encoder_kwargs(model, batch: dict) -> dict:
     keys = ("pixel_values", "image_sizes", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
     tensors = {k: batch[k] for k in keys if k in batch}
-    if "pixel_values_images" in batch:  # Video-LLaVA's image key
-        tensors["pixel_values"] = batch["pixel_values_images"]
+    image_key = get_family(model).image_key  # Video-LLaVA: pixel_values_images
+    if image_key in batch:
+        tensors["pixel_values"] = batch[image_key]
     work = workload_from_inputs(model.config, **tensors)
     if work.grids:
         return {"vision_grids": work.grids}
@@ -500,3 +500,27 @@ def test_bad_workloads_and_models_raise():
         image_layout(load_model_config("llava-next-7b"), (480, -1))
     with pytest.raises(ValueError, match="layers is empty"):
         flops_table(load_model_config("llava-1.5-7b"), vision_tokens=576, text_tokens=60, generated_tokens=1, layers=[])
+
+
+# ----------------------------------------------------------------------------------- shipped checkpoint ids
+def test_shipped_checkpoints_have_one_home(tmp_path, monkeypatch):
+    """The hub id of a shipped checkpoint is its config file's ``_name_or_path``; ``conf/model/<name>.yaml`` reads
+    it from there (``${vtw_checkpoint:<name>}``), so the config, the FLOPs lookup by hub id and the table agree."""
+    import json
+
+    from vtw.flops import configs
+    from vtw.pipeline.config import compose_config
+
+    folder = REPO / "vtw" / "assets" / "hf_configs"
+    for name, hub in SHIPPED_CHECKPOINTS.items():
+        assert json.loads((folder / f"{name}.json").read_text())["_name_or_path"] == hub
+        assert compose_config([f"model={name}"]).model.pretrained == hub
+    assert set(SHIPPED_CHECKPOINTS) == {p.stem for p in folder.glob("*.json")}
+    with pytest.raises(ValueError, match="no shipped checkpoint 'gpt-5'.*llava-1.5-7b"):
+        configs.checkpoint_of("gpt-5")
+    # a shipped config without its hub id is refused, naming the file
+    (tmp_path / "hf_configs").mkdir()
+    (tmp_path / "hf_configs" / "mine.json").write_text(json.dumps({"model_type": "llava"}))
+    monkeypatch.setattr(configs, "_assets", lambda: tmp_path)
+    with pytest.raises(ValueError, match=r"mine\.json: _name_or_path must be the checkpoint's hub id"):
+        configs._shipped_checkpoints()

@@ -80,6 +80,7 @@ def test_entry_point_registers_vtw():
         ({"dtype": "int8"}, "int8"),
         ({"attn_implementation": "flash_attention_2"}, "flash_attention_2"),
         ({"colour": 1}, "colour"),
+        ({"chat_template": "no such template"}, "no such template"),
     ],
 )
 def test_bad_args_fail_before_weights_load(tiny_llava_dir, monkeypatch, kwargs, needle):  # noqa: F811
@@ -148,7 +149,7 @@ def test_loglikelihood_batched_matches_per_sample_reference(model_dir, task_objs
     for req, res in list(zip(reqs, out))[:: len(COLORS) - 1]:  # a spread of requests (every 3rd)
         context, cont, doc_to_visual, doc_id, _, split = req.args
         doc = lm.task_dict[names["mc"]][split][doc_id]
-        prompt = lm._prompt(context, 1, 0)
+        prompt = lm.inputs.prompt(context, 1, 0)
         image = doc_to_visual(doc)[0]
         nll, greedy = _reference_nll(ref_model, lm.processor, prompt, cont, image, layer)
         assert res.text[0] == pytest.approx(nll, rel=1e-4, abs=1e-5)
@@ -182,7 +183,7 @@ def test_generation_batched_equals_one_by_one_and_plain_hf(model_dir, task_objs,
     # plain transformers generate on one unpadded sample, the same prompt, greedy, cut at the stop string
     context, gen_kwargs, doc_to_visual, doc_id, _, split = reqs[1].args
     doc = lm1.task_dict[names["gen"]][split][doc_id]
-    batch = lm1.processor(text=[lm1._prompt(context, 1, 0)], images=doc_to_visual(doc), return_tensors="pt")
+    batch = lm1.processor(text=[lm1.inputs.prompt(context, 1, 0)], images=doc_to_visual(doc), return_tensors="pt")
     with torch.no_grad(), withdraw(ref_model, layer=layer):
         ids = ref_model.generate(**batch, max_new_tokens=gen_kwargs["max_new_tokens"], do_sample=False)
     text = lm1.tokenizer.decode(ids[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
@@ -200,7 +201,7 @@ def test_generation_records_flops_per_request(model_dir, task_objs):
     assert sorted(r.doc_id for r in records) == list(range(6))
     tok = lm.tokenizer
     for r, req in zip(sorted(records, key=lambda r: r.doc_id), reqs):
-        prompt = lm._prompt(req.args[0], 1, 0)
+        prompt = lm.inputs.prompt(req.args[0], 1, 0)
         doc = lm.task_dict[names["gen"]]["test"][r.doc_id]
         n_vision, encoder = _vision_tokens(lm, doc["image"].convert("RGB"))
         # the prompt's tokens but the one image placeholder (<image>, or Qwen's <|image_pad|>; its start/end are text)

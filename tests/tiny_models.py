@@ -18,183 +18,31 @@ from dataclasses import dataclass
 import torch
 import transformers as T
 
-FAMILIES = (
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "video_llava",
-    "llava_next_video",
+from vtw.families import (
+    SUPPORTED_FAMILIES,
+    TINY_HIDDEN,
+    TINY_IMAGE_ID,
+    TINY_PAD_ID,
+    TINY_VIDEO_ID,
+    TINY_VOCAB,
+    family,
+    family_specs,
+    get_family,
 )
-VIDEO_FAMILIES = ("llava_onevision", "qwen2_vl", "qwen2_5_vl", "video_llava", "llava_next_video")
 
-VOCAB = 160
-IMAGE_ID = 150
-VIDEO_ID = 151
-PAD_ID = 0
-HIDDEN = 32
+FAMILIES = SUPPORTED_FAMILIES
+VIDEO_FAMILIES = tuple(spec.model_type for spec in family_specs() if spec.video is not None)
 
-
-def _llama(num_layers: int, **kw) -> T.LlamaConfig:
-    return T.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=48,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-        **kw,
-    )
+VOCAB = TINY_VOCAB
+IMAGE_ID = TINY_IMAGE_ID
+VIDEO_ID = TINY_VIDEO_ID
+PAD_ID = TINY_PAD_ID
+HIDDEN = TINY_HIDDEN
 
 
-def _clip(image_size: int = 32, patch: int = 8) -> T.CLIPVisionConfig:
-    return T.CLIPVisionConfig(
-        hidden_size=24,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=24,
-    )
-
-
-def _qwen_text(cls, num_layers: int, **kw):
-    return cls(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=48,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-        pad_token_id=PAD_ID,
-        tie_word_embeddings=False,
-        **kw,
-    )
-
-
-def tiny_config(family: str, num_layers: int = 4) -> T.PreTrainedConfig:
-    """A tiny config of ``family`` with an ``num_layers``-layer language decoder (hidden 32, 4 heads, 2 KV heads)."""
-    if family == "llava":
-        return T.LlavaConfig(
-            text_config=_llama(num_layers),
-            vision_config=_clip(),
-            image_token_id=IMAGE_ID,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            tie_word_embeddings=False,
-        )
-    if family == "llava_next":
-        return T.LlavaNextConfig(
-            text_config=_llama(num_layers),
-            vision_config=_clip(),
-            image_token_id=IMAGE_ID,
-            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            tie_word_embeddings=False,
-        )
-    if family == "llava_onevision":
-        text = T.Qwen2Config(
-            vocab_size=VOCAB,
-            hidden_size=HIDDEN,
-            intermediate_size=48,
-            num_hidden_layers=num_layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=512,
-            pad_token_id=PAD_ID,
-            tie_word_embeddings=False,
-        )
-        vision = T.SiglipVisionConfig(
-            hidden_size=24,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        )
-        return T.LlavaOnevisionConfig(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=IMAGE_ID,
-            video_token_id=VIDEO_ID,
-            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-            vision_feature_layer=-1,
-            vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_9",
-            tie_word_embeddings=False,
-        )
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        if family == "qwen2_vl":
-            text = _qwen_text(T.Qwen2VLTextConfig, num_layers)
-            vision = T.Qwen2VLVisionConfig(
-                depth=2, embed_dim=16, hidden_size=HIDDEN, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2
-            )
-            cls = T.Qwen2VLConfig
-        else:
-            text = _qwen_text(T.Qwen2_5_VLTextConfig, num_layers)
-            vision = T.Qwen2_5_VLVisionConfig(
-                depth=2,
-                hidden_size=16,
-                intermediate_size=32,
-                out_hidden_size=HIDDEN,
-                num_heads=2,
-                patch_size=4,
-                spatial_merge_size=2,
-                window_size=16,
-                fullatt_block_indexes=[1],
-            )
-            cls = T.Qwen2_5_VLConfig
-        return cls(
-            text_config=text,
-            vision_config=vision,
-            image_token_id=IMAGE_ID,
-            video_token_id=VIDEO_ID,
-            vision_start_token_id=152,
-            vision_end_token_id=153,
-            tie_word_embeddings=False,
-        )
-    if family == "video_llava":
-        return T.VideoLlavaConfig(
-            text_config=_llama(num_layers),
-            vision_config=_clip(),
-            image_token_id=IMAGE_ID,
-            video_token_id=VIDEO_ID,
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            tie_word_embeddings=False,
-        )
-    if family == "llava_next_video":
-        return T.LlavaNextVideoConfig(
-            text_config=_llama(num_layers),
-            vision_config=_clip(),
-            image_token_id=IMAGE_ID,
-            video_token_id=VIDEO_ID,
-            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            spatial_pool_stride=2,
-            tie_word_embeddings=False,
-        )
-    raise ValueError(f"unknown tiny family {family!r}; known: {FAMILIES}")
-
-
-_MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "qwen2_vl": "Qwen2VLForConditionalGeneration",
-    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-    "video_llava": "VideoLlavaForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-}
+def tiny_config(family_name: str, num_layers: int = 4) -> T.PreTrainedConfig:
+    """A tiny config of ``family_name`` with an ``num_layers``-layer language decoder (the registry's builder)."""
+    return family(family_name).tiny_config(num_layers)
 
 
 def build_tiny_model(
@@ -204,7 +52,7 @@ def build_tiny_model(
     config = tiny_config(family, num_layers)
     config._attn_implementation = attn_implementation
     torch.manual_seed(seed)
-    model = getattr(T, _MODEL_CLASSES[family])(config).eval()
+    model = getattr(T, get_family(config).model_class)(config).eval()
     # Random init (std 0.02) gives near-uniform attention, under which token positions barely matter and a wrong
     # position or mask would go unnoticed. Sharpen the decoder: larger embeddings and query/key projections.
     with torch.no_grad():
@@ -231,13 +79,13 @@ def _pixels(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.rand(*shape, generator=g) * 2 - 1
 
 
-def _image_inputs(family: str, model, samples: list[Sample], g: torch.Generator) -> tuple[dict, list[list[int]]]:
+def _image_inputs(family_name: str, model, samples: list[Sample], g: torch.Generator) -> tuple[dict, list[list[int]]]:
     """Pixel kwargs for every image of the batch and the token count of each image, per sample."""
     n = sum(s.images for s in samples)
     if n == 0:
         return {}, [[] for _ in samples]
-    inner = model.model
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    inner, spec = model.model, family(family_name)
+    if spec.image_layout == "grid":
         vc = model.config.vision_config
         patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         grids, rows = [], []
@@ -248,18 +96,12 @@ def _image_inputs(family: str, model, samples: list[Sample], g: torch.Generator)
                 rows.append(_pixels(g, h * w, patch_dim))
         grid = torch.tensor(grids)
         counts = (grid.prod(-1) // vc.spatial_merge_size**2).tolist()
-        kwargs = {"pixel_values": torch.cat(rows), "image_grid_thw": grid}
-    elif family == "llava":
+        kwargs = {spec.image_key: torch.cat(rows), "image_grid_thw": grid}
+    elif spec.image_layout == "single":  # LLaVA-1.5, Video-LLaVA (its own pixel key)
         size = model.config.vision_config.image_size
-        kwargs = {"pixel_values": _pixels(g, n, 3, size, size)}
+        kwargs = {spec.image_key: _pixels(g, n, 3, size, size)}
         with torch.no_grad():
-            feats = inner.get_image_features(**kwargs).pooler_output
-        counts = [int(f.shape[0]) for f in feats]
-    elif family == "video_llava":
-        size = model.config.vision_config.image_size
-        kwargs = {"pixel_values_images": _pixels(g, n, 3, size, size)}
-        with torch.no_grad():
-            feats = inner.get_image_features(kwargs["pixel_values_images"]).pooler_output
+            feats = inner.get_image_features(kwargs[spec.image_key]).pooler_output
         counts = [int(f.shape[0]) for f in feats] if isinstance(feats, (list, tuple)) else [feats.shape[1]] * n
     else:  # anyres families: llava_next, llava_onevision, llava_next_video
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -270,7 +112,7 @@ def _image_inputs(family: str, model, samples: list[Sample], g: torch.Generator)
         pv = torch.zeros(n, max(n_crops), 3, size, size)
         for i, c in enumerate(n_crops):
             pv[i, :c] = _pixels(g, c, 3, size, size)
-        kwargs = {"pixel_values": pv, "image_sizes": torch.tensor(sizes)}
+        kwargs = {spec.image_key: pv, "image_sizes": torch.tensor(sizes)}
         with torch.no_grad():
             feats = inner.get_image_features(**kwargs).pooler_output
         counts = [int(f.shape[0]) for f in feats]
@@ -280,23 +122,23 @@ def _image_inputs(family: str, model, samples: list[Sample], g: torch.Generator)
     return kwargs, per_sample
 
 
-def _video_inputs(family: str, model, samples: list[Sample], g: torch.Generator, frames: int = 2):
+def _video_inputs(family_name: str, model, samples: list[Sample], g: torch.Generator, frames: int = 2):
     n = sum(s.videos for s in samples)
     if n == 0:
         return {}, [[] for _ in samples]
-    inner = model.model
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    inner, spec = model.model, family(family_name)
+    if spec.video == "grid":
         vc = model.config.vision_config
         patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         h = w = 32 // vc.patch_size
         t = frames // vc.temporal_patch_size
         grid = torch.tensor([[t, h, w]] * n)
-        kwargs = {"pixel_values_videos": _pixels(g, n * t * h * w, patch_dim), "video_grid_thw": grid}
+        kwargs = {spec.video_key: _pixels(g, n * t * h * w, patch_dim), "video_grid_thw": grid}
         counts = (grid.prod(-1) // vc.spatial_merge_size**2).tolist()
     else:
         size = model.config.vision_config.image_size
-        key = "pixel_values_videos"
-        kwargs = {key: _pixels(g, n, frames if family != "video_llava" else 8, 3, size, size)}
+        key = spec.video_key
+        kwargs = {key: _pixels(g, n, spec.video_frames or frames, 3, size, size)}
         with torch.no_grad():
             out = inner.get_video_features(kwargs[key])
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
@@ -311,10 +153,10 @@ def _video_inputs(family: str, model, samples: list[Sample], g: torch.Generator,
 
 
 def _single(model, sample: Sample, seed: int) -> dict[str, torch.Tensor]:
-    family = family_of(model)
+    spec = get_family(model)
     g = torch.Generator().manual_seed(seed)
-    img_kwargs, (ic,) = _image_inputs(family, model, [sample], g)
-    vid_kwargs, (vc,) = _video_inputs(family, model, [sample], g)
+    img_kwargs, (ic,) = _image_inputs(spec.model_type, model, [sample], g)
+    vid_kwargs, (vc,) = _video_inputs(spec.model_type, model, [sample], g)
     image_id = model.config.image_token_id
     video_id = getattr(model.config, "video_token_id", None)
     ids = torch.randint(1, 140, (sample.prefix,), generator=g).tolist()
@@ -325,7 +167,7 @@ def _single(model, sample: Sample, seed: int) -> dict[str, torch.Tensor]:
     ids += torch.randint(1, 140, (sample.suffix,), generator=g).tolist()
     ids_t = torch.tensor([ids])
     out = {"input_ids": ids_t, "attention_mask": torch.ones_like(ids_t), **img_kwargs, **vid_kwargs}
-    if family in ("qwen2_vl", "qwen2_5_vl"):  # M-RoPE needs the token types: 0 text, 1 image, 2 video
+    if spec.mrope:  # M-RoPE needs the token types: 0 text, 1 image, 2 video
         out["mm_token_type_ids"] = (ids_t == image_id).int() + 2 * (ids_t == video_id).int()
     return out
 
@@ -367,8 +209,4 @@ def make_singles(model, samples: list[Sample], seed: int = 0) -> list[dict[str, 
 
 
 def family_of(model) -> str:
-    name = type(model).__name__
-    for fam, cls in _MODEL_CLASSES.items():
-        if cls == name:
-            return fam
-    raise ValueError(f"not a tiny-model class: {name}")
+    return get_family(model).model_type

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..families import get_family
+from ..families import FamilySpec, family, get_family
 
 #: Text-model types whose MLP is gated (gate_proj, up_proj, down_proj: three d x m matrices) and whose attention is
 #: q/k/v/o projections with grouped KV heads. Every supported family's decoder is one of these.
@@ -152,8 +152,14 @@ class Architecture:
     vision_aspect_ratio: str | None = None  # LLaVA-OneVision's "anyres_max_N"
 
     @property
+    def spec(self) -> FamilySpec:
+        """The family's registry entry."""
+        return family(self.family)
+
+    @property
     def is_qwen(self) -> bool:
-        return self.vision.kind in ("qwen2_vl", "qwen2_5_vl")
+        """A Qwen ViT over a native-resolution patch grid (token counts follow ``image_grid_thw``)."""
+        return self.spec.image_layout == "grid"
 
 
 def _int(value, what: str) -> int:
@@ -202,59 +208,97 @@ def _num_feature_layers(config) -> int:
     return 1 if isinstance(layer, int) else len(layer)
 
 
-def _pooled_side(side: int, stride: int) -> int:
-    return side // stride  # AvgPool2d / MaxPool2d with kernel = stride = s, no padding
+def _qwen2_vl_vision(vc) -> tuple[VisionDims, int]:
+    """The Qwen2-VL ViT and its merger's output width."""
+    width = _int(vc.embed_dim, "vision embed_dim")
+    vision = VisionDims(
+        kind="qwen2_vl",
+        hidden=width,
+        intermediate=int(width * vc.mlp_ratio),
+        layers=_int(vc.depth, "vision depth"),
+        heads=_int(vc.num_heads, "vision num_heads"),
+        patch=_int(vc.patch_size, "vision patch_size"),
+        channels=int(getattr(vc, "in_channels", 3)),
+        temporal_patch=_int(vc.temporal_patch_size, "vision temporal_patch_size"),
+        spatial_merge=_int(vc.spatial_merge_size, "vision spatial_merge_size"),
+    )
+    return vision, _int(vc.hidden_size, "vision hidden_size (merger output)")
+
+
+def _qwen2_5_vl_vision(vc) -> tuple[VisionDims, int]:
+    """The Qwen2.5-VL ViT (windows, gated MLP) and its merger's output width."""
+    merge = _int(vc.spatial_merge_size, "vision spatial_merge_size")
+    patch = _int(vc.patch_size, "vision patch_size")
+    vision = VisionDims(
+        kind="qwen2_5_vl",
+        hidden=_int(vc.hidden_size, "vision hidden_size"),
+        intermediate=_int(vc.intermediate_size, "vision intermediate_size"),
+        layers=_int(vc.depth, "vision depth"),
+        heads=_int(vc.num_heads, "vision num_heads"),
+        patch=patch,
+        channels=int(getattr(vc, "in_channels", 3)),
+        temporal_patch=_int(vc.temporal_patch_size, "vision temporal_patch_size"),
+        spatial_merge=merge,
+        window_patches=_int(vc.window_size, "vision window_size") // merge // patch,
+        full_attention_blocks=tuple(int(i) for i in vc.fullatt_block_indexes),
+        gated_mlp=True,
+    )
+    return vision, _int(vc.out_hidden_size, "vision out_hidden_size")
+
+
+#: FamilySpec.encoder of the Qwen families -> reader of (vision dims, merger output width)
+_QWEN_ENCODERS = {"qwen2_vl": _qwen2_vl_vision, "qwen2_5_vl": _qwen2_5_vl_vision}
+#: vision_config.model_type of the fixed-resolution towers -> VisionDims.kind
+_FIXED_ENCODERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+
+
+def _selected_tokens(config, vision: VisionDims) -> int:
+    """Projector rows per image input under ``vision_feature_select_strategy``."""
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"vision_feature_select_strategy={strategy!r}; allowed: 'default', 'full'")
+    if strategy == "full":
+        return vision.tokens_per_input
+    if vision.has_cls:
+        return vision.patches_per_input
+    return vision.patches_per_input - 1  # no class token: the model drops the first patch, as transformers does
+
+
+def _video_tokens(spec: FamilySpec, config, vision: VisionDims, selected: int) -> tuple[int | None, int | None, int]:
+    """(projector rows per frame, decoder tokens per frame, decoder tokens added once per video) of a fixed-resolution
+    family, following ``spec.video``; ``(None, None, 0)`` when it takes no video."""
+    side = int(math.isqrt(vision.patches_per_input))
+    if spec.video is None:
+        return None, None, 0
+    if spec.video == "frames":
+        return vision.tokens_per_input, vision.tokens_per_input, 0  # every token kept, class token included
+    if spec.video == "pooled":
+        mode = getattr(config, "spatial_pool_mode", "average")
+        if mode not in ("average", "max"):
+            raise ValueError(f"{spec.display} spatial_pool_mode={mode!r} is not covered; covered: average, max")
+        pooled = (side // int(config.spatial_pool_stride)) ** 2  # Avg/MaxPool2d, kernel = stride, no padding
+        return pooled, pooled, 0  # pooled before the projector
+    if spec.video == "resized":
+        return selected, math.ceil(side / 2) ** 2, 1  # projected, then bilinearly resized; one newline per video
+    raise ValueError(f"{spec.display}: video layout {spec.video!r} is not covered by the FLOPs model")
 
 
 def architecture(config) -> Architecture:
-    """Read an :class:`Architecture` from a config of a supported family.
+    """Read an :class:`Architecture` from a config of a supported family (its :class:`FamilySpec` says how).
 
     Raises:
         ValueError: unsupported family (listing the supported ones), or a configuration option the FLOPs model does
             not cover (named in the message).
     """
     spec = get_family(config)  # ValueError listing the supported families
-    family = spec.model_type
     text = config.get_text_config() if hasattr(config, "get_text_config") else config.text_config
     decoder = _decoder(text)
     vc = config.vision_config
-    if family in ("qwen2_vl", "qwen2_5_vl"):
-        merge = _int(vc.spatial_merge_size, "vision spatial_merge_size")
-        patch = _int(vc.patch_size, "vision patch_size")
-        if family == "qwen2_vl":
-            width = _int(vc.embed_dim, "vision embed_dim")
-            vision = VisionDims(
-                kind="qwen2_vl",
-                hidden=width,
-                intermediate=int(width * vc.mlp_ratio),
-                layers=_int(vc.depth, "vision depth"),
-                heads=_int(vc.num_heads, "vision num_heads"),
-                patch=patch,
-                channels=int(getattr(vc, "in_channels", 3)),
-                temporal_patch=_int(vc.temporal_patch_size, "vision temporal_patch_size"),
-                spatial_merge=merge,
-            )
-            out_dim = _int(vc.hidden_size, "vision hidden_size (merger output)")
-        else:
-            width = _int(vc.hidden_size, "vision hidden_size")
-            vision = VisionDims(
-                kind="qwen2_5_vl",
-                hidden=width,
-                intermediate=_int(vc.intermediate_size, "vision intermediate_size"),
-                layers=_int(vc.depth, "vision depth"),
-                heads=_int(vc.num_heads, "vision num_heads"),
-                patch=patch,
-                channels=int(getattr(vc, "in_channels", 3)),
-                temporal_patch=_int(vc.temporal_patch_size, "vision temporal_patch_size"),
-                spatial_merge=merge,
-                window_patches=_int(vc.window_size, "vision window_size") // merge // patch,
-                full_attention_blocks=tuple(int(i) for i in vc.fullatt_block_indexes),
-                gated_mlp=True,
-            )
-            out_dim = _int(vc.out_hidden_size, "vision out_hidden_size")
-        merged = width * merge**2
+    if spec.encoder in _QWEN_ENCODERS:
+        vision, out_dim = _QWEN_ENCODERS[spec.encoder](vc)
+        merged = vision.hidden * vision.spatial_merge**2
         return Architecture(
-            family=family,
+            family=spec.model_type,
             display=spec.display,
             decoder=decoder,
             vision=vision,
@@ -262,54 +306,32 @@ def architecture(config) -> Architecture:
             tokens=None,
             anyres=False,
         )
-
     vision_type = getattr(vc, "model_type", None)
-    kinds = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
-    if vision_type not in kinds:
+    if vision_type not in _FIXED_ENCODERS:
         raise ValueError(
             f"{spec.display}: vision tower model_type={vision_type!r} is not covered by the FLOPs model; "
-            f"covered: {tuple(kinds)}"
+            f"covered: {tuple(_FIXED_ENCODERS)}"
         )
-    vision = _fixed_vision(vc, kinds[vision_type])
+    vision = _fixed_vision(vc, _FIXED_ENCODERS[vision_type])
     projector = ProjectorDims(vision.hidden * _num_feature_layers(config), decoder.hidden, decoder.hidden)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy not in ("default", "full"):
-        raise ValueError(f"vision_feature_select_strategy={strategy!r}; allowed: 'default', 'full'")
-    selected = vision.patches_per_input if strategy == "default" and vision.has_cls else vision.tokens_per_input
-    if strategy == "default" and not vision.has_cls:
-        selected = vision.patches_per_input - 1  # the model drops the first patch: what transformers does
-    side = int(math.isqrt(vision.patches_per_input))
-    anyres = family in ("llava_next", "llava_onevision", "llava_next_video")
-    video_proj = video_dec = None
-    video_extra = 0
-    if family == "video_llava":
-        video_proj = video_dec = vision.tokens_per_input  # videos keep every token, class token included
-    elif family == "llava_next_video":
-        mode = getattr(config, "spatial_pool_mode", "average")
-        if mode not in ("average", "max"):
-            raise ValueError(f"LLaVA-NeXT-Video spatial_pool_mode={mode!r} is not covered; covered: average, max")
-        pooled = _pooled_side(side, int(config.spatial_pool_stride)) ** 2
-        video_proj = video_dec = pooled  # pooled before the projector
-    elif family == "llava_onevision":
-        video_proj = selected  # projected, then bilinearly resized to ceil(side / 2) squared
-        video_dec = math.ceil(side / 2) ** 2
-        video_extra = 1  # one image_newline per video
+    selected = _selected_tokens(config, vision)
+    video_proj, video_dec, video_extra = _video_tokens(spec, config, vision, selected)
     tokens = TokenRules(
         image_projector_tokens=selected,
-        image_decoder_tokens=None if anyres else selected,
+        image_decoder_tokens=None if spec.anyres else selected,
         video_projector_tokens=video_proj,
         video_decoder_tokens=video_dec,
         video_extra_tokens=video_extra,
     )
     pinpoints = tuple((int(h), int(w)) for h, w in (getattr(config, "image_grid_pinpoints", None) or ()))
     return Architecture(
-        family=family,
+        family=spec.model_type,
         display=spec.display,
         decoder=decoder,
         vision=vision,
         projector=projector,
         tokens=tokens,
-        anyres=anyres,
+        anyres=spec.anyres,
         image_grid_pinpoints=pinpoints,
-        vision_aspect_ratio=getattr(config, "vision_aspect_ratio", None) if family == "llava_onevision" else None,
+        vision_aspect_ratio=getattr(config, "vision_aspect_ratio", None) if spec.image_layout == "anyres_max" else None,
     )

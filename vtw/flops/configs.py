@@ -1,7 +1,7 @@
 """Configs of real checkpoints, shipped with vtw so that FLOPs can be planned offline without weights.
 
-``vtw/assets/hf_configs/<name>.json`` holds the public ``config.json`` facts of one checkpoint (provenance in that
-folder's README.md). :func:`load_model_config` accepts a shipped name, the checkpoint's hub id, a folder of vtw's
+``vtw/assets/hf_configs/<name>.json`` holds the public ``config.json`` facts of one checkpoint, its hub id as
+``_name_or_path`` (provenance in that folder's README.md). :func:`load_model_config` accepts a shipped name, the checkpoint's hub id, a folder of vtw's
 assets with a ``config.json`` (e.g. the embedded ``tiny-llava``), a path to a ``config.json`` or to a folder holding
 one, or a config object.
 """
@@ -14,18 +14,6 @@ from pathlib import Path
 
 from transformers import AutoConfig, PretrainedConfig
 
-#: shipped name -> hub id of the checkpoint whose config.json it reproduces
-SHIPPED_CHECKPOINTS: dict[str, str] = {
-    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
-    "llava-1.5-13b": "llava-hf/llava-1.5-13b-hf",
-    "llava-next-7b": "llava-hf/llava-v1.6-vicuna-7b-hf",
-    "llava-onevision-7b": "llava-hf/llava-onevision-qwen2-7b-ov-hf",
-    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
-    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
-    "video-llava-7b": "LanguageBind/Video-LLaVA-7B-hf",
-    "llava-next-video-7b": "llava-hf/LLaVA-NeXT-Video-7B-hf",
-}
-
 
 def _assets() -> Path:
     return Path(str(resources.files("vtw") / "assets"))
@@ -33,6 +21,29 @@ def _assets() -> Path:
 
 def shipped_config_path(name: str) -> Path:
     return _assets() / "hf_configs" / f"{name}.json"
+
+
+def _shipped_checkpoints() -> dict[str, str]:
+    """``{name: hub id}`` of ``vtw/assets/hf_configs/<name>.json``, read from each file's ``_name_or_path``."""
+    out = {}
+    for path in sorted((_assets() / "hf_configs").glob("*.json")):
+        hub = json.loads(path.read_text()).get("_name_or_path")
+        if not isinstance(hub, str) or "/" not in hub:
+            raise ValueError(f"{path}: _name_or_path must be the checkpoint's hub id (owner/name), got {hub!r}")
+        out[path.stem] = hub
+    return out
+
+
+#: shipped name -> hub id of the checkpoint whose config.json it reproduces. Its one home is the shipped file's
+#: ``_name_or_path`` (``conf/model/<name>.yaml`` reads it too: ``pretrained: ${vtw_checkpoint:<name>}``).
+SHIPPED_CHECKPOINTS: dict[str, str] = _shipped_checkpoints()
+
+
+def checkpoint_of(name: str) -> str:
+    """The hub id of the shipped checkpoint ``name``; ``ValueError`` listing the shipped names otherwise."""
+    if name not in SHIPPED_CHECKPOINTS:
+        raise ValueError(f"no shipped checkpoint {name!r}; shipped: {', '.join(SHIPPED_CHECKPOINTS)}")
+    return SHIPPED_CHECKPOINTS[name]
 
 
 def available_models() -> list[str]:

@@ -174,7 +174,7 @@ def workload_from_inputs(
             if image_sizes is None:
                 raise ValueError(f"{arch.display}: image_sizes is needed to count the crops of 5-D pixel_values")
             sizes = [tuple(int(v) for v in s) for s in image_sizes.tolist()]
-            if arch.family == "llava_onevision" and len(sizes) > 1:
+            if arch.spec.image_layout == "anyres_max" and len(sizes) > 1:
                 image_inputs = len(sizes)  # several images in one sample: no tiling, one crop each
             else:
                 tile = arch.vision.image_size

@@ -25,23 +25,27 @@ convention, ``(mean negative log-likelihood of the continuation tokens, is_greed
 multiple-choice scoring takes the argmin, as its HF wrappers return the token loss). Each request's cost is recorded
 (:class:`~vtw.lmms.records.RequestRecord`: tokens, FLOPs in two conventions at ``layer`` and at ``K = L``, model-call
 latency) in ``model.records``; the pipeline reads them with :meth:`VTWModel.pop_records`.
+
+This module is the adapter (argument checks, loading, the request loop, generation and scoring); the input
+preparation is :class:`vtw.lmms.inputs.InputBuilder` (``model.inputs``, public: the layer search uses it too) and the
+per-request FLOPs accounting :class:`vtw.lmms.meter.FlopsMeter` (``model.meter``).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
-from ..families import get_family, num_decoder_layers, vision_token_mask
+from ..families import get_family, num_decoder_layers
 from ..withdraw import validate_layer, withdraw
-from .batching import gen_kwargs_key, plan_batches
+from .batching import plan_batches
+from .inputs import InputBuilder, Prepared, read_template
+from .meter import FlopsMeter
 from .progress import Progress
 from .records import RequestRecord
 
@@ -105,20 +109,6 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-@dataclass
-class _Prepared:
-    """One request made ready for batching."""
-
-    index: int
-    task: str
-    doc_id: int
-    prompt: str  # chat-formatted prompt text (with the processor's vision placeholders)
-    images: list
-    videos: list
-    continuation: str = ""
-    gen_kwargs: dict | None = None
-
-
 class VTWModel(lmms):
     """lmms-eval model class registered as ``vtw`` (see the module docstring for its arguments)."""
 
@@ -164,6 +154,7 @@ class VTWModel(lmms):
             raise ValueError(f"vtw model: batch_size must be a positive integer, got {batch_size}")
         if int(max_new_tokens) < 1:
             raise ValueError(f"vtw model: max_new_tokens must be >= 1, got {max_new_tokens}")
+        read_template(chat_template)  # neither a file nor a template: ValueError before any weight is loaded
         self._device = resolve_device(device)
         self._dtype = resolve_dtype(dtype, self._device)
         self._batch_size = batch_size
@@ -190,23 +181,20 @@ class VTWModel(lmms):
             pretrained, dtype=self._dtype, attn_implementation=attn_implementation, **hub_kw
         )
         self._model = model.to(self._device).eval()
-        self._processor = AutoProcessor.from_pretrained(pretrained, **hub_kw)
-        self._tokenizer = getattr(self._processor, "tokenizer", None) or self._processor
-        self._tokenizer.padding_side = "left"
-        if self._tokenizer.pad_token_id is None:
-            self._tokenizer.pad_token = self._tokenizer.eos_token
-        self._chat_template = _read_template(chat_template)
-        if self._chat_template is None and getattr(self._processor, "chat_template", None) is None:
-            if getattr(self._tokenizer, "chat_template", None) is None:
-                raise ValueError(
-                    f"vtw model: {pretrained!r} has no chat template (processor or tokenizer); pass "
-                    "chat_template=<jinja string or file>"
-                )
-            self._chat_template = self._tokenizer.chat_template
+        self.inputs = InputBuilder(
+            AutoProcessor.from_pretrained(pretrained, **hub_kw),
+            family,
+            device=self._device,
+            dtype=self._dtype,
+            chat_template=chat_template,
+            max_frames_num=max_frames_num,
+            name=pretrained,
+        )
+        self._processor, self._tokenizer = self.inputs.processor, self.inputs.tokenizer
         self.family = family
         self._handle = None
         self._method = method
-        self.records: list[RequestRecord] = []
+        self.meter = FlopsMeter(self._model.config)
         self.warmed_up = False
         self.set_layer(layer, method)
 
@@ -264,17 +252,21 @@ class VTWModel(lmms):
         self._handle = withdraw(self._model, layer=layer, method=method)
         self._method = method
 
+    @property
+    def records(self) -> list[RequestRecord]:
+        """The measurements not yet popped, one per request."""
+        return self.meter.records
+
     def pop_records(self) -> list[RequestRecord]:
         """The measurements since the last call (and forget them)."""
-        out, self.records = self.records, []
-        return out
+        return self.meter.pop()
 
     def clean(self) -> None:
         """lmms-eval calls this after inference; the base class would delete the model. Keep it, free caches."""
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ------------------------------------------------------------------ inputs
+    # ------------------------------------------------------------------ serving
     def _doc(self, task: str, split: str, doc_id: int):
         try:
             return self.task_dict[task][split][doc_id]
@@ -284,75 +276,46 @@ class VTWModel(lmms):
                 "model.task_dict (calling evaluate() directly does not)"
             ) from e
 
-    def _visuals(self, doc_to_visual, doc) -> tuple[list, list]:
-        """Split ``doc_to_visual(doc)`` into RGB PIL images and video paths."""
-        from PIL import Image
+    def _serve(self, requests: list[Instance], kind: str) -> list[GenerationResult]:
+        """The request loop of both request types: prepare every request, batch them per task and generation
+        settings (longest first), run each batch, put the results back in request order, log the totals."""
+        loglik = kind == "loglikelihood"
+        run_batch = self._loglikelihood_batch if loglik else self._generate_batch
+        prepared = [self.inputs.prepare(i, r, self._doc, loglik=loglik) for i, r in enumerate(requests)]
+        batches = plan_batches([p.group for p in prepared], [p.length for p in prepared], self._batch_size)
+        results: list[GenerationResult | None] = [None] * len(prepared)
+        start = len(self.records)
+        label = "vtw loglikelihood" if loglik else "vtw generate"
+        with Progress(len(prepared), label, enabled=self.progress) as bar:
+            for idx in batches:
+                batch = [prepared[i] for i in idx]
+                for p, out in zip(batch, run_batch(batch)):
+                    results[p.index] = out
+                bar.update(len(batch))
+        self.meter.log_throughput(self.records[start:], self.layer)
+        return results
 
-        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
-        if visuals is None:
-            visuals = []
-        if not isinstance(visuals, (list, tuple)):
-            visuals = [visuals]
-        images, videos = [], []
-        for v in visuals:
-            if isinstance(v, Image.Image):
-                images.append(v.convert("RGB"))
-            elif isinstance(v, (str, os.PathLike)):
-                videos.append(os.fspath(v))
-            else:
-                raise ValueError(
-                    f"vtw model: unsupported visual input of type {type(v).__name__} (images and video paths only)"
-                )
-        return images, videos
+    def _timed(self, batch: list[Prepared], texts: list[str], call) -> tuple:
+        """Encode ``texts`` with the batch's visuals and run ``call(inputs)``, timed (after the one-off warm-up).
 
-    def _prompt(self, context: str, n_images: int, n_videos: int) -> str:
-        """The chat-formatted prompt: one user turn with the vision inputs first, then the text."""
-        text = context.replace("<image>", "").replace("<video>", "").strip() if (n_images or n_videos) else context
-        content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": text}]
-        messages = [{"role": "user", "content": content}]
-        kwargs = {"chat_template": self._chat_template} if self._chat_template is not None else {}
-        return self._processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+        Returns:
+            ``(inputs, call's output, seconds per request, [SampleCost] per request)``.
+        """
+        images = [x for p in batch for x in p.images]
+        videos = [x for p in batch for x in p.videos]
+        inputs = self.inputs.encode(texts, images, videos)
+        costs = self.meter.costs(inputs, batch)
+        self._warm_up(inputs)
+        self._sync()
+        t0 = time.perf_counter()
+        out = call(inputs)
+        self._sync()
+        return inputs, out, (time.perf_counter() - t0) / len(batch), costs
 
-    def _load_videos(self, paths: list[str]) -> list:
-        from transformers.video_utils import load_video
-
-        frames = []
-        for p in paths:
-            out = load_video(p, num_frames=self.max_frames_num)
-            frames.append(out[0] if isinstance(out, tuple) else out)
-        return frames
-
-    def _encode(self, texts: list[str], images: list, videos: list):
-        """Run the processor on a batch (left padding); tensors on the model's device, floats in its dtype."""
-        kwargs = {"text": texts, "padding": True, "return_tensors": "pt"}
-        if images:
-            kwargs["images"] = images
-        if videos:
-            if self.family.model_type in ("llava", "llava_next"):
-                raise ValueError(f"vtw model: {self.family.display} takes no video input")
-            kwargs["videos"] = self._load_videos(videos)
-        batch = self._processor(**kwargs)
-        return batch.to(self._device, dtype=self._dtype) if hasattr(batch, "to") else batch
-
-    def _prepare(self, index: int, req: Instance, *, loglik: bool) -> _Prepared:
-        if len(req.args) != 6:  # e.g. the unconditional ("", choice) requests of acc_mutual_info
-            raise ValueError(
-                f"vtw model: unsupported {req.request_type} request with {len(req.args)} arguments (task "
-                f"{getattr(req, 'task_name', '?')}); expected (context, target/gen_kwargs, doc_to_visual, doc_id, task, split)"
-            )
-        context, second, doc_to_visual, doc_id, task, split = req.args
-        doc = self._doc(task, split, doc_id)
-        images, videos = self._visuals(doc_to_visual, doc)
-        prompt = self._prompt(context, len(images), len(videos))
-        p = _Prepared(index, task, int(doc_id), prompt, images, videos)
-        if loglik:
-            cont = second if isinstance(second, str) else second(doc)
-            if isinstance(cont, (list, tuple)):
-                cont = cont[0]
-            p.continuation = str(cont)
-        else:
-            p.gen_kwargs = dict(second or {})
-        return p
+    def _record(self, p: Prepared, kind: str, cost, generated: int, logits: int, latency: float, bs: int) -> None:
+        self.meter.record(
+            p, kind, cost, layer=self.layer, generated=generated, logits=logits, latency=latency, batch_size=bs
+        )
 
     # ------------------------------------------------------------------ measurement
     def _sync(self) -> None:
@@ -370,131 +333,13 @@ class VTWModel(lmms):
         self._sync()
         self.warmed_up = True
 
-    def _token_counts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[list[int], list[int]]:
-        """Per row: (vision tokens, other non-padding tokens)."""
-        vision = vision_token_mask(self._model.config, input_ids) & attention_mask.bool()
-        n_vision = vision.sum(1)
-        n_text = attention_mask.bool().sum(1) - n_vision
-        return n_vision.tolist(), n_text.tolist()
-
-    def _workloads(self, inputs, batch: list[_Prepared]) -> list:
-        """Per sample of a processed batch, its vision-encoder workload (:class:`vtw.flops.VisionWorkload`).
-
-        The processor stacks the images (videos) of all samples in order along dim 0 of ``pixel_values`` /
-        ``image_sizes`` / ``image_grid_thw`` (``pixel_values_videos`` / ``video_grid_thw``): slice each sample's.
-        """
-        from ..flops import workload_from_inputs
-
-        def rows(name: str, counts: list[int]) -> list:
-            t = inputs.get(name)
-            if t is None:
-                return [None] * len(counts)
-            out, start = [], 0
-            for n in counts:
-                out.append(t[start : start + n] if n else None)
-                start += n
-            return out
-
-        n_img = [len(p.images) for p in batch]
-        n_vid = [len(p.videos) for p in batch]
-        pixel_name = "pixel_values" if "pixel_values" in inputs else "pixel_values_images"
-        cols = {
-            "pixel_values": rows(pixel_name, n_img),
-            "image_sizes": rows("image_sizes", n_img),
-            "image_grid_thw": rows("image_grid_thw", n_img),
-            "pixel_values_videos": rows("pixel_values_videos", n_vid),
-            "video_grid_thw": rows("video_grid_thw", n_vid),
-        }
-        if self.family.mrope:  # Qwen: pixel_values are flattened patches; the grids say everything
-            cols["pixel_values"] = cols["pixel_values_videos"] = [None] * len(batch)
-        return [
-            workload_from_inputs(self._model.config, **{k: v[b] for k, v in cols.items()}) for b in range(len(batch))
-        ]
-
-    def _record(
-        self,
-        p: _Prepared,
-        kind: str,
-        work,
-        n_vision: int,
-        n_text: int,
-        n_gen: int,
-        logits: int,
-        latency: float,
-        bs: int,
-    ):
-        """Append the :class:`RequestRecord` of one request (FLOPs at the current layer and at ``K = L``)."""
-        from ..flops import count_flops, paper_flops
-
-        cfg = self._model.config
-        if self.family.mrope:
-            enc = {"vision_grids": work.grids}
-        else:
-            enc = {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
-        tok = {"vision_tokens": int(n_vision), "text_tokens": int(n_text)}
-        k = self.layer
-        flops = count_flops(cfg, **tok, **enc, generated_tokens=n_gen, layer=k, prefill_logits=logits).total
-        full = count_flops(cfg, **tok, **enc, generated_tokens=n_gen, layer=None, prefill_logits=logits).total
-        self.records.append(
-            RequestRecord(
-                task=p.task,
-                doc_id=p.doc_id,
-                request_type=kind,
-                layer=k,
-                vision_tokens=int(n_vision),
-                text_tokens=int(n_text),
-                generated_tokens=int(n_gen),
-                images=len(p.images) + len(p.videos),
-                latency_s=latency,
-                batch_size=bs,
-                flops=float(flops),
-                flops_full=float(full),
-                paper_flops=float(paper_flops(cfg, **tok, layer=k)),
-                paper_flops_full=float(paper_flops(cfg, **tok, layer=None)),
-            )
-        )
-
-    def _log_throughput(self, kind: str, records: Sequence[RequestRecord]) -> None:
-        """Surface totals in lmms-eval's own ``results["throughput"]`` (its CLI shows them)."""
-        if not records:
-            return
-        from lmms_eval.models.model_utils.gen_metrics import log_metrics
-
-        elapsed = sum(r.latency_s for r in records)
-        gen = sum(r.generated_tokens for r in records)
-        flops = sum(r.flops for r in records)
-        full = sum(r.flops_full for r in records)
-        log_metrics(
-            total_elapsed_time=elapsed,
-            total_gen_tokens=gen,
-            avg_speed=gen / elapsed if elapsed > 0 else 0.0,
-            additional_metrics={
-                "requests": len(records),
-                "tflops_per_request": flops / len(records) / 1e12,
-                "tflops_saved_pct": 100.0 * (1.0 - flops / full) if full > 0 else 0.0,
-                "vtw_layer": -1 if self.layer is None else self.layer,
-            },
-        )
-
     # ------------------------------------------------------------------ lmms API
     @torch.inference_mode()
     def generate_until(self, requests: list[Instance]) -> list[GenerationResult]:
         """Greedy (or task-configured) generation, batched per task and generation settings, left-padded."""
-        prepared = [self._prepare(i, r, loglik=False) for i, r in enumerate(requests)]
-        keys = [(p.task, gen_kwargs_key(p.gen_kwargs)) for p in prepared]
-        batches = plan_batches(keys, [len(p.prompt) for p in prepared], self._batch_size)
-        results: list[GenerationResult | None] = [None] * len(prepared)
-        start = len(self.records)
-        with Progress(len(prepared), "vtw generate", enabled=self.progress) as bar:
-            for idx in batches:
-                batch = [prepared[i] for i in idx]
-                for p, out in zip(batch, self._generate_batch(batch)):
-                    results[p.index] = out
-                bar.update(len(batch))
-        self._log_throughput("generate_until", self.records[start:])
-        return results
+        return self._serve(requests, "generate_until")
 
-    def _generate_batch(self, batch: list[_Prepared]) -> list[GenerationResult]:
+    def _generate_batch(self, batch: list[Prepared]) -> list[GenerationResult]:
         gen = dict(batch[0].gen_kwargs or {})
         until = gen.pop("until", None) or []
         if isinstance(until, str):
@@ -522,23 +367,18 @@ class VTWModel(lmms):
         if until:
             kwargs["stopping_criteria"] = _stop_criteria(self._tokenizer, until)
 
-        inputs = self._encode([p.prompt for p in batch], _flat(p.images for p in batch), _flat(p.videos for p in batch))
-        n_vision, n_text = self._token_counts(inputs["input_ids"], inputs["attention_mask"])
-        works = self._workloads(inputs, batch)
-        self._warm_up(inputs)
-        self._sync()
-        t0 = time.perf_counter()
-        out = self._model.generate(**inputs, **kwargs, pad_token_id=pad, eos_token_id=eos)
-        self._sync()
-        latency = (time.perf_counter() - t0) / len(batch)
+        def call(inputs):
+            return self._model.generate(**inputs, **kwargs, pad_token_id=pad, eos_token_id=eos)
+
+        inputs, out, latency, costs = self._timed(batch, [p.prompt for p in batch], call)
         new = out[:, inputs["input_ids"].shape[1] :].tolist()
         results = []
         for b, p in enumerate(batch):
             n_gen = _generated_length(new[b], eos, pad)
             text = self._tokenizer.decode(new[b][:n_gen], skip_special_tokens=True)
             text = _cut_at_stop(text, until)
-            self._record(p, "generate_until", works[b], n_vision[b], n_text[b], n_gen, 1, latency, len(batch))
-            counts = TokenCounts(input_tokens=n_vision[b] + n_text[b], output_tokens=n_gen)
+            self._record(p, "generate_until", costs[b], n_gen, 1, latency, len(batch))
+            counts = TokenCounts(input_tokens=costs[b].input_tokens, output_tokens=n_gen)
             results.append(GenerationResult(text=text, token_counts=counts))
         return results
 
@@ -547,48 +387,19 @@ class VTWModel(lmms):
         """Per request ``(loss, is_greedy)``: the mean negative log-likelihood of the continuation tokens given the
         context (lmms-eval's convention: lower is better) and whether greedy decoding would produce them. Batched
         per task, left-padded; under withdrawal the logits are mapped back with ``handle.last_keep_index``."""
-        prepared = [self._prepare(i, r, loglik=True) for i, r in enumerate(requests)]
-        batches = plan_batches(
-            [p.task for p in prepared], [len(p.prompt) + len(p.continuation) for p in prepared], self._batch_size
-        )
-        results: list[GenerationResult | None] = [None] * len(prepared)
-        start = len(self.records)
-        with Progress(len(prepared), "vtw loglikelihood", enabled=self.progress) as bar:
-            for idx in batches:
-                batch = [prepared[i] for i in idx]
-                for p, out in zip(batch, self._loglikelihood_batch(batch)):
-                    results[p.index] = out
-                bar.update(len(batch))
-        self._log_throughput("loglikelihood", self.records[start:])
-        return results
+        return self._serve(requests, "loglikelihood")
 
-    def _continuation_lengths(self, batch: list[_Prepared]) -> list[int]:
-        """Tokens of each continuation: tokens(prompt + continuation) - tokens(prompt)."""
-        tok = self._tokenizer
-        n = []
-        for p in batch:
-            whole = len(tok(p.prompt + p.continuation, add_special_tokens=False)["input_ids"])
-            ctx = len(tok(p.prompt, add_special_tokens=False)["input_ids"])
-            if whole - ctx < 1:
-                raise ValueError(f"vtw model: empty continuation {p.continuation!r} (task {p.task}, doc {p.doc_id})")
-            n.append(whole - ctx)
-        return n
+    def _loglikelihood_batch(self, batch: list[Prepared]) -> list[GenerationResult]:
+        n_cont = self.inputs.continuation_lengths(batch)
+        wanted = max(n_cont) + 1
 
-    def _loglikelihood_batch(self, batch: list[_Prepared]) -> list[GenerationResult]:
-        n_cont = self._continuation_lengths(batch)
+        def call(inputs):
+            return self._model(**inputs, use_cache=False, logits_to_keep=wanted).logits  # (B, keep, V)
+
         texts = [p.prompt + p.continuation for p in batch]
-        inputs = self._encode(texts, _flat(p.images for p in batch), _flat(p.videos for p in batch))
+        inputs, logits, latency, costs = self._timed(batch, texts, call)
         input_ids = inputs["input_ids"]
-        n_vision, n_text = self._token_counts(input_ids, inputs["attention_mask"])
-        works = self._workloads(inputs, batch)
         length = input_ids.shape[1]
-        keep = max(n_cont) + 1
-        self._warm_up(inputs)
-        self._sync()
-        t0 = time.perf_counter()
-        logits = self._model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, keep, V)
-        self._sync()
-        latency = (time.perf_counter() - t0) / len(batch)
         keep = logits.shape[1]
         # input position of each kept output column: identity without withdrawal, the handle's map under it
         keep_index = self._handle.last_keep_index if self._handle.active else None
@@ -612,10 +423,9 @@ class VTWModel(lmms):
             greedy = bool((logp.argmax(-1) == target).all())
             # lmms-eval's convention (its multiple-choice scoring takes the argmin; its HF wrappers return the mean
             # token loss). Wrapped in GenerationResult: lmms-eval 0.7.3 turns a bare (float, bool) tuple into a str.
-            out.append(
-                GenerationResult(text=(nll, greedy), token_counts=TokenCounts(input_tokens=n_vision[b] + n_text[b]))
-            )
-            self._record(p, "loglikelihood", works[b], n_vision[b], n_text[b], 0, n + 1, latency, len(batch))
+            counts = TokenCounts(input_tokens=costs[b].input_tokens)
+            out.append(GenerationResult(text=(nll, greedy), token_counts=counts))
+            self._record(p, "loglikelihood", costs[b], 0, n + 1, latency, len(batch))
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:
@@ -654,10 +464,6 @@ def _stop_criteria(tokenizer, until: Sequence[str]):
     return StoppingCriteriaList([_StopStrings()])
 
 
-def _flat(lists) -> list:
-    return [x for sub in lists for x in sub]
-
-
 def _generated_length(tokens: list[int], eos: list[int], pad: int | None) -> int:
     """Tokens a sample really generated: up to and including its first EOS; stops at padding added after it finished."""
     for i, t in enumerate(tokens):
@@ -677,14 +483,3 @@ def _cut_at_stop(text: str, until: Sequence[str]) -> str:
             if i != -1:
                 cut = min(cut, i)
     return text[:cut]
-
-
-def _read_template(chat_template: str | None) -> str | None:
-    if chat_template is None or chat_template == "":
-        return None
-    if os.path.isfile(chat_template):
-        with open(chat_template, encoding="utf-8") as f:
-            return f.read()
-    if "{%" not in chat_template and "{{" not in chat_template:
-        raise ValueError(f"vtw model: chat_template {chat_template!r} is neither a file nor a Jinja template")
-    return chat_template

@@ -87,7 +87,7 @@ def task_samples(lm, task_manager, tasks, limit: int) -> Iterator[dict]:
     """Model inputs (one sample each) for the first ``limit`` documents of every task, prepared by ``lm``.
 
     Args:
-        lm: a :class:`vtw.lmms.model.VTWModel`.
+        lm: a :class:`vtw.lmms.model.VTWModel` (its :class:`vtw.lmms.inputs.InputBuilder`, ``lm.inputs``).
         task_manager: an lmms-eval ``TaskManager`` that knows ``tasks``.
     """
     from lmms_eval.tasks import get_task_dict
@@ -106,10 +106,7 @@ def task_samples(lm, task_manager, tasks, limit: int) -> Iterator[dict]:
         docs = task.eval_docs
         for i in range(min(limit, len(docs))):
             doc = docs[i]
-            context = task.doc_to_text(doc)
-            images, videos = lm._visuals(task.doc_to_visual, doc)
-            prompt = lm._prompt(str(context), len(images), len(videos))
-            yield dict(lm._encode([prompt], images, videos))
+            yield lm.inputs.sample(str(task.doc_to_text(doc)), task.doc_to_visual, doc)
 
 
 def search_key_fields(spec, tasks, settings: SearchSettings) -> dict:

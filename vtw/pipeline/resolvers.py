@@ -6,6 +6,7 @@
 | ``vtw_uid`` | ``${vtw_uid:}`` | 6 random hex digits, fixed for one launch (makes run/sweep dirs unique within a second) |
 | ``vtw_slug`` | ``${vtw_slug:${hydra.job.override_dirname}}`` | the text made safe as one path component |
 | ``vtw_asset`` | ``${vtw_asset:tiny-llava}`` | absolute path of ``vtw/assets/<name>`` |
+| ``vtw_checkpoint`` | ``${vtw_checkpoint:llava-1.5-7b}`` | hub id of a shipped checkpoint (its ``vtw/assets/hf_configs`` file) |
 | ``vtw_layer_tag`` | ``${vtw_layer_tag:${vtw.layer}}`` | ``K12``, ``base`` (null), ``auto`` |
 """
 
@@ -41,6 +42,13 @@ def asset_path(name: str) -> str:
     return str(Path(__file__).resolve().parents[1] / "assets" / name)
 
 
+def checkpoint(name: str) -> str:
+    """Hub id of the shipped checkpoint ``name`` (the ``_name_or_path`` of ``vtw/assets/hf_configs/<name>.json``)."""
+    from ..flops.configs import checkpoint_of
+
+    return checkpoint_of(name)
+
+
 def layer_tag(layer) -> str:
     """``K<layer>`` for an int, ``base`` for ``None`` (no withdrawal), the text otherwise (``auto``)."""
     if layer is None or str(layer).lower() in ("null", "none"):
@@ -51,7 +59,7 @@ def layer_tag(layer) -> str:
 
 
 def register_resolvers() -> None:
-    """Register ``vtw_uid``, ``vtw_slug``, ``vtw_asset``, ``vtw_layer_tag`` (idempotent).
+    """Register ``vtw_uid``, ``vtw_slug``, ``vtw_asset``, ``vtw_checkpoint``, ``vtw_layer_tag`` (idempotent).
 
     ``vtw_uid`` is cached per config (``use_cache``), like Hydra's ``now``: every interpolation of one launch, and
     every job config Hydra derives from it for a sweep, sees the same value.
@@ -59,4 +67,5 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("vtw_uid", new_uid, use_cache=True, replace=True)
     OmegaConf.register_new_resolver("vtw_slug", slug, replace=True)
     OmegaConf.register_new_resolver("vtw_asset", asset_path, replace=True)
+    OmegaConf.register_new_resolver("vtw_checkpoint", checkpoint, replace=True)
     OmegaConf.register_new_resolver("vtw_layer_tag", layer_tag, replace=True)
