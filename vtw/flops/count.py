@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from ..methods import Reduction, Withdrawal
+from ..methods.attention import last_token_attention_flops
 from ..withdraw import validate_layer
 from .arch import Architecture, DecoderDims, VisionDims, architecture
 from .layout import VisionWorkload
@@ -40,6 +42,7 @@ class PhaseFlops:
     decoder_attention_scores: int = 0  # Q K^T and A V over every (query, key) pair, masked pairs included
     decoder_mlp: int = 0  # gate, up and down projections
     lm_head: int = 0  # only the positions whose logits are computed
+    reduction: int = 0  # the method's own work (FastV/PyramidDrop attention scoring; prefill only)
 
     @property
     def decoder(self) -> int:
@@ -47,7 +50,7 @@ class PhaseFlops:
 
     @property
     def total(self) -> int:
-        return self.vision_tower + self.projector + self.decoder + self.lm_head
+        return self.vision_tower + self.projector + self.decoder + self.lm_head + self.reduction
 
 
 COMPONENTS = tuple(PhaseFlops.__dataclass_fields__)
@@ -61,7 +64,8 @@ class FlopsReport:
         prefill: the prefill forward (vision encoder, projector, decoder over the prompt, LM head positions kept).
         decode: every decode step together (decoder over one new token each, LM head at that token).
         vision: the vision encoder's FLOPs by part (``vision.total == prefill.vision_tower``).
-        layer: the withdrawal layer ``K`` (``None``: no withdrawal), num_layers: ``L``.
+        layer: the withdrawal layer ``K`` (``None``: no withdrawal; for another method its first stage),
+            num_layers: ``L``.
         vision_tokens, text_tokens, generated_tokens, decode_steps: the token counts used.
         prefill_decoder_tokens: tokens each decoder layer processes in prefill (``L`` entries).
     """
@@ -269,9 +273,20 @@ def resolve_workload(
 
 
 # -------------------------------------------------------------------------------------------------- decoder
-def _decoder_tokens(dec: DecoderDims, layer: int | None, full: int, text: int) -> list[int]:
-    k = dec.num_layers if layer is None else layer
-    return [full if idx < k else text for idx in range(dec.num_layers)]
+def reduction_method(layer: int | None = None, method: Reduction | None = None) -> Reduction:
+    """The method a count is for: ``method`` (a :class:`vtw.methods.Reduction`), or VTW at ``layer``."""
+    if method is None:
+        return Withdrawal(layer=layer)
+    if layer is not None:
+        raise ValueError(f"give the layer to the method ({method!r}), not layer={layer!r} as well")
+    if not isinstance(method, Reduction):
+        raise ValueError(f"method must be a vtw.methods.Reduction (e.g. make_method('fastv', layer=2)), got {method!r}")
+    return method
+
+
+def prefill_layer_tokens(num_layers: int, vision: int, text: int, method: Reduction) -> list[int]:
+    """Tokens each decoder layer ``0..L-1`` processes in the prefill of one sample under ``method``."""
+    return [v + t for v, t in method.layer_tokens(num_layers, vision, text)]
 
 
 def _layer_linear(dec: DecoderDims, tokens: int) -> tuple[int, int]:
@@ -297,6 +312,7 @@ def count_flops(
     video_frames: int = 0,
     vision_grids: Sequence[Sequence[int]] | None = None,
     prefill_logits: int | str = 1,
+    method: Reduction | None = None,
 ) -> FlopsReport:
     """Matmul FLOPs of one sample (no padding), by component and phase.
 
@@ -308,6 +324,9 @@ def count_flops(
             ``G - 1`` decode steps.
         layer: withdrawal layer ``K`` in ``[0, L]`` (``None`` or ``L``: no withdrawal). Layers ``>= K`` process the
             ``T`` text tokens in prefill and attend over text (and generated) keys only in decode.
+        method: another reduction (:class:`vtw.methods.Reduction`, e.g. ``make_method("fastv", layer=2)``) instead
+            of VTW at ``layer``: each layer processes the tokens ``method.layer_tokens`` says, and the method's own
+            attention scoring (FastV, PyramidDrop) is counted in ``prefill.reduction``.
         vision_inputs: fixed-resolution encoder passes for images (images, or anyres crops). Derived from
             ``vision_tokens`` for LLaVA-1.5 and Video-LLaVA; required for the anyres families.
         video_frames: video frames through a fixed-resolution encoder.
@@ -326,10 +345,15 @@ def count_flops(
     text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
     generated_tokens = check_count(generated_tokens, "generated_tokens")
     layer = validate_layer(layer, dec.num_layers)
+    if method is not None:
+        method = reduction_method(layer, method).resolve(dec.num_layers)
+        layer = next(iter(method.stages()), None)
+    else:
+        method = Withdrawal(layer=layer)
     work = resolve_workload(arch, vision_tokens, vision_inputs, video_frames, vision_grids)
 
     full = vision_tokens + text_tokens
-    pre_tokens = _decoder_tokens(dec, layer, full, text_tokens)
+    pre_tokens = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method)
     out_positions = pre_tokens[-1]
     if prefill_logits == "all":
         prefill_logits = out_positions
@@ -342,8 +366,13 @@ def count_flops(
     for n in pre_tokens:
         proj, mlp = _layer_linear(dec, n)
         pre_proj, pre_mlp, pre_scores = pre_proj + proj, pre_mlp + mlp, pre_scores + _scores(dec, n, n)
+    scoring = sum(
+        last_token_attention_flops(dec.hidden, dec.heads, dec.kv_heads, dec.head_dim, full if j < 0 else pre_tokens[j])
+        for j in method.scored_inputs(dec.num_layers)
+    )
     head = 2 * dec.hidden * dec.vocab
     prefill = PhaseFlops(
+        reduction=scoring,
         vision_tower=vision.total,
         projector=projector,
         decoder_attention_proj=pre_proj,

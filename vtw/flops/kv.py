@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..methods import Reduction
 from ..withdraw import validate_layer
 from .arch import architecture
-from .count import check_count
+from .count import check_count, prefill_layer_tokens, reduction_method
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -84,22 +85,29 @@ def kv_cache_bytes(
     generated_tokens: int = 0,
     layer: int | None = None,
     dtype="bfloat16",
+    method: Reduction | None = None,
 ) -> KVReport:
     """KV-cache bytes after generating ``generated_tokens`` tokens for one sample (see the module docstring).
 
-    Per layer: ``2 (K and V) * kv_heads * head_dim * cached_tokens * bytes_per_element``.
+    Per layer: ``2 (K and V) * kv_heads * head_dim * cached_tokens * bytes_per_element``; a layer caches the prompt
+    tokens it processed (``method.layer_tokens``; VTW at ``layer`` when no ``method`` is given) plus the generated ones.
     """
     dec = architecture(config).decoder
     vision_tokens = check_count(vision_tokens, "vision_tokens")
     text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
     generated_tokens = check_count(generated_tokens, "generated_tokens")
     layer = validate_layer(layer, dec.num_layers)
+    if method is not None:
+        method = reduction_method(layer, method).resolve(dec.num_layers)
+        layer = next(iter(method.stages()), None)
+    else:
+        method = reduction_method(layer)
     nbytes = dtype_bytes(dtype)
     extra = max(generated_tokens - 1, 0)
-    k = dec.num_layers if layer is None else layer
     per_token = 2 * dec.kv_heads * dec.head_dim * nbytes
     full = vision_tokens + text_tokens + extra
-    tokens = tuple(full if i < k else text_tokens + extra for i in range(dec.num_layers))
+    prompt = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method)
+    tokens = tuple(n + extra for n in prompt)
     return KVReport(
         per_layer=tuple(per_token * n for n in tokens),
         vanilla_per_layer=tuple(per_token * full for _ in range(dec.num_layers)),

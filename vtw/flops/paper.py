@@ -25,9 +25,10 @@ vision tower and every output position's logits included), which corresponds to 
 
 from __future__ import annotations
 
+from ..methods import Reduction
 from ..withdraw import validate_layer
 from .arch import architecture
-from .count import TERA, check_count
+from .count import TERA, check_count, prefill_layer_tokens, reduction_method
 
 PAPER_CONVENTION = "FastV/VTW papers: sum over decoder layers of 4nd^2 + 2n^2d + 2ndm (prefill; 1 multiply-add = 1)"
 
@@ -37,11 +38,15 @@ def fastv_layer_flops(n: int, d: int, m: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def paper_flops(config, *, vision_tokens: int, text_tokens: int, layer: int | None = None) -> int:
+def paper_flops(
+    config, *, vision_tokens: int, text_tokens: int, layer: int | None = None, method: Reduction | None = None
+) -> int:
     """Prefill FLOPs of the language decoder in the FastV/VTW papers' convention (see the module docstring).
 
     Args:
-        vision_tokens: ``V``; text_tokens: ``T`` (>= 1); layer: withdrawal layer ``K`` in ``[0, L]`` or ``None``.
+        vision_tokens: ``V``; text_tokens: ``T`` (>= 1); layer: withdrawal layer ``K`` in ``[0, L]`` or ``None``;
+        method: another reduction instead of VTW (each layer's ``n`` from ``method.layer_tokens``; the method's
+            scoring work is not part of the papers' convention).
 
     Returns:
         ``K * F(V + T) + (L - K) * F(T)`` with ``F(n) = 4nd^2 + 2n^2d + 2ndm`` (``K = L`` without withdrawal), an int
@@ -50,14 +55,16 @@ def paper_flops(config, *, vision_tokens: int, text_tokens: int, layer: int | No
     dec = architecture(config).decoder
     vision_tokens = check_count(vision_tokens, "vision_tokens")
     text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
-    layer = validate_layer(layer, dec.num_layers)
-    k = dec.num_layers if layer is None else layer
+    validate_layer(layer, dec.num_layers)
+    method = reduction_method(layer, method).resolve(dec.num_layers)
     d, m = dec.hidden, dec.intermediate
-    return k * fastv_layer_flops(vision_tokens + text_tokens, d, m) + (dec.num_layers - k) * fastv_layer_flops(
-        text_tokens, d, m
+    return sum(
+        fastv_layer_flops(n, d, m) for n in prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method)
     )
 
 
-def paper_tflops(config, *, vision_tokens: int, text_tokens: int, layer: int | None = None) -> float:
+def paper_tflops(
+    config, *, vision_tokens: int, text_tokens: int, layer: int | None = None, method: Reduction | None = None
+) -> float:
     """:func:`paper_flops` / 1e12."""
-    return paper_flops(config, vision_tokens=vision_tokens, text_tokens=text_tokens, layer=layer) / TERA
+    return paper_flops(config, vision_tokens=vision_tokens, text_tokens=text_tokens, layer=layer, method=method) / TERA

@@ -126,6 +126,12 @@ class Reduction:
             out.append(current)
         return out
 
+    def scored_inputs(self, num_layers: int) -> tuple[int, ...]:
+        """One entry per attention-scoring call the method makes in a prefill (``last_token_attention``): the layer
+        whose token count the call scores over (``-1``: the full input, before layer 0). ``()`` for methods that do
+        not score; the FLOPs model counts this work exactly."""
+        return ()
+
     def params(self) -> dict:
         """The method's parameters, as given (for results and logs)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}

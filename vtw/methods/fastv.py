@@ -47,3 +47,6 @@ class FastV(Reduction):
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         return kept_count(self.keep, vision), text
+
+    def scored_inputs(self, num_layers: int) -> tuple[int, ...]:
+        return (self.layer - 1,) if self.stages() and self.layer < num_layers else ()

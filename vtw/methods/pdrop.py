@@ -94,6 +94,9 @@ class PyramidDrop(Reduction):
             out.append((current, text))
         return out
 
+    def scored_inputs(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(k - 1 for k in self.resolve(num_layers).stages())
+
     @property
     def label(self) -> str:
         layers = "auto" if self.layers is None else ",".join(map(str, self.layers))
