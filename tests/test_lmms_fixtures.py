@@ -1,8 +1,8 @@
 """Fixtures for the lmms-eval model and pipeline tests: a tiny random LLaVA saved like a hub checkpoint, and tiny
 local lmms-eval tasks (parquet + YAML), built in a temp dir in about a second.
 
-The pipeline and model tests import the builders from here (``from test_lmms_fixtures import ...``); the tests in
-this module check that the fixtures are what the other tests assume (the processor expands ``<image>`` to the
+``tests/conftest.py`` makes the fixtures ``tiny_llava_dir``, ``tiny_qwen_dir`` and ``tiny_tasks`` from these builders;
+the tests in this module check that they are what the other tests assume (the processor expands ``<image>`` to the
 number of vision tokens the model expects; lmms-eval indexes the tasks offline).
 """
 
@@ -12,11 +12,6 @@ import io
 import os
 import textwrap
 from pathlib import Path
-
-import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 IMAGE_SIZE = 32
 PATCH = 8
@@ -58,23 +53,18 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer over :data:`WORDS` with ``<image>`` as a special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(extra: dict[int, str] | None = None):
+    """A word-level fast tokenizer (:func:`vtw.synthvqa.model.word_level_tokenizer`, no ``<s>`` added: the chat
+    template writes it) over :data:`SPECIALS` + :data:`WORDS` with ``<image>`` as a special token; with ``extra``
+    (``{id: token}``, consecutive ids), filler words up to the first id, then those tokens as the special tokens."""
+    from vtw.synthvqa.model import word_level_tokenizer
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<image>"],
-    )
+    vocab, specials = [*SPECIALS, *WORDS], ["<image>"]
+    if extra:
+        vocab += [f"filler{i}" for i in range(len(vocab), min(extra))]
+        vocab += [extra[i] for i in sorted(extra)]
+        specials = list(extra.values())
+    return word_level_tokenizer(vocab, add_bos=False, additional_special_tokens=specials)
 
 
 def build_tiny_llava(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS, seed: int = 0) -> Path:
@@ -169,24 +159,9 @@ def build_tiny_qwen2_vl(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS
     ``H x W`` px takes ``H/8 * W/8`` tokens after resizing to multiples of 8, between 16x16 and 64x64 pixels)."""
     import transformers as T
     from tiny_models import build_tiny_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     path = Path(path)
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    while len(vocab) < min(QWEN_SPECIALS):
-        vocab[f"filler{len(vocab)}"] = len(vocab)
-    vocab.update({tok: i for i, tok in QWEN_SPECIALS.items()})
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")
-    tok = T.PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=list(QWEN_SPECIALS.values()),
-    )
+    tok = build_tokenizer(QWEN_SPECIALS)
     model = build_tiny_model("qwen2_vl", num_layers=num_layers)
     for cfg in (model.config, model.config.text_config):
         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
@@ -301,23 +276,6 @@ def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwt
     (task_dir / f"{prefix}_gen.yaml").write_text(gen.format(prefix=prefix))
     (task_dir / f"{prefix}_mc.yaml").write_text(mc.format(prefix=prefix, choices=list(COLORS)))
     return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
-
-
-# ---------------------------------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory) -> Path:
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
-
-
-@pytest.fixture(scope="session")
-def tiny_tasks(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("tasks")
-    return root, build_tiny_tasks(root)
 
 
 # ---------------------------------------------------------------------------------------------- fixture checks
