@@ -9,6 +9,11 @@ Each job directory holds (all written atomically):
 * ``samples.jsonl``: one line per sample and evaluated variant (response, target, per-sample scores, tokens,
   FLOPs, latency).
 * ``job.json``: :mod:`vtw.pipeline.status`.
+
+The one result schema: :meth:`RunResult.rows` gives one plain dict per evaluated variant, and :data:`COLUMNS` says
+how each field shows in every output (``summary.csv``, ``summary.md``, the terminal tables at job and sweep end, the
+W&B run summary and sweep table). A new column is one :class:`Column` there (plus its field in :class:`VariantResult`
+or :class:`RunResult`).
 """
 
 from __future__ import annotations
