@@ -38,7 +38,7 @@ from vtw.flops import (
     plan_flops,
     workload_from_inputs,
 )
-from vtw.flops_table import render_flops_table
+from vtw.flops.plan import render_flops_table
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]

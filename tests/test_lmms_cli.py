@@ -7,10 +7,8 @@ import os
 import subprocess
 import sys
 
-from test_lmms_fixtures import tiny_llava_dir, tiny_tasks  # noqa: F401
 
-
-def test_lmms_eval_cli_runs_model_vtw(tiny_llava_dir, tiny_tasks, tmp_path):  # noqa: F811
+def test_lmms_eval_cli_runs_model_vtw(tiny_llava_dir, tiny_tasks, tmp_path):
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     from vtw.lmms.model import VTWModel

@@ -1,8 +1,8 @@
 """Fixtures for the lmms-eval model and pipeline tests: a tiny random LLaVA saved like a hub checkpoint, and tiny
 local lmms-eval tasks (parquet + YAML), built in a temp dir in about a second.
 
-The pipeline and model tests import the builders from here (``from test_lmms_fixtures import ...``); the tests in
-this module check that the fixtures are what the other tests assume (the processor expands ``<image>`` to the
+``tests/conftest.py`` makes the fixtures ``tiny_llava_dir``, ``tiny_qwen_dir`` and ``tiny_tasks`` from these builders;
+the tests in this module check that they are what the other tests assume (the processor expands ``<image>`` to the
 number of vision tokens the model expects; lmms-eval indexes the tasks offline).
 """
 
@@ -13,17 +13,12 @@ import os
 import textwrap
 from pathlib import Path
 
-import pytest
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-
 IMAGE_SIZE = 32
 PATCH = 8
 VISION_TOKENS = (IMAGE_SIZE // PATCH) ** 2  # CLS dropped ("default" feature strategy)
 NUM_LAYERS = 4
 COLORS = ("red", "green", "blue", "yellow")
-SPECIALS = ("<pad>", "<s>", "</s>", "<unk>", "<image>")
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")
 WORDS = (
     "USER",
     "ASSISTANT",
@@ -58,100 +53,62 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer():
-    """A word-level fast tokenizer over :data:`WORDS` with ``<image>`` as a special token."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def build_tokenizer(specials: dict[int, str]):
+    """A word-level fast tokenizer (:func:`vtw.synthvqa.model.word_level_tokenizer`, no ``<s>`` added: the chat
+    template writes it): :data:`SPECIALS` + :data:`WORDS`, filler words up to the first id of ``specials`` (``{id:
+    token}``, consecutive ids: the model's image/video token ids), then those as special tokens."""
+    from vtw.synthvqa.model import word_level_tokenizer
 
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=["<image>"],
+    vocab = [*SPECIALS, *WORDS]
+    vocab += [f"filler{i}" for i in range(len(vocab), min(specials))]
+    vocab += [specials[i] for i in sorted(specials)]
+    return word_level_tokenizer(vocab, add_bos=False, additional_special_tokens=list(specials.values()))
+
+
+def _save(path: str | os.PathLike, family: str, specials: dict[int, str], processor, num_layers: int, seed: int):
+    """Save ``tiny_models.build_tiny_model(family)`` with the tokenizer's special ids and a generation config that
+    never emits the ``specials``, ``<s>``, ``<pad>`` or ``<unk>``, and ``processor``; returns the path."""
+    import transformers as T
+    from tiny_models import build_tiny_model
+
+    path, tok = Path(path), processor.tokenizer
+    model = build_tiny_model(family, num_layers=num_layers, seed=seed)
+    for cfg in (model.config, model.config.text_config):
+        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    model.generation_config = T.GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        suppress_tokens=[*specials, tok.bos_token_id, tok.pad_token_id, tok.unk_token_id],
     )
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+LLAVA_SPECIALS = {150: "<image>"}  # tiny_models.IMAGE_ID
 
 
 def build_tiny_llava(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS, seed: int = 0) -> Path:
-    """Save a random tiny ``LlavaForConditionalGeneration`` + ``LlavaProcessor`` to ``path``; returns the path.
+    """Save a random tiny ``LlavaForConditionalGeneration`` (``tests/tiny_models.py``'s ``llava``: CLIP 32 px, 8 px
+    patches → 16 vision tokens per image; Llama decoder of ``num_layers`` layers) + a ``LlavaProcessor`` to ``path``;
+    returns the path. Generation never emits ``<image>`` (``suppress_tokens``)."""
+    import transformers as T
 
-    Vision: CLIP 32 px, 8 px patches → 16 vision tokens per image. Decoder: Llama, ``num_layers`` layers, d=64.
-    Generation never emits ``<image>`` (``suppress_tokens``).
-    """
-    import torch
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        GenerationConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
-    path = Path(path)
-    tok = build_tokenizer()
-    image_id = tok.convert_tokens_to_ids("<image>")
-    text = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-    )
-    vision = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=IMAGE_SIZE,
-        patch_size=PATCH,
-        projection_dim=32,
-    )
-    config = LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_id=image_id,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-        pad_token_id=tok.pad_token_id,
-    )
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
-    model.generation_config = GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        suppress_tokens=[image_id, tok.bos_token_id, tok.pad_token_id, tok.unk_token_id],
-    )
-    model.save_pretrained(path)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": IMAGE_SIZE},
-        crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
-        do_center_crop=True,
-    )
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
+    processor = T.LlavaProcessor(
+        image_processor=T.CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            do_center_crop=True,
+        ),
+        tokenizer=build_tokenizer(LLAVA_SPECIALS),
         patch_size=PATCH,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
         image_token="<image>",
         chat_template=CHAT_TEMPLATE,
     )
-    processor.save_pretrained(path)
-    return path
+    return _save(path, "llava", LLAVA_SPECIALS, processor, num_layers, seed)
 
 
 QWEN_SPECIALS = {150: "<|image_pad|>", 151: "<|video_pad|>", 152: "<|vision_start|>", 153: "<|vision_end|>"}
@@ -168,44 +125,15 @@ def build_tiny_qwen2_vl(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS
     image/video/vision-start/end ids 150-153) + a ``Qwen2VLProcessor`` (4 px patches, 2x2 merge: an image of
     ``H x W`` px takes ``H/8 * W/8`` tokens after resizing to multiples of 8, between 16x16 and 64x64 pixels)."""
     import transformers as T
-    from tiny_models import build_tiny_model
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    path = Path(path)
-    vocab = {w: i for i, w in enumerate(SPECIALS + WORDS)}
-    while len(vocab) < min(QWEN_SPECIALS):
-        vocab[f"filler{len(vocab)}"] = len(vocab)
-    vocab.update({tok: i for i, tok in QWEN_SPECIALS.items()})
-    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    core.decoder = decoders.WordPiece(prefix="##")
-    tok = T.PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        pad_token="<pad>",
-        additional_special_tokens=list(QWEN_SPECIALS.values()),
-    )
-    model = build_tiny_model("qwen2_vl", num_layers=num_layers)
-    for cfg in (model.config, model.config.text_config):
-        cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
-    model.generation_config = T.GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        suppress_tokens=[*QWEN_SPECIALS, tok.bos_token_id, tok.pad_token_id, tok.unk_token_id],
-    )
-    model.save_pretrained(path)
     kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
     processor = T.Qwen2VLProcessor(
         image_processor=T.Qwen2VLImageProcessor(**kw),
         video_processor=T.Qwen2VLVideoProcessor(**kw),
-        tokenizer=tok,
+        tokenizer=build_tokenizer(QWEN_SPECIALS),
         chat_template=QWEN_TEMPLATE,
     )
-    processor.save_pretrained(path)
-    return path
+    return _save(path, "qwen2_vl", QWEN_SPECIALS, processor, num_layers, seed=0)
 
 
 def _png(color: tuple[int, int, int], size: int = 40) -> bytes:
@@ -301,23 +229,6 @@ def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwt
     (task_dir / f"{prefix}_gen.yaml").write_text(gen.format(prefix=prefix))
     (task_dir / f"{prefix}_mc.yaml").write_text(mc.format(prefix=prefix, choices=list(COLORS)))
     return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
-
-
-# ---------------------------------------------------------------------------------------------- shared fixtures
-@pytest.fixture(scope="session")
-def tiny_llava_dir(tmp_path_factory) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
-
-
-@pytest.fixture(scope="session")
-def tiny_qwen_dir(tmp_path_factory) -> Path:
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"))
-
-
-@pytest.fixture(scope="session")
-def tiny_tasks(tmp_path_factory) -> tuple[Path, dict[str, str]]:
-    root = tmp_path_factory.mktemp("tasks")
-    return root, build_tiny_tasks(root)
 
 
 # ---------------------------------------------------------------------------------------------- fixture checks

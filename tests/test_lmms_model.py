@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_lmms_fixtures import COLORS, VISION_TOKENS, tiny_llava_dir, tiny_qwen_dir, tiny_tasks  # noqa: F401
+from test_lmms_fixtures import COLORS, VISION_TOKENS
 
 from vtw.lmms.model import VTWModel, _cut_at_stop, _generated_length, parse_layer
 
 
 @pytest.fixture(scope="module")
-def task_objs(tiny_tasks):  # noqa: F811
+def task_objs(tiny_tasks):
     from lmms_eval.tasks import TaskManager, get_task_dict
 
     root, names = tiny_tasks
@@ -83,7 +83,7 @@ def test_entry_point_registers_vtw():
         ({"chat_template": "no such template"}, "no such template"),
     ],
 )
-def test_bad_args_fail_before_weights_load(tiny_llava_dir, monkeypatch, kwargs, needle):  # noqa: F811
+def test_bad_args_fail_before_weights_load(tiny_llava_dir, monkeypatch, kwargs, needle):
     import transformers
 
     def boom(*a, **k):

@@ -7,19 +7,19 @@ import hashlib
 import json
 
 import pytest
-from test_lmms_fixtures import pipeline_overrides, tiny_llava_dir, tiny_tasks  # noqa: F401
+from test_lmms_fixtures import pipeline_overrides
+from wandb_offline import find_offline_runs, read_offline_run
 
 from vtw.io import read_json, read_jsonl
 from vtw.pipeline.config import compose_config
 from vtw.pipeline.envinfo import LOCK_FILE
 from vtw.pipeline.job import JobContext, find_finished, run_job
-from vtw.pipeline.wandb_offline import find_offline_runs, read_offline_run
 
 TIMING_KEYS = {"latency_s"}
 
 
 @pytest.fixture(scope="module")
-def overrides(tiny_llava_dir, tiny_tasks):  # noqa: F811
+def overrides(tiny_llava_dir, tiny_tasks):
     root, names = tiny_tasks
     return pipeline_overrides(tiny_llava_dir, root, [names["gen"], names["mc"]], "vtw.layer=2")
 
@@ -32,7 +32,7 @@ def first_run(overrides, tmp_path_factory):
     return out, outcome
 
 
-def test_job_writes_results_consistent_with_its_samples(first_run, tiny_tasks):  # noqa: F811
+def test_job_writes_results_consistent_with_its_samples(first_run, tiny_tasks):
     out, outcome = first_run
     assert outcome.status == "ok"
     job = read_json(out / "job.json")
@@ -175,11 +175,7 @@ def test_wandb_trouble_after_init_closes_the_run_as_failed(first_run, monkeypatc
 
     class FakeSummary:
         sweep_dir = tmp_path / "sweep"
-        jobs, ok, failed, paths = 0, 0, 0, {}
-        TABLE_COLUMNS = ("job",)
-
-        def table_rows(self):
-            return []
+        jobs, ok, failed, paths, rows = 0, 0, 0, {}, []
 
     out, _ = first_run
     monkeypatch.setattr(wandb, "init", lambda *a, **k: FakeRun())

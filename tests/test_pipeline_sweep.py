@@ -4,13 +4,14 @@ with a failing job, the summarize command, and the summary / frontier logic on h
 from __future__ import annotations
 
 import csv
+import dataclasses
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from test_lmms_fixtures import pipeline_overrides, tiny_llava_dir, tiny_tasks  # noqa: F401
+from test_lmms_fixtures import pipeline_overrides
 
 from vtw.io import read_json
 from vtw.pipeline.pareto import pareto_frontier
@@ -33,8 +34,8 @@ def _csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_sweep_writes_each_job_and_a_summary(tiny_llava_dir, tiny_tasks, tmp_path):  # noqa: F811
-    from vtw.pipeline.wandb_offline import find_offline_runs, read_offline_run
+def test_sweep_writes_each_job_and_a_summary(tiny_llava_dir, tiny_tasks, tmp_path):
+    from wandb_offline import find_offline_runs, read_offline_run
 
     root, names = tiny_tasks
     sweep = tmp_path / "sweep"
@@ -77,7 +78,7 @@ def test_sweep_writes_each_job_and_a_summary(tiny_llava_dir, tiny_tasks, tmp_pat
     assert "accuracy_vs_tflops_table" in sweep_runs[0].tables  # the scatter's data
 
 
-def test_sweep_with_a_failing_job_keeps_and_summarises_the_others(tiny_llava_dir, tiny_tasks, tmp_path):  # noqa: F811
+def test_sweep_with_a_failing_job_keeps_and_summarises_the_others(tiny_llava_dir, tiny_tasks, tmp_path):
     root, names = tiny_tasks
     sweep = tmp_path / "sweep"
     over = pipeline_overrides(tiny_llava_dir, root, [names["gen"]], "logger=none", "vtw.layer=1")
@@ -134,14 +135,62 @@ def test_summarize_hand_made_jobs(tmp_path):
     JobStatus(tmp_path / "10", name="x").fail(RuntimeError("CUDA out of memory"))
     JobStatus(tmp_path / "3", name="y").start()  # still running (or killed)
     s = summarize_sweep(tmp_path, console=False)
-    assert [r.job for r in s.rows] == ["0", "0", "1", "2", "3", "10"]  # natural order, baseline row first
+    assert [r["job"] for r in s.rows] == ["0", "0", "1", "2", "3", "10"]  # natural order, baseline row first
     assert (s.jobs, s.ok, s.failed, s.count("running")) == (5, 3, 1, 1)
-    assert s.failed_jobs[0].error == "CUDA out of memory"
+    assert s.failed_jobs[0]["error"] == "CUDA out of memory"
     pts = s.points()
-    assert sorted((p.layer or 99) for p in pts) == [8, 16, 99]
+    assert sorted((p["layer"] or 99) for p in pts) == [8, 16, 99]
     rows = _csv(tmp_path / "summary.csv")
     assert rows[1]["variant"] == "vtw" and float(rows[1]["tflops_saved_pct"]) == pytest.approx(60.0)
     assert rows[0]["t/acc"] == "0.8" and rows[5]["status"] == "failed"
     md = (tmp_path / "summary.md").read_text()
     assert "5 jobs: 3 ok, 1 failed, 1 running" in md and "CUDA out of memory" in md
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_a_column_added_to_the_one_list_shows_everywhere(tmp_path, monkeypatch):
+    """One new entry in ``results.COLUMNS`` (here the existing field ``wall_s``) reaches summary.csv, summary.md,
+    both terminal tables, the W&B run summary (and results.json's) and the W&B sweep table."""
+    import io
+
+    from rich.console import Console
+    from wandb_offline import find_offline_runs, read_offline_run
+
+    from vtw.pipeline import results
+    from vtw.pipeline.config import LoggerSpec
+    from vtw.pipeline.report import run_table
+    from vtw.pipeline.results import Column, read_results
+    from vtw.pipeline.wandb_logger import log_job, log_sweep
+
+    outputs = (results.CSV, results.MD, results.TABLE, results.WANDB, results.SUMMARY, results.JOB)
+    wall = Column("wall_s", frozenset(outputs), header="wall clock", label="wall clock s")
+    monkeypatch.setattr(results, "COLUMNS", (*results.COLUMNS, wall))
+    base = dataclasses.replace(_variant("baseline", None, 0.80, 10.0, 10.0), wall_s=12.5)
+    _job(tmp_path / "0", dataclasses.replace(_variant("vtw", 8, 0.70, 4.0, 10.0), wall_s=7.25), baseline=base)
+    console = Console(file=io.StringIO(), width=250, color_system=None)
+    s = summarize_sweep(tmp_path, plot=False, console=console)
+    rows = _csv(tmp_path / "summary.csv")
+    assert [r["wall_s"] for r in rows] == ["12.5", "7.25"]
+    md = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("|")]
+    assert md[0].endswith("| wall_s |") and md[2].endswith("| 12.5 |") and md[3].endswith("| 7.25 |")
+    table = console.file.getvalue().splitlines()
+    header = next(line for line in table if "job" in line and "status" in line)
+    assert header.rstrip().endswith("wall clock ┃")
+    assert [line.split("│")[-2].strip() for line in table if line.startswith("│")] == ["12.5", "7.25"]
+
+    result = read_results(tmp_path / "0")
+    assert (result.summary()["wall_s"], result.summary()["baseline/wall_s"]) == (7.25, 12.5)
+    assert read_json(tmp_path / "0" / "results.json")["summary"]["wall_s"] == 7.25
+    job = Console(file=io.StringIO(), width=250, color_system=None)
+    job.print(run_table(result))
+    (line,) = [line for line in job.file.getvalue().splitlines() if "wall clock s" in line]
+    assert [c.strip() for c in line.split("│")[2:4]] == ["12.5", "7.25"]
+
+    spec = LoggerSpec(name="wandb", mode="offline")
+    assert log_job(spec, result, [], out_dir=tmp_path / "0", group="g")["status"] == "logged"
+    assert log_sweep(spec, s, group="g")["status"] == "logged"
+    (run,) = [read_offline_run(r) for r in find_offline_runs(tmp_path / "0" / "wandb")]
+    assert (run.summary["wall_s"], run.summary["baseline/wall_s"]) == (7.25, 12.5)
+    (sweep,) = [read_offline_run(r) for r in find_offline_runs(tmp_path / "wandb")]
+    t = sweep.tables["summary_table"]
+    assert [dict(zip(t["columns"], row))["wall_s"] for row in t["data"]] == [12.5, 7.25]

@@ -2,7 +2,8 @@
 
 :func:`flops_table` computes the rows; :func:`plan_flops` resolves a model name offline (shipped configs, no weights),
 fills in a default sample (one image of :data:`~vtw.flops.layout.DEFAULT_IMAGE_SIZE`, or the given token budget),
-prints a rich table and returns the rows. ``python run.py mode=flops model=<name>`` calls it.
+prints a rich table (:func:`print_plan`; rich is imported only then) and returns the rows. ``python run.py mode=flops
+model=<name>`` calls it.
 """
 
 from __future__ import annotations
@@ -229,10 +230,76 @@ def plan_flops(
         encoder_note=note,
         rows=rows,
     )
-    from ..flops_table import print_plan  # rich is only needed here
-
     print_plan(result, arch=arch, hub_id=hub, dtype=str(dtype), console=console)
     return result
 
 
-__all__ = ["EXACT_CONVENTION", "PAPER_CONVENTION", "FlopsRow", "PlanResult", "flops_table", "plan_flops"]
+# ------------------------------------------------------------------------------------------------ printing
+_MIB = 2**20
+
+
+def render_flops_table(rows: Sequence[FlopsRow], *, title: str | None = None):
+    """A ``rich.table.Table`` with one line per withdrawal layer: exact TFLOPs (total, prefill, decode) and % saved, the
+    papers' TFLOPs and % saved, and the KV cache (MiB, % saved). The vanilla row (``K = L``) is labelled."""
+    from rich.table import Table  # rich is only needed to print
+
+    table = Table(title=title, show_lines=False, header_style="bold")
+    table.add_column("K", justify="right")
+    table.add_column("TFLOPs\n(exact)", justify="right")
+    table.add_column("prefill", justify="right")
+    table.add_column("decode", justify="right")
+    table.add_column("saved", justify="right")
+    table.add_column("TFLOPs\n(paper)", justify="right")
+    table.add_column("saved\n(paper)", justify="right")
+    table.add_column("KV MiB", justify="right")
+    table.add_column("KV saved", justify="right")
+    for r in rows:
+        label = f"{r.layer} (vanilla)" if r.vanilla else str(r.layer)
+        table.add_row(
+            label,
+            f"{r.tflops:.3f}",
+            f"{r.prefill_tflops:.3f}",
+            f"{r.decode_tflops:.3f}",
+            f"{r.saved_pct:.1f}%",
+            f"{r.paper_tflops:.3f}",
+            f"{r.paper_saved_pct:.1f}%",
+            f"{r.kv_bytes / _MIB:.1f}",
+            f"{r.kv_saved_pct:.1f}%",
+            style="bold" if r.vanilla else None,
+        )
+    return table
+
+
+def print_plan(result: PlanResult, *, arch: Architecture, hub_id: str | None, dtype: str, console=None) -> None:
+    """Print the header (model, sample), the table and the conventions of :func:`plan_flops` on ``console`` (a
+    ``rich.console.Console``, default: a new one on stdout)."""
+    if console is None:
+        from rich.console import Console
+
+        console = Console()
+    d = arch.decoder
+    name = f"{result.model} ({hub_id})" if hub_id else result.model
+    console.print(
+        f"[bold]{name}[/bold]: {result.family}, decoder L={d.num_layers} d={d.hidden} m={d.intermediate} "
+        f"heads={d.heads}/{d.kv_heads} kv, vocab={d.vocab}"
+    )
+    steps = max(result.generated_tokens - 1, 0)
+    console.print(
+        f"sample: {result.vision_tokens} vision tokens ({result.encoder_note}), {result.text_tokens} text tokens, "
+        f"{result.generated_tokens} generated tokens (prefill + {steps} decode steps); KV cache in {dtype}"
+    )
+    console.print(render_flops_table(result.rows, title="FLOPs per sample by withdrawal layer K"))
+    console.print(f"[dim]{EXACT_CONVENTION}.[/dim]")
+    console.print(f"[dim]paper: {PAPER_CONVENTION}; layers >= K see the text tokens only.[/dim]")
+
+
+__all__ = [
+    "EXACT_CONVENTION",
+    "PAPER_CONVENTION",
+    "FlopsRow",
+    "PlanResult",
+    "flops_table",
+    "plan_flops",
+    "print_plan",
+    "render_flops_table",
+]

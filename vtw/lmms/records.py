@@ -7,7 +7,7 @@ makes one loglikelihood request per option, so the pipeline sums the records of 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,3 @@ def sum_records(records: Iterable[RequestRecord]) -> dict[tuple[str, int], Sampl
         for name in _SUMMED:
             acc[name] += getattr(r, name)
     return {k: SampleCost(**v) for k, v in out.items()}
-
-
-SAMPLE_COST_FIELDS = tuple(f.name for f in fields(SampleCost))

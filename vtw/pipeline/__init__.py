@@ -12,7 +12,7 @@
 | :mod:`~vtw.pipeline.summary` | :func:`~vtw.pipeline.summary.summarize_sweep`: csv / md / rich table / Pareto plot |
 | :mod:`~vtw.pipeline.summarize` | ``python -m vtw.pipeline.summarize SWEEP_DIR`` |
 | :mod:`~vtw.pipeline.callbacks` | Hydra ``on_multirun_end`` → sweep summary |
-| :mod:`~vtw.pipeline.wandb_logger` | W&B runs (job and sweep); :mod:`~vtw.pipeline.wandb_offline` reads offline runs |
+| :mod:`~vtw.pipeline.wandb_logger` | W&B runs (job and sweep) |
 | :mod:`~vtw.pipeline.sweepspec` | sweep plans for SLURM arrays (``python -m vtw.pipeline.sweepspec``) |
 
 Importing this package imports nothing heavy; each module imports what it needs.

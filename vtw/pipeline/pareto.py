@@ -27,7 +27,7 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def plot_pareto(rows, path: str | Path) -> Path:
-    """Write the plot of ``rows`` (:class:`vtw.pipeline.summary.SummaryRow` with accuracy and tflops) to ``path``.
+    """Write the plot of ``rows`` (summary row dicts with ``accuracy`` and ``tflops``) to ``path``.
 
     One series per (model, dataset); each point is labelled with its ``K``; the baseline is a star; the series'
     frontier is a dashed step line.
@@ -41,23 +41,27 @@ def plot_pareto(rows, path: str | Path) -> Path:
 
     series: dict[tuple, list] = {}
     for r in rows:
-        series.setdefault((r.model, r.dataset), []).append(r)
+        series.setdefault((r["model"], r["dataset"]), []).append(r)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for n, ((model, dataset), rs) in enumerate(series.items()):
         c = colors[n % len(colors)]
-        rs = sorted(rs, key=lambda r: r.tflops)
-        pts = [(r.tflops, r.accuracy) for r in rs]
+        rs = sorted(rs, key=lambda r: r["tflops"])
+        pts = [(r["tflops"], r["accuracy"]) for r in rs]
         front = [rs[i] for i in pareto_frontier(pts)]
-        base = [r for r in rs if r.layer is None or r.layer == r.num_layers]
+        base = [r for r in rs if r["layer"] is None or r["layer"] == r["num_layers"]]
         other = [r for r in rs if r not in base]
         ax.scatter(
-            [r.tflops for r in other], [r.accuracy for r in other], color=c, label=f"{model} / {dataset}", zorder=3
+            [r["tflops"] for r in other],
+            [r["accuracy"] for r in other],
+            color=c,
+            label=f"{model} / {dataset}",
+            zorder=3,
         )
         if base:
             ax.scatter(
-                [r.tflops for r in base],
-                [r.accuracy for r in base],
+                [r["tflops"] for r in base],
+                [r["accuracy"] for r in base],
                 color=c,
                 marker="*",
                 s=220,
@@ -67,8 +71,8 @@ def plot_pareto(rows, path: str | Path) -> Path:
             )
         if len(front) > 1:
             ax.step(
-                [r.tflops for r in front],
-                [r.accuracy for r in front],
+                [r["tflops"] for r in front],
+                [r["accuracy"] for r in front],
                 where="post",
                 color=c,
                 linestyle="--",
@@ -77,13 +81,13 @@ def plot_pareto(rows, path: str | Path) -> Path:
             )
         for r in rs:
             ax.annotate(
-                "K=L" if r in base else f"K={r.layer}",
-                (r.tflops, r.accuracy),
+                "K=L" if r in base else f"K={r['layer']}",
+                (r["tflops"], r["accuracy"]),
                 textcoords="offset points",
                 xytext=(5, 5),
                 fontsize=8,
             )
-    metrics = sorted({r.primary_metric for r in rows if r.primary_metric})
+    metrics = sorted({r["primary_metric"] for r in rows if r.get("primary_metric")})
     ax.set_xlabel("TFLOPs per sample (exact matmul count, prefill + decode)")
     ax.set_ylabel(", ".join(metrics) or "accuracy")
     ax.set_title("Accuracy vs compute per withdrawal layer (dashed: Pareto frontier)")

@@ -8,7 +8,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from .results import RunResult, VariantResult
+from .results import JOB, RunResult, columns, num
 
 
 def make_console() -> Console:
@@ -16,46 +16,26 @@ def make_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=160)
 
 
-def _num(x, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.{digits}g}"
-
-
-ROWS = (
-    ("TFLOPs / sample", lambda v: _num(v.tflops)),
-    ("saved vs K=L", lambda v: f"{v.tflops_saved_pct:.1f}%"),
-    ("paper TFLOPs / sample", lambda v: _num(v.paper_tflops)),
-    ("paper saved vs K=L", lambda v: f"{v.paper_tflops_saved_pct:.1f}%"),
-    ("latency s / sample", lambda v: _num(v.latency_s)),
-    ("samples / s (model)", lambda v: _num(v.samples_per_s, 3)),
-    ("generated tokens", lambda v: _num(v.generated_tokens, 3)),
-    ("vision + text tokens", lambda v: f"{v.vision_tokens:.0f} + {v.text_tokens:.0f}"),
-    ("peak memory GiB", lambda v: f"{v.peak_mem_gb:.2f}"),
-    ("samples", lambda v: str(v.num_samples)),
-)
-
-
-def _head(v: VariantResult, num_layers: int) -> str:
-    return f"{v.label} (K={'L' if v.layer is None else v.layer}{'' if v.layer is not None else f'={num_layers}'})"
+def _head(row: dict, num_layers: int) -> str:
+    layer = row["layer"]
+    return f"{row['variant']} (K={'L' if layer is None else layer}{'' if layer is not None else f'={num_layers}'})"
 
 
 def run_table(result: RunResult) -> Table:
-    """Metrics (rows) of each evaluated variant (columns) of a job; the primary metric first."""
-    variants = result.variants()
+    """Metrics (rows) of each evaluated variant (columns) of a job, the primary metric first; then the
+    :data:`~vtw.pipeline.results.COLUMNS` shown in the job table."""
+    rows = result.rows()
     t = Table(title=f"{result.name}: {result.model} on {result.dataset}", title_justify="left")
     t.add_column("", justify="left")
-    for v in variants:
-        t.add_column(_head(v, result.num_layers), justify="right")
+    for r in rows:
+        t.add_column(_head(r, result.num_layers), justify="right")
     names = [result.primary_metric] + sorted(k for k in result.result.metrics if k != result.primary_metric)
     for i, name in enumerate(names):
         label = f"[bold]{name}[/bold]" if i == 0 else name
-        t.add_row(label, *[_num(v.metrics.get(name)) for v in variants])
+        t.add_row(label, *[num(r, name) for r in rows])
     t.add_section()
-    for label, fn in ROWS:
-        t.add_row(label, *[fn(v) for v in variants])
+    for c in columns(JOB):
+        t.add_row(c.label or c.name, *[c.text(JOB, r) for r in rows])
     return t
 
 

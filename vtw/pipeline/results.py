@@ -9,6 +9,11 @@ Each job directory holds (all written atomically):
 * ``samples.jsonl``: one line per sample and evaluated variant (response, target, per-sample scores, tokens,
   FLOPs, latency).
 * ``job.json``: :mod:`vtw.pipeline.status`.
+
+The one result schema: :meth:`RunResult.rows` gives one plain dict per evaluated variant, and :data:`COLUMNS` says
+how each field shows in every output (``summary.csv``, ``summary.md``, the terminal tables at job and sweep end, the
+W&B run summary and sweep table). A new column is one :class:`Column` there (plus its field in :class:`VariantResult`
+or :class:`RunResult`).
 """
 
 from __future__ import annotations
@@ -66,26 +71,12 @@ class VariantResult:
     peak_mem_kind: str
     wall_s: float
 
-    SUMMARY_KEYS = (
-        "accuracy",
-        "tflops",
-        "tflops_full",
-        "tflops_saved_pct",
-        "paper_tflops",
-        "paper_tflops_saved_pct",
-        "latency_s",
-        "samples_per_s",
-        "generated_tokens",
-        "peak_mem_gb",
-        "num_samples",
-    )
-
-    def summary(self, prefix: str = "") -> dict[str, float | int | None]:
-        """Flat metrics: every ``<task>/<metric>`` plus :attr:`SUMMARY_KEYS`, keys prefixed with ``prefix``."""
-        out: dict = {f"{prefix}{k}": v for k, v in self.metrics.items()}
-        out.update({f"{prefix}{k}": getattr(self, k) for k in self.SUMMARY_KEYS})
-        out[f"{prefix}layer"] = self.layer
-        return out
+    def row(self) -> dict:
+        """This variant's scalar fields as a dict (``label`` under ``variant``), then its ``<task>/<metric>`` values."""
+        row = {("variant" if f.name == "label" else f.name): getattr(self, f.name) for f in fields(self)}
+        del row["metrics"]
+        row.update(self.metrics)
+        return row
 
     @classmethod
     def from_dict(cls, d: dict) -> VariantResult:
@@ -124,14 +115,32 @@ class RunResult:
         return self.result.layer
 
     def summary(self) -> dict:
-        """The flat metrics logged as the W&B run summary (baseline figures under ``baseline/``)."""
-        out = self.result.summary()
-        if self.baseline is not None:
-            out.update(self.baseline.summary("baseline/"))
+        """The flat metrics logged as the W&B run summary: every ``<task>/<metric>``, then the :data:`COLUMNS` shown
+        in the ``summary``; the baseline's under ``baseline/``."""
+        shown = sorted(columns(SUMMARY), key=lambda c: c.name == "layer")  # results.json lists the layer last
+        out: dict = {}
+        for prefix, v in (("", self.result), ("baseline/", self.baseline)):
+            if v is not None:
+                row = self.row(v)
+                out.update({f"{prefix}{k}": value for k, value in v.metrics.items()})
+                out.update({f"{prefix}{c.name}": row.get(c.name) for c in shown})
         return out
 
     def variants(self) -> list[VariantResult]:
         return [v for v in (self.baseline, self.result) if v is not None]
+
+    def row(self, variant: VariantResult) -> dict:
+        """One plain dict for ``variant``: this run's scalar fields (``model``, ``dataset``, ``num_layers``,
+        ``primary_metric``, ...), then :meth:`VariantResult.row`. Every output draws from such rows through
+        :data:`COLUMNS`."""
+        skip = {"name", "status", "schema", "result", "baseline"}
+        run = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+        run = {k: v for k, v in run.items() if v is None or isinstance(v, (str, int, float))}
+        return {**run, **variant.row()}
+
+    def rows(self) -> list[dict]:
+        """:meth:`row` of each evaluated variant, the baseline first."""
+        return [self.row(v) for v in self.variants()]
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -145,6 +154,123 @@ class RunResult:
         kw["result"] = VariantResult.from_dict(d["result"])
         kw["baseline"] = VariantResult.from_dict(d["baseline"]) if d.get("baseline") else None
         return cls(**kw)
+
+
+# ------------------------------------------------------------------------------------------------ the one schema
+CSV, MD, TABLE, WANDB, SUMMARY, JOB = "csv", "md", "table", "wandb", "summary", "job"
+"""The outputs a :class:`Column` can show in: ``summary.csv``, ``summary.md``, the terminal table at the end of a
+sweep, the W&B sweep table, each job's W&B run summary (also ``results.json``'s ``summary``), and the terminal table
+at the end of a job (one row per column there, one column per variant)."""
+
+
+def cell(row: dict, name: str) -> str:
+    """A value as text: ``""`` for ``None`` and NaN/inf, floats to 6 significant digits."""
+    v = row.get(name)
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else f"{v:.6g}"
+    return str(v)
+
+
+def num(row: dict, name: str, digits: int = 4) -> str:
+    """A value as text for the job-end table: ``-`` for ``None``, ints as they are, floats to ``digits`` digits."""
+    v = row.get(name)
+    if v is None:
+        return "-"
+    if isinstance(v, int):
+        return str(v)
+    return f"{v:.{digits}g}"
+
+
+def _fixed(template: str):
+    return lambda row, name: "" if row.get(name) is None else template.format(row[name])
+
+
+def row_ok(row: dict) -> bool:
+    """Whether a row's job finished (``ok``, or ``skipped`` because an identical job had)."""
+    return row.get("status") in ("ok", "skipped")
+
+
+def row_label(row: dict) -> str:
+    """``<model>/<dataset> K=<layer | L>``: a row's point label (W&B scatter)."""
+    return f"{row.get('model')}/{row.get('dataset')} K={'L' if row.get('layer') is None else row['layer']}"
+
+
+def _layer(none: str):
+    return lambda row, name: none if row.get("layer") is None and row_ok(row) else cell(row, name)
+
+
+_STYLE = {"ok": "green", "skipped": "cyan", "failed": "red", "running": "yellow"}
+
+
+@dataclass(frozen=True)
+class Column:
+    """One field of the result rows (:meth:`RunResult.row`, :func:`vtw.pipeline.summary.rows_for_job`) and where
+    it shows.
+
+    Attributes:
+        name: the row key; the header in CSV and Markdown, the key in W&B.
+        where: the outputs that show it (:data:`CSV`, :data:`MD`, :data:`TABLE`, :data:`WANDB`, :data:`SUMMARY`,
+            :data:`JOB`).
+        header: its header in the sweep-end terminal table (default: ``name``).
+        label: its row label in the job-end terminal table (default: ``name``).
+        fmt: ``{output: f(row, name) -> str}`` where the text is not the default (:func:`cell` in CSV, Markdown and
+            the sweep table, :func:`num` in the job table); W&B gets the raw value.
+        justify: alignment in the sweep-end terminal table.
+    """
+
+    name: str
+    where: frozenset[str]
+    header: str = ""
+    label: str = ""
+    fmt: dict = field(default_factory=dict)
+    justify: str = "right"
+
+    def text(self, output: str, row: dict) -> str:
+        return self.fmt.get(output, num if output == JOB else cell)(row, self.name)
+
+
+def _col(name: str, *where: str, **kw) -> Column:
+    return Column(name, frozenset(where), **kw)
+
+
+_KEY = (CSV, MD, TABLE, WANDB)
+COLUMNS: tuple[Column, ...] = (
+    _col("job", *_KEY, justify="left"),
+    _col("status", *_KEY, justify="left", fmt={TABLE: lambda r, n: f"[{_STYLE.get(r[n], 'white')}]{r[n]}[/]"}),
+    _col("variant", *_KEY, justify="left"),
+    _col("model", *_KEY, justify="left"),
+    _col("dataset", *_KEY, justify="left"),
+    _col("method", CSV),
+    _col("layer", *_KEY, SUMMARY, header="K", fmt={MD: _layer("L (none)"), TABLE: _layer("L")}),
+    _col("num_layers", CSV),
+    _col("primary_metric", CSV),
+    _col("accuracy", *_KEY, SUMMARY),
+    _col("tflops", *_KEY, SUMMARY, JOB, header="TFLOPs", label="TFLOPs / sample"),
+    _col("tflops_full", CSV, SUMMARY),
+    _col("tflops_saved_pct", *_KEY, SUMMARY, JOB, header="saved", label="saved vs K=L",
+         fmt=dict.fromkeys((TABLE, JOB), _fixed("{:.1f}%"))),
+    _col("paper_tflops", CSV, MD, WANDB, SUMMARY, JOB, label="paper TFLOPs / sample"),
+    _col("paper_tflops_saved_pct", CSV, SUMMARY, JOB, label="paper saved vs K=L", fmt={JOB: _fixed("{:.1f}%")}),
+    _col("latency_s", *_KEY, SUMMARY, JOB, header="latency s", label="latency s / sample"),
+    _col("samples_per_s", CSV, SUMMARY, JOB, label="samples / s (model)", fmt={JOB: lambda r, n: num(r, n, 3)}),
+    _col("generated_tokens", CSV, SUMMARY, JOB, label="generated tokens", fmt={JOB: lambda r, n: num(r, n, 3)}),
+    _col("vision_tokens", JOB, label="vision + text tokens",
+         fmt={JOB: lambda r, n: f"{r['vision_tokens']:.0f} + {r['text_tokens']:.0f}"}),
+    _col("peak_mem_gb", *_KEY, SUMMARY, JOB, header="peak GiB", label="peak memory GiB",
+         fmt=dict.fromkeys((TABLE, JOB), _fixed("{:.2f}"))),
+    _col("num_samples", CSV, SUMMARY, JOB, label="samples"),
+    _col("label", WANDB),
+    _col("error", CSV, WANDB),
+    _col("job_dir", CSV),
+)  # fmt: skip
+"""Every result column, in the order every output lists them (the run summary lists ``layer`` last)."""
+
+
+def columns(output: str) -> list[Column]:
+    """The :data:`COLUMNS` shown in ``output``, in order."""
+    return [c for c in COLUMNS if output in c.where]
 
 
 def clean_number(x):

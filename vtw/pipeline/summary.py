@@ -12,91 +12,33 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..io import atomic_write_text, read_json
-from .results import RESULTS_FILE, SCHEMA, RunResult, VariantResult
+from .results import CSV, MD, RESULTS_FILE, SCHEMA, TABLE, RunResult, cell, columns, row_label, row_ok
 from .status import JOB_FILE
 
 SKIP_DIRS = {"wandb", "lmms_eval", ".hydra", "__pycache__"}
 MAX_DEPTH = 4
 
-COLUMNS = (
-    "job",
-    "status",
-    "variant",
-    "model",
-    "dataset",
-    "method",
-    "layer",
-    "num_layers",
-    "primary_metric",
-    *VariantResult.SUMMARY_KEYS,  # the same figures as each job's results.json summary
-    "error",
-    "job_dir",
-)
-
-
-@dataclass(frozen=True)
-class SummaryRow:
-    """One evaluated variant of one job (or one failed / unfinished job)."""
-
-    job: str
-    job_dir: str
-    status: str
-    variant: str | None = None
-    model: str | None = None
-    dataset: str | None = None
-    method: str | None = None
-    layer: int | None = None
-    num_layers: int | None = None
-    primary_metric: str | None = None
-    accuracy: float | None = None
-    tflops: float | None = None
-    tflops_full: float | None = None
-    tflops_saved_pct: float | None = None
-    paper_tflops: float | None = None
-    paper_tflops_saved_pct: float | None = None
-    latency_s: float | None = None
-    samples_per_s: float | None = None
-    generated_tokens: float | None = None
-    peak_mem_gb: float | None = None
-    num_samples: int | None = None
-    error: str | None = None
-    metrics: dict = field(default_factory=dict)
-    job_num: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status in ("ok", "skipped")
-
-    @property
-    def label(self) -> str:
-        k = "L" if self.layer is None else str(self.layer)
-        return f"{self.model}/{self.dataset} K={k}"
-
-    def as_dict(self) -> dict:
-        d = {c: getattr(self, c) for c in COLUMNS}
-        d.update(self.metrics)
-        return d
-
 
 @dataclass
 class SweepSummary:
-    """All rows of a sweep, the counts per status, and the files written (``paths``: csv, md, pareto)."""
+    """All rows of a sweep, the counts per status, and the files written (``paths``: csv, md, pareto).
+
+    A row is a plain dict: :meth:`RunResult.row` of each evaluated variant (its ``<task>/<metric>`` values
+    included), or what ``job.json`` says of a failed or unfinished job; plus ``job``, ``job_dir``, ``job_num``,
+    ``status`` and ``label``. :data:`~vtw.pipeline.results.COLUMNS` says which fields show where.
+    """
 
     sweep_dir: Path
-    rows: list[SummaryRow]
+    rows: list[dict]
     paths: dict = field(default_factory=dict)
 
-    TABLE_COLUMNS = ("job", "status", "variant", "model", "dataset", "layer", "accuracy", "tflops", "tflops_saved_pct")
-    TABLE_COLUMNS += ("paper_tflops", "latency_s", "peak_mem_gb", "label", "error")
-
     def _jobs(self) -> dict[str, str]:
-        return {r.job: r.status for r in self.rows}
+        return {r["job"]: r["status"] for r in self.rows}
 
     @property
     def jobs(self) -> int:
@@ -114,23 +56,21 @@ class SweepSummary:
         return self.count("failed")
 
     @property
-    def failed_jobs(self) -> list[SummaryRow]:
-        return [r for r in self.rows if r.status == "failed"]
+    def failed_jobs(self) -> list[dict]:
+        return [r for r in self.rows if r["status"] == "failed"]
 
     @property
     def metric_columns(self) -> list[str]:
-        return sorted({k for r in self.rows for k in r.metrics})
+        """Every ``<task>/<metric>`` of the rows (the only keys with a ``/``), sorted."""
+        return sorted({k for r in self.rows for k in r if "/" in k})
 
-    def table_rows(self) -> list[dict]:
-        return [{**r.as_dict(), "label": r.label} for r in self.rows]
-
-    def points(self) -> list[SummaryRow]:
+    def points(self) -> list[dict]:
         """Rows that go on the Pareto plot: finished, with accuracy and TFLOPs; one per (model, dataset, method, K)."""
         seen, out = set(), []
         for r in self.rows:
-            if not r.ok or r.accuracy is None or not r.tflops:
+            if not row_ok(r) or r.get("accuracy") is None or not r.get("tflops"):
                 continue
-            key = (r.model, r.dataset, r.method if r.layer is not None else None, r.layer)
+            key = (r["model"], r["dataset"], r["method"] if r["layer"] is not None else None, r["layer"])
             if key not in seen:
                 seen.add(key)
                 out.append(r)
@@ -169,7 +109,7 @@ def _read(path: Path) -> dict | None:
         return None
 
 
-def rows_for_job(job_dir: Path, root: Path) -> list[SummaryRow]:
+def rows_for_job(job_dir: Path, root: Path) -> list[dict]:
     """The rows of one job directory."""
     name = str(job_dir.relative_to(root)) if job_dir != root else job_dir.name
     job = _read(job_dir / JOB_FILE) or {}
@@ -179,67 +119,29 @@ def rows_for_job(job_dir: Path, root: Path) -> list[SummaryRow]:
     if res and res.get("schema") == SCHEMA and status in ("ok", "skipped", "unknown"):
         result = RunResult.from_dict(res)
         status = "ok" if status == "unknown" else status
-        return [
-            SummaryRow(
-                **base,
-                status=status,
-                variant=v.label,
-                model=result.model,
-                dataset=result.dataset,
-                method=v.method,
-                layer=v.layer,
-                num_layers=result.num_layers,
-                primary_metric=result.primary_metric,
-                accuracy=v.accuracy,
-                tflops=v.tflops,
-                tflops_full=v.tflops_full,
-                tflops_saved_pct=v.tflops_saved_pct,
-                paper_tflops=v.paper_tflops,
-                paper_tflops_saved_pct=v.paper_tflops_saved_pct,
-                latency_s=v.latency_s,
-                samples_per_s=v.samples_per_s,
-                generated_tokens=v.generated_tokens,
-                peak_mem_gb=v.peak_mem_gb,
-                num_samples=v.num_samples,
-                metrics=dict(v.metrics),
-            )
-            for v in result.variants()
-        ]
+        return [{**row, **base, "status": status} for row in result.rows()]
     layer = job.get("layer")
     return [
-        SummaryRow(
+        {
             **base,
-            status=status,
-            model=job.get("model"),
-            dataset=job.get("dataset"),
-            layer=layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
-            error=(job.get("error") or None) if status == "failed" else None,
-        )
+            "status": status,
+            "model": job.get("model"),
+            "dataset": job.get("dataset"),
+            "layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
+            "error": (job.get("error") or None) if status == "failed" else None,
+        }
     ]
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _cell(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return "" if not math.isfinite(v) else f"{v:.6g}"
-    return str(v)
-
-
 def to_csv(summary: SweepSummary) -> str:
-    cols = list(COLUMNS) + summary.metric_columns
+    shown, metrics = columns(CSV), summary.metric_columns
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(cols)
+    w.writerow([c.name for c in shown] + metrics)
     for r in summary.rows:
-        d = r.as_dict()
-        w.writerow([_cell(d.get(c)) for c in cols])
+        w.writerow([c.text(CSV, r) for c in shown] + [cell(r, m) for m in metrics])
     return buf.getvalue()
-
-
-_MD_COLS = ("job", "status", "variant", "model", "dataset", "layer", "accuracy", "tflops", "tflops_saved_pct")
-_MD_COLS += ("paper_tflops", "latency_s", "peak_mem_gb")
 
 
 def _md_escape(text: str) -> str:
@@ -247,22 +149,21 @@ def _md_escape(text: str) -> str:
 
 
 def to_markdown(summary: SweepSummary) -> str:
+    shown = columns(MD)
     lines = [
         f"# Sweep summary: {summary.sweep_dir.name}",
         "",
         f"{summary.jobs} jobs: {summary.ok} ok, {summary.failed} failed, {summary.count('running')} running/unfinished.",
         "",
-        "| " + " | ".join(_MD_COLS) + " |",
-        "|" + "|".join("---" for _ in _MD_COLS) + "|",
+        "| " + " | ".join(c.name for c in shown) + " |",
+        "|" + "|".join("---" for _ in shown) + "|",
     ]
     for r in summary.rows:
-        d = r.as_dict()
-        d["layer"] = "L (none)" if r.layer is None and r.ok else d["layer"]
-        lines.append("| " + " | ".join(_md_escape(_cell(d.get(c))) for c in _MD_COLS) + " |")
+        lines.append("| " + " | ".join(_md_escape(c.text(MD, r)) for c in shown) + " |")
     if summary.failed_jobs:
         lines += ["", "## Failed jobs", ""]
-        lines += [f"- `{r.job}`: {_md_escape(r.error or 'unknown error')}" for r in summary.failed_jobs]
-    primary = {r.primary_metric for r in summary.rows if r.primary_metric}
+        lines += [f"- `{r['job']}`: {_md_escape(r.get('error') or 'unknown error')}" for r in summary.failed_jobs]
+    primary = {r["primary_metric"] for r in summary.rows if r.get("primary_metric")}
     lines += ["", f"accuracy = {', '.join(sorted(primary)) or 'n/a'}; TFLOPs per sample (exact matmul count, prefill +"]
     lines += ["decode); saved = vs K = L on the same samples. Plot: pareto.png.", ""]
     return "\n".join(lines)
@@ -275,35 +176,11 @@ def rich_table(summary: SweepSummary):
         title=f"sweep {summary.sweep_dir}: {summary.ok}/{summary.jobs} ok, {summary.failed} failed",
         title_justify="left",
     )
-    for c in (
-        "job",
-        "status",
-        "variant",
-        "model",
-        "dataset",
-        "K",
-        "accuracy",
-        "TFLOPs",
-        "saved",
-        "latency s",
-        "peak GiB",
-    ):
-        t.add_column(c, justify="left" if c in ("job", "status", "variant", "model", "dataset") else "right")
-    style = {"ok": "green", "skipped": "cyan", "failed": "red", "running": "yellow"}
+    shown = columns(TABLE)
+    for c in shown:
+        t.add_column(c.header or c.name, justify=c.justify)
     for r in summary.rows:
-        t.add_row(
-            r.job,
-            f"[{style.get(r.status, 'white')}]{r.status}[/]",
-            r.variant or "",
-            r.model or "",
-            r.dataset or "",
-            "L" if r.layer is None and r.ok else _cell(r.layer),
-            _cell(r.accuracy),
-            _cell(r.tflops),
-            "" if r.tflops_saved_pct is None else f"{r.tflops_saved_pct:.1f}%",
-            _cell(r.latency_s),
-            "" if r.peak_mem_gb is None else f"{r.peak_mem_gb:.2f}",
-        )
+        t.add_row(*[c.text(TABLE, r) for c in shown])
     return t
 
 
@@ -321,10 +198,10 @@ def summarize_sweep(sweep_dir: str | Path, *, write: bool = True, plot: bool = T
     root = Path(sweep_dir)
     if not root.is_dir():
         raise ValueError(f"sweep directory {str(sweep_dir)!r} does not exist")
-    rows: list[SummaryRow] = []
+    rows: list[dict] = []
     for d in find_job_dirs(root):
         rows.extend(rows_for_job(d, root))
-    summary = SweepSummary(sweep_dir=root, rows=rows)
+    summary = SweepSummary(sweep_dir=root, rows=[{**r, "label": row_label(r)} for r in rows])
     if write:
         summary.paths["csv"] = atomic_write_text(root / "summary.csv", to_csv(summary))
         summary.paths["md"] = atomic_write_text(root / "summary.md", to_markdown(summary))
@@ -338,7 +215,7 @@ def summarize_sweep(sweep_dir: str | Path, *, write: bool = True, plot: bool = T
         console = console or make_console()
         console.print(rich_table(summary))
         for r in summary.failed_jobs:
-            console.print(f"[red]failed[/red] {r.job}: {r.error}")
+            console.print(f"[red]failed[/red] {r['job']}: {r['error']}")
         if summary.paths:
             console.print("wrote " + ", ".join(str(p) for p in summary.paths.values()))
     return summary

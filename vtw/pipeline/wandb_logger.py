@@ -3,7 +3,8 @@
 * Job run: ``group`` = the sweep (or ``logger.group``), ``name`` = ``<model>-<dataset>-K<layer>``, ``config`` = the
   resolved config, summary = :meth:`RunResult.summary` (``<task>/<metric>``, ``tflops``, ``tflops_saved_pct``,
   ``latency_s``, ``peak_mem_gb``, ...; the baseline's under ``baseline/``), and a per-sample ``wandb.Table``.
-* Sweep run (``job_type=sweep``, same group): the summary table, a scatter of accuracy vs TFLOPs, ``pareto.png``.
+* Sweep run (``job_type=sweep``, same group): the summary table (the rows' :data:`~vtw.pipeline.results.COLUMNS`
+  shown in ``wandb``), a scatter of accuracy vs TFLOPs, ``pareto.png``.
 * Mode ``online | offline | disabled`` from ``logger.mode``. ``online`` without credentials (``WANDB_API_KEY`` or
   ``~/.netrc``) falls back to ``offline`` and says how to upload: ``wandb sync <dir>``. The run files go to
   ``<job dir>/wandb`` (``<sweep dir>/wandb`` for the sweep run).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from .config import LoggerSpec
 from .resolvers import layer_tag, slug
-from .results import RunResult
+from .results import WANDB, RunResult, columns
 
 log = logging.getLogger("vtw")
 
@@ -75,24 +76,13 @@ def run_name(result_or_model, dataset: str | None = None, layer=None) -> str:
 
 
 def _sample_row(s: dict) -> list:
+    """A ``samples.jsonl`` row as the values of :data:`SAMPLE_COLUMNS` (``score``: its first numeric score)."""
     scores = s.get("scores") or {}
     score = next((v for v in scores.values() if isinstance(v, (int, float)) and not isinstance(v, bool)), None)
-    resp = s.get("response")
-    return [
-        s.get("variant"),
-        s.get("layer"),
-        s.get("task"),
-        s.get("doc_id"),
-        None if s.get("target") is None else str(s.get("target")),
-        resp if isinstance(resp, str) else str(resp),
-        score,
-        s.get("tflops"),
-        s.get("tflops_full"),
-        s.get("latency_s"),
-        s.get("generated_tokens"),
-        s.get("vision_tokens"),
-        s.get("text_tokens"),
-    ]
+    resp, target = s.get("response"), s.get("target")
+    shown = {**s, "score": score, "response": resp if isinstance(resp, str) else str(resp)}
+    shown["target"] = None if target is None else str(target)
+    return [shown.get(c) for c in SAMPLE_COLUMNS]
 
 
 def _init(spec: LoggerSpec, *, out_dir: Path, group: str, name: str, config: dict, job_type: str):
@@ -194,8 +184,8 @@ def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
         import wandb
 
         group = spec.group or group
-        rows = summary.table_rows()
-        columns = list(summary.TABLE_COLUMNS)
+        rows = summary.rows
+        shown = [c.name for c in columns(WANDB)]
         run, mode = _init(
             spec,
             out_dir=Path(summary.sweep_dir),
@@ -204,7 +194,7 @@ def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
             config={"sweep_dir": str(summary.sweep_dir), "jobs": summary.jobs},
             job_type="sweep",
         )
-        table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+        table = wandb.Table(columns=shown, data=[[r.get(c) for c in shown] for r in rows])
         payload = {"summary_table": table}
         points = [
             [r["tflops"], r["accuracy"], r["label"]] for r in rows if r.get("accuracy") is not None and r.get("tflops")

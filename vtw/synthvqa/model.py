@@ -18,6 +18,7 @@ Architecture (a real `LlavaForConditionalGeneration`, LLaVA-1.5 layout at toy wi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -97,35 +98,43 @@ class TinyLlavaSpec:
             raise ValueError(f"TinyLlavaSpec.vision_width must be a multiple of 4, got {self.vision_width}")
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer: specials `<pad> <s> </s> <unk> <image>` (ids 0-4), then chat words, then generator words.
+def word_level_tokenizer(vocab: Sequence[str], *, add_bos: bool = True, **kwargs) -> PreTrainedTokenizerFast:
+    """A fast word-level tokenizer: token id ``i`` is ``vocab[i]``, which must hold `<pad> <s> </s> <unk>`.
 
-    Encoding splits on whitespace and isolates every punctuation character; `<s>` is prepended.
+    Encoding splits on whitespace and isolates every punctuation character; with `add_bos`, `<s>` is prepended
+    (without, the chat template writes it). Decoding joins words with spaces and tidies punctuation. `kwargs` go to
+    `PreTrainedTokenizerFast` (more special tokens, chat template, padding side, ...). The tests' tiny checkpoints
+    use it too.
     """
+    vocab = list(vocab)
+    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocab)}, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    if add_bos:
+        core.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab.index(BOS))]
+        )
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD, **kwargs
+    )
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The embedded model's tokenizer (:func:`word_level_tokenizer`): specials `<pad> <s> </s> <unk> <image>`
+    (ids 0-4), then chat words, then generator words; `<s>` is prepended."""
     words = list(SPECIAL_TOKENS)
     for word in (*CHAT_WORDS, *vocabulary()):
         if word not in words:
             words.append(word)
-    core = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
-    )
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, words.index(BOS))]
-    )
-    core.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
+    return word_level_tokenizer(
+        words,
         extra_special_tokens={"image_token": IMAGE},
         model_max_length=512,
         padding_side="left",
         chat_template=CHAT_TEMPLATE,
     )
-    return tokenizer
 
 
 def build_image_processor() -> CLIPImageProcessor:
