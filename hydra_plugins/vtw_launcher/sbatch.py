@@ -231,123 +231,128 @@ class SbatchLauncher(Launcher):
         finally:
             HydraConfig.instance().cfg = orig
 
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        assert self.config is not None and self.task_function is not None
-        if initial_job_idx != 0:
-            raise SystemExit(
-                "vtw: launcher=sbatch submits a whole sweep as one array; unset hydra.sweeper.max_batch_size"
-            )
-        from vtw.io import atomic_write_bytes, atomic_write_json
+    def _plan(self, master: DictConfig, job_overrides: Sequence[Sequence[str]], sweep_dir: Path) -> dict:
+        """The points (index, fixed directory, overrides), the layer searches the pending ones need, the pending
+        indices. A resubmission keeps the directories of the previous submission and must be the same sweep."""
         from vtw.pipeline.status import job_state
 
-        p = self.params
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        abs_dir = sweep_dir.resolve()
-        before = tree_of(abs_dir)
-        previous = read_plan(abs_dir) if submissions(abs_dir) else None
+        previous = read_plan(sweep_dir) if submissions(sweep_dir) else None
         if previous is not None and len(previous["points"]) != len(job_overrides):
             raise SystemExit(
                 f"vtw: hydra.sweep.dir={sweep_dir} holds a sweep of {len(previous['points'])} points, this one has "
                 f"{len(job_overrides)}; resubmit the same command (with resume=true) or pick a new hydra.sweep.dir"
             )
-        master = copy.deepcopy(self.config)
-        with read_write(master.hydra.sweep):
-            master.hydra.sweep.dir = str(sweep_dir)  # resolved once (${now:...}): every task sees this directory
-
         points, searches = [], {}
         for i, overrides in enumerate(job_overrides):
             cfg = self._point_config(master, overrides, i)
             if previous is not None:
-                before_i = previous["points"][i]
-                if not _same_point(before_i["overrides"], overrides):
+                was = previous["points"][i]
+                if not _same_point(was["overrides"], overrides):
                     raise SystemExit(
                         f"vtw: hydra.sweep.dir={sweep_dir} holds another sweep: its point {i} is "
-                        f"{' '.join(before_i['overrides'])!r}, now {' '.join(overrides)!r}; resubmit the same command "
+                        f"{' '.join(was['overrides'])!r}, now {' '.join(overrides)!r}; resubmit the same command "
                         "(with resume=true) or pick a new hydra.sweep.dir"
                     )
-                subdir = before_i["dir"]
+                subdir = was["dir"]
             else:
                 subdir = self._subdir(cfg)
             points.append({"index": i, "dir": subdir, "overrides": list(overrides)})
-            if p.get("layer_search", True) and str(OmegaConf.select(cfg, "vtw.layer")) == "auto":
-                search = (*(o for o in overrides if _key(o) != "mode"), "mode=search")
-                searches.setdefault(search, i)
-        states = [job_state(abs_dir / pt["dir"]) for pt in points]
-        pending = [pt["index"] for pt, s in zip(points, states) if s not in ("ok", "skipped")]
-        pending_points = {pt["index"] for pt in points if pt["index"] in pending}
-        search_jobs = [
-            {"index": k, "dir": f"{SEARCH_DIR}/{k}", "overrides": list(s)}
-            for k, s in enumerate(s for s, i in searches.items() if i in pending_points)
-        ]
+            if str(OmegaConf.select(cfg, "vtw.layer")) == "auto":
+                searches.setdefault((*(o for o in overrides if _key(o) != "mode"), "mode=search"), i)
+        pending = [pt["index"] for pt in points if job_state(sweep_dir / pt["dir"]) not in ("ok", "skipped")]
+        if not self.params.get("layer_search", True):
+            searches = {}
+        wanted = [s for s, i in searches.items() if i in set(pending)]
+        search_jobs = [{"index": k, "dir": f"{SEARCH_DIR}/{k}", "overrides": list(s)} for k, s in enumerate(wanted)]
+        return {"sweep_dir": str(master.hydra.sweep.dir), "points": points, "searches": search_jobs, "pending": pending}
 
-        problem = gpu_mismatch(p, partition_gres(p.get("partition")))
+    def _write(self, sub: Path, plan: dict, master: DictConfig) -> None:
+        """The submission folder: the plan, the launch state and the two batch scripts."""
+        from vtw.io import atomic_write_bytes, atomic_write_json
+
+        assert self.task_function is not None
+        atomic_write_json(sub / PLAN_FILE, plan, indent=1)
+        state = {
+            "config": master,
+            "hydra_context": self.hydra_context,
+            # Hydra's singletons (the config store, ...) without the resolvers: the task's own set-up registers them
+            "singletons": Singleton.get_state()["instances"],
+            "task": _task_location(self.task_function),
+        }
+        atomic_write_bytes(sub / STATE_FILE, pickle.dumps(state))
+        setup = list(self.params.get("setup") or [])
+        task = f'task {shlex.quote(str(sub))} "$1" "$SLURM_ARRAY_TASK_ID"'
+        (sub / "task.sh").write_text(_script(sub.parents[1], setup, task))
+        (sub / "summary.sh").write_text(_script(sub.parents[1], setup, f"summary {shlex.quote(str(sub))}"))
+
+    def _submit(self, sub: Path, plan: dict, submitted: list[str]) -> dict[str, str]:
+        """sbatch the search array, the points' array and the summary job (ids appended to ``submitted``)."""
+        p, logs = self.params, sub.parents[1] / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        common, task = _sbatch_options(p)
+        name = str(p.get("name") or "vtw")
+        ids = {"search": "", "array": ""}
+        if plan["pending"]:
+            after: list[str] = []
+            if plan["searches"]:
+                ids["search"] = _sbatch([*common, *task, f"--job-name={name}-search",
+                                         f"--array=0-{len(plan['searches']) - 1}",
+                                         f"--output={logs}/search_%A_%a.out", str(sub / "task.sh"), "search"])  # fmt: skip
+                submitted.append(ids["search"])
+                after = [f"--dependency=afterok:{ids['search']}", "--kill-on-invalid-dep=yes"]
+            array = format_indices(plan["pending"])
+            if p.get("array_parallelism"):
+                array += f"%{p['array_parallelism']}"
+            ids["array"] = _sbatch([*common, *task, *after, f"--job-name={name}", f"--array={array}",
+                                    f"--output={logs}/%A_%a.out", str(sub / "task.sh"), "point"])  # fmt: skip
+            submitted.append(ids["array"])
+        after = [f"--dependency=afterany:{ids['array']}", "--kill-on-invalid-dep=no"] if ids["array"] else []
+        ids["summary"] = _sbatch([*common, *after, f"--job-name={name}-summary", "--cpus-per-task=1",
+                                  f"--time={p.get('summary_timeout_min', 30)}", f"--output={logs}/summary_%j.out",
+                                  str(sub / "summary.sh")])  # fmt: skip
+        return ids
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        assert self.config is not None
+        if initial_job_idx != 0:
+            raise SystemExit(
+                "vtw: launcher=sbatch submits a whole sweep as one array; unset hydra.sweeper.max_batch_size"
+            )
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        abs_dir = sweep_dir.resolve()
+        before = tree_of(abs_dir)
+        master = copy.deepcopy(self.config)
+        with read_write(master.hydra.sweep):
+            master.hydra.sweep.dir = str(sweep_dir)  # resolved once (${now:...}): every task sees this directory
+        plan = self._plan(master, job_overrides, abs_dir)
+        problem = gpu_mismatch(self.params, partition_gres(self.params.get("partition")))
         if problem is not None:
             undo_submission(abs_dir, before)
             raise SystemExit(problem)
-
         sub = abs_dir / SUBMISSIONS_DIR / str(len(submissions(abs_dir)))
-        plan = {"sweep_dir": str(sweep_dir), "points": points, "searches": search_jobs, "pending": pending}
         submitted: list[str] = []
         try:
-            atomic_write_json(sub / PLAN_FILE, plan, indent=1)
-            state = {
-                "config": master,
-                "hydra_context": self.hydra_context,
-                # Hydra's singletons (the config store, ...) without the resolvers: the task's own set-up registers them
-                "singletons": Singleton.get_state()["instances"],
-                "task": _task_location(self.task_function),
-            }
-            atomic_write_bytes(sub / STATE_FILE, pickle.dumps(state))
-            setup = list(p.get("setup") or [])
-            (sub / "task.sh").write_text(
-                _script(abs_dir, setup, f'task {shlex.quote(str(sub))} "$1" "$SLURM_ARRAY_TASK_ID"')
-            )
-            (sub / "summary.sh").write_text(_script(abs_dir, setup, f"summary {shlex.quote(str(sub))}"))
-            (abs_dir / "logs").mkdir(parents=True, exist_ok=True)
-            common, task = _sbatch_options(p)
-            name = str(p.get("name") or "vtw")
-            search_job = array_job = ""
-            if pending:
-                after: list[str] = []
-                if search_jobs:
-                    search_job = _sbatch([*common, *task, f"--job-name={name}-search",
-                                          f"--array=0-{len(search_jobs) - 1}",
-                                          f"--output={abs_dir}/logs/search_%A_%a.out", str(sub / "task.sh"),
-                                          "search"])  # fmt: skip
-                    submitted.append(search_job)
-                    after = [f"--dependency=afterok:{search_job}", "--kill-on-invalid-dep=yes"]
-                array = format_indices(pending)
-                if p.get("array_parallelism"):
-                    array += f"%{p['array_parallelism']}"
-                array_job = _sbatch([*common, *task, *after, f"--job-name={name}", f"--array={array}",
-                                     f"--output={abs_dir}/logs/%A_%a.out", str(sub / "task.sh"),
-                                     "point"])  # fmt: skip
-                submitted.append(array_job)
-            after = [f"--dependency=afterany:{array_job}", "--kill-on-invalid-dep=no"] if array_job else []
-            summary_job = _sbatch([*common, *after, f"--job-name={name}-summary", "--cpus-per-task=1",
-                                   f"--time={p.get('summary_timeout_min', 30)}",
-                                   f"--output={abs_dir}/logs/summary_%j.out", str(sub / "summary.sh")])  # fmt: skip
+            self._write(sub, plan, master)
+            ids = self._submit(sub, plan, submitted)
         except BaseException:
             if submitted:
                 subprocess.run(["scancel", *submitted], capture_output=True)
             undo_submission(abs_dir, before)
             raise
-        line = (f"submission={sub.name} search={search_job or '-'} array={array_job or '-'} "
-                f"points={format_indices(pending) or '-'} summary={summary_job}")  # fmt: skip
+        pending = format_indices(plan["pending"])
+        line = (f"submission={sub.name} search={ids['search'] or '-'} array={ids['array'] or '-'} "
+                f"points={pending or '-'} summary={ids['summary']}")  # fmt: skip
         with open(abs_dir / "submissions.log", "a") as f:
             f.write(f"{_now()} {line}\n")
-        log.info(
-            "launcher=sbatch: %d points in %s, %s; %s", len(points), sweep_dir,
-            f"points {format_indices(pending)} queued" if pending else "every point has results: only the summary runs",
-            line,
-        )  # fmt: skip
+        queued = f"points {pending} queued" if pending else "every point has results: only the summary runs"
+        log.info("launcher=sbatch: %d points in %s, %s; %s", len(plan["points"]), sweep_dir, queued, line)
         log.info("resubmit the unfinished points: the same command with resume=true hydra.sweep.dir=%s", sweep_dir)
-        print(f"VTW_SWEEP_DIR={abs_dir}\nVTW_SEARCH_JOB={search_job}\nVTW_ARRAY_JOB={array_job}\n"
-              f"VTW_SUMMARY_JOB={summary_job}", flush=True)  # fmt: skip
+        print(f"VTW_SWEEP_DIR={abs_dir}\nVTW_SEARCH_JOB={ids['search']}\nVTW_ARRAY_JOB={ids['array']}\n"
+              f"VTW_SUMMARY_JOB={ids['summary']}", flush=True)  # fmt: skip
         returns = []
-        for pt, s in zip(points, states):
+        for pt in plan["points"]:
             ret = JobReturn(overrides=pt["overrides"], status=JobStatus.COMPLETED)
-            ret.return_value = f"queued as {array_job}_{pt['index']}" if pt["index"] in pending else s
+            ret.return_value = f"queued as {ids['array']}_{pt['index']}" if pt["index"] in plan["pending"] else "done"
             returns.append(ret)
         return returns
 
