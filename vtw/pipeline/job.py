@@ -34,7 +34,7 @@ class JobContext:
     Attributes:
         output_dir: the job's directory (Hydra's ``runtime.output_dir``).
         sweep_dir: the sweep's directory in multirun (``None`` for a single run).
-        job_num: the job's index in the sweep (Hydra's job number, or the SLURM array task id).
+        job_num: the job's index in the sweep (Hydra's job number, under every launcher).
         multirun: whether Hydra runs a sweep (``-m``).
         overrides: the job's command-line overrides.
     """
