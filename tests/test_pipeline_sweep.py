@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from test_lmms_fixtures import pipeline_overrides
 from vtw.io import read_json
 from vtw.pipeline.pareto import pareto_frontier
 from vtw.pipeline.results import RunResult, VariantResult, write_results
-from vtw.pipeline.status import JobStatus
+from vtw.pipeline.status import JobStatus, job_index, read_job_dir, record_finished
 from vtw.pipeline.summary import summarize_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -194,3 +195,57 @@ def test_a_column_added_to_the_one_list_shows_everywhere(tmp_path, monkeypatch):
     (sweep,) = [read_offline_run(r) for r in find_offline_runs(tmp_path / "wandb")]
     t = sweep.tables["summary_table"]
     assert [dict(zip(t["columns"], row))["wall_s"] for row in t["data"]] == [12.5, 7.25]
+
+
+# ---------------------------------------------------------------------------------------------- job state
+def test_job_state_from_job_json_and_results(tmp_path):
+    """Every state, each from hand-written files: what job.json says, checked against results.json."""
+    ok = _variant("vtw", 8, 0.7, 4.0, 10.0)
+    d = {name: tmp_path / name for name in ("ok", "skipped", "failed", "running", "no_results", "bad", "flops", "bare")}
+    _job(d["ok"], ok)
+    _job(d["skipped"], ok)
+    (d["skipped"] / "job.json").write_text(json.dumps({"status": "skipped", "resumed_from": "x"}))
+    JobStatus(d["failed"]).fail(RuntimeError("boom"))
+    JobStatus(d["running"]).start()
+    JobStatus(d["no_results"]).finish("ok")  # an eval job that says ok but whose results are gone
+    _job(d["bad"], ok)
+    (d["bad"] / "results.json").write_text(json.dumps({"schema": "vtw.results/0", "status": "ok"}))
+    JobStatus(d["flops"]).start(mode="flops")  # flops / search jobs write no results.json
+    JobStatus(d["flops"]).finish("ok", mode="flops")
+    _job(d["bare"], ok)
+    (d["bare"] / "job.json").unlink()  # results copied by hand, no job.json
+    states = {name: read_job_dir(path).state for name, path in d.items()}
+    assert states == {"ok": "ok", "skipped": "skipped", "failed": "failed", "running": "running",
+                      "no_results": "running", "bad": "running", "flops": "ok", "bare": "ok"}  # fmt: skip
+    assert read_job_dir(tmp_path / "nothing").state == "missing"
+    assert [read_job_dir(d[n]).done for n in ("ok", "skipped", "failed", "no_results")] == [True, True, False, False]
+    # The summary reads the same states.
+    rows = {r["job"]: r["status"] for r in summarize_sweep(tmp_path, write=False, plot=False, console=False).rows}
+    assert {k: rows[k] for k in d} == states
+
+
+def test_job_index_finds_finished_jobs_by_config_hash_under_a_root(tmp_path):
+    def job(path: Path, config_hash: str, status: str = "ok") -> Path:
+        r = RunResult(
+            name="j", model="m", pretrained="p", family="llava", num_layers=32, dataset="d", tasks=["t"], limit=None,
+            layer_requested=8, primary_metric="t/acc", result=_variant("vtw", 8, 0.7, 4.0, 10.0), baseline=None,
+            config={}, config_hash=config_hash, git={}, packages={}, job={},
+        )  # fmt: skip
+        write_results(path, r, [])
+        js = JobStatus(path)
+        js.fail(RuntimeError("x")) if status == "failed" else js.finish(status)
+        return path
+
+    a = job(tmp_path / "multirun" / "day" / "t1" / "0_a", "aaa")
+    job(tmp_path / "run" / "day" / "t2", "bbb", status="failed")  # finished files, but the job failed
+    c = job(tmp_path / "deep" / "x" / "y" / "z" / "w" / "c", "ccc")
+    job(tmp_path / "multirun" / "day" / "t1" / "0_a" / "wandb" / "inner", "ddd")  # never inside a job dir
+    index = job_index(tmp_path, fresh=True)
+    assert (index.find("aaa"), index.find("bbb"), index.find("ccc"), index.find("ddd")) == (a, None, c, None)
+    # Built once per process: a job finished elsewhere later is not seen until asked for fresh ...
+    e = job(tmp_path / "later", "eee")
+    assert job_index(tmp_path).find("eee") is None and job_index(tmp_path, fresh=True).find("eee") == e
+    # ... but a job finished in this process is recorded in the indexes that cover it.
+    f = job(tmp_path / "mine", "fff")
+    record_finished("fff", f)
+    assert job_index(tmp_path).find("fff") == f

@@ -1,8 +1,10 @@
-"""SLURM sweeps: ``launcher=slurm`` (hydra-submitit-launcher) and the plain-sbatch flow in ``slurm/``.
+"""SLURM sweeps: ``launcher=slurm`` (hydra-submitit-launcher, blocking) and ``launcher=sbatch`` (this project's
+launcher: one ``sbatch --array``, a layer-search array before it, a summary job after it, returns at once).
 
 The tests marked ``slurm`` run against a live cluster (``sinfo`` answers), e.g. the one-node cluster of
 ``scripts/slurm_cluster.sh start`` (CI starts it before pytest). Without one they skip and say so; with
-``VTW_REQUIRE_SLURM=1`` (CI) they fail instead. The other tests check the scripts without a cluster.
+``VTW_REQUIRE_SLURM=1`` (CI) they fail instead. The other tests run ``launcher=sbatch`` against a fake ``sbatch``
+that records what it was asked to submit, and run the written task scripts by hand.
 
 Jobs are kept small (1 CPU each, a few samples of the embedded default model and task).
 """
@@ -11,21 +13,19 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from hydra_plugins.vtw_launcher import slurm as launcher
-from vtw.pipeline import sweepspec as ss
+from hydra_plugins.vtw_launcher import checks
+from hydra_plugins.vtw_launcher import sbatch as sb
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBMIT = ROOT / "slurm" / "submit_sweep.sh"
-SWEEP_SBATCH = ROOT / "slurm" / "sweep.sbatch"
 WANDB_SYNC = ROOT / "slurm" / "wandb_sync.sh"
 
 
@@ -50,98 +50,226 @@ def _kv(stdout: str) -> dict[str, str]:
 # Without a cluster: the scripts' logic.
 
 
-def test_submit_dry_run_builds_the_array_search_and_summary_jobs(tmp_path):
+def _fake_sbatch(tmp_path: Path) -> tuple[Path, Path]:
+    """An ``sbatch`` (and an ``sinfo`` listing a GPU partition) on PATH: each call's arguments are appended to the
+    calls file as one JSON list; the job ids answered are 100, 101, ..."""
+    bin_dir = _fake_sinfo(tmp_path, "debug*|(null)\ngpu|gpu:a100:4")
+    calls = tmp_path / "sbatch_calls.jsonl"
+    script = bin_dir / "sbatch"
+    script.write_text(
+        f"#!/bin/sh\nn=$(( $(cat {calls} 2>/dev/null | wc -l) + 100 ))\n"
+        f'{sys.executable} -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$@" >> {calls}\necho "$n"\n'
+    )
+    script.chmod(0o755)
+    return bin_dir, calls
+
+
+def _calls(calls: Path) -> list[list[str]]:
+    return [json.loads(line) for line in calls.read_text().splitlines()] if calls.is_file() else []
+
+
+def _fake_env(bin_dir: Path, **extra: str) -> dict[str, str]:
+    env = _env(**extra)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    return env
+
+
+def _sbatch_sweep(args: list, env: dict, cwd: Path = ROOT, timeout: float = 120) -> subprocess.CompletedProcess:
+    return _run([sys.executable, ROOT / "run.py", "-m", "launcher=sbatch", *args], env=env, cwd=cwd, timeout=timeout)
+
+
+CPU = ["hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+       "hydra.launcher.timeout_min=10"]  # fmt: skip
+
+
+def test_format_indices():
+    assert sb.format_indices([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
+    assert sb.format_indices([3]) == "3"
+    assert sb.format_indices([]) == ""
+
+
+def test_sbatch_launcher_submits_search_array_and_summary_then_returns(small_job, tmp_path):
+    """launcher=sbatch with vtw.layer=auto: a search array, the points' array after it (afterok), a summary job after
+    that (afterany), every setting on the sbatch lines; the submitter returns without running or summarising."""
+    bin_dir, calls = _fake_sbatch(tmp_path)
     sweep = tmp_path / "sw"
-    r = _run(
-        [SUBMIT, "--dry-run", "--sweep-dir", sweep, "--partition", "gpu", "--gpus", "2", "--cpus-per-task", "3",
-         "--mem", "5G", "--time", "1:00:00", "--parallel", "2", "--setup", "module load cuda",
-         "--sbatch-arg=--exclude=n7", "vtw.layer=auto,3,5", "dataset.limit=2"]
+    r = _sbatch_sweep(
+        ["vtw.layer=auto,3,5", *small_job, f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=gpu",
+         "hydra.launcher.gpus_per_node=2", "hydra.launcher.cpus_per_task=3", "hydra.launcher.mem_gb=5",
+         "hydra.launcher.timeout_min=60", "hydra.launcher.array_parallelism=2", "hydra.launcher.name=vtwtest",
+         'hydra.launcher.setup=["module load cuda"]', "+hydra.launcher.additional_parameters.exclude=n7"],
+        _fake_env(bin_dir),
     )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    plan = ss.read_plan(sweep)
-    assert [p.dirname for p in plan.points] == ["0_vtw.layer=auto", "1_vtw.layer=3", "2_vtw.layer=5"]
-    cmds = [shlex.split(line) for line in r.stderr.splitlines() if line.startswith("sbatch ")]
-    assert len(cmds) == 3  # layer search, sweep array, summary
-    search, array, summary = cmds
-    assert "--array=0-0" in search and "--job-name=vtw-sweep-search" in search
-    assert f"--export=ALL,VTW_SWEEP_DIR={sweep},VTW_SWEEP_STAGE=search" in search
-    for opt in ("--partition=gpu", "--gres=gpu:2", "--cpus-per-task=3", "--mem=5G", "--time=1:00:00", "--requeue",
-                "--array=0-2%2", "--dependency=afterok:DRYRUN", "--kill-on-invalid-dep=yes", "--exclude=n7",
-                f"--output={sweep}/logs/%A_%a.out", f"--export=ALL,VTW_SWEEP_DIR={sweep}"):  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    plan = sb.read_plan(sweep)
+    # Hydra's own job dirs: ${hydra.job.num}_<model>_<dataset>_<K tag> (conf/config.yaml's hydra.sweep.subdir)
+    assert [p["dir"] for p in plan["points"]] == [
+        "0_tiny-llava_synthvqa_auto", "1_tiny-llava_synthvqa_K3", "2_tiny-llava_synthvqa_K5"
+    ]  # fmt: skip
+    assert [p["overrides"][:2] for p in plan["points"]] == [
+        ["launcher=sbatch", f"vtw.layer={k}"] for k in ("auto", 3, 5)
+    ]
+    assert [s["dir"] for s in plan["searches"]] == [".search/0"]
+    assert plan["searches"][0]["overrides"] == [*plan["points"][0]["overrides"], "mode=search"]
+    sub = sweep / ".sbatch" / "0"
+    search, array, summary = _calls(calls)
+    assert search[-2:] == [str(sub / "task.sh"), "search"]
+    assert "--array=0-0" in search and "--job-name=vtwtest-search" in search
+    for opt in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=3", "--mem=5G", "--time=60", "--requeue",
+                "--array=0-2%2", "--dependency=afterok:100", "--kill-on-invalid-dep=yes", "--exclude=n7",
+                "--job-name=vtwtest", f"--output={sweep}/logs/%A_%a.out"):  # fmt: skip
         assert opt in array, (opt, array)
-    assert array[-1] == str(SWEEP_SBATCH)
-    assert "--dependency=afterany:DRYRUN" in summary and "--gres=gpu:2" not in summary
-    assert summary[-1].endswith("slurm/summary.sbatch")
-    setup = (sweep / "setup.sh").read_text()
-    assert f"cd {ROOT}" in setup and "module load cuda" in setup
-    # A second submission of the same dir must not take a new spec.
-    again = _run([SUBMIT, "--dry-run", "--sweep-dir", sweep, "vtw.layer=1"])
-    assert again.returncode != 0 and "already holds a sweep" in again.stderr
+    assert array[-2:] == [str(sub / "task.sh"), "point"]
+    assert "--dependency=afterany:101" in summary and "--partition=gpu" in summary
+    assert not any(o.startswith(("--gpus", "--array")) for o in summary) and summary[-1] == str(sub / "summary.sh")
+    task = (sub / "task.sh").read_text()
+    assert f"cd {ROOT}" in task and "module load cuda" in task and sys.executable in task
+    assert _kv(r.stdout) == {"VTW_SWEEP_DIR": str(sweep), "VTW_SEARCH_JOB": "100", "VTW_ARRAY_JOB": "101",
+                             "VTW_SUMMARY_JOB": "102"}  # fmt: skip
+    # It returned at once: no job ran here, and the end-of-sweep callback left the summary to the summary job.
+    assert not (sweep / "summary.csv").exists() and not any((sweep / p["dir"]).exists() for p in plan["points"])
+    # Another sweep in the same directory is refused, before anything is submitted.
+    again = _sbatch_sweep(["vtw.layer=1", *small_job, f"hydra.sweep.dir={sweep}"], _fake_env(bin_dir))
+    assert again.returncode == 1 and "holds a sweep of 3 points, this one has 1" in again.stderr
+    assert len(_calls(calls)) == 3 and sb.submissions(sweep) == [sub]
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("override", "message"),
     [
-        (["--gpus", "x"], "--gpus must be a non-negative integer, got 'x'"),
-        (["--time", "soon"], "--time must be minutes or [D-]HH:MM:SS, got 'soon'"),
-        (["--only", "1;2"], "--only must look like 1,3-4"),
-        (["--bogus"], "unknown option --bogus"),
-        (["x=interval(0,1)"], "only enumerable sweeps"),
+        ("hydra.launcher.timeout_min=soon", "timeout_min"),
+        ("hydra.launcher.cpu=2", "cpu"),
+        ("vtw.layer=interval(0,1)", "INTERVAL_SWEEP"),
     ],
 )
-def test_submit_rejects_bad_input(tmp_path, args, message):
-    r = _run([SUBMIT, "--dry-run", "--sweep-dir", tmp_path / "sw", *args])
-    assert r.returncode == 2
-    assert message in r.stderr
+def test_sbatch_launcher_rejects_bad_settings_before_submitting(small_job, tmp_path, override, message):
+    bin_dir, calls = _fake_sbatch(tmp_path)
+    r = _sbatch_sweep([override, *small_job, f"hydra.sweep.dir={tmp_path / 'sw'}"], _fake_env(bin_dir))
+    assert r.returncode == 1 and message in r.stderr, r.stderr[-2000:]
+    assert _calls(calls) == [] and not (tmp_path / "sw" / ".sbatch").exists()
 
 
-def _fake_project(tmp_path: Path, plan_spec: list[str]) -> tuple[Path, Path]:
-    """A sweep dir whose setup.sh cds into a project whose run.py records its argv (and writes results)."""
-    proj = tmp_path / "proj"
-    proj.mkdir()
-    (proj / "run.py").write_text(
-        "import json, sys, pathlib\npathlib.Path('argv.json').write_text(json.dumps(sys.argv[1:]))\n"
-    )
-    sweep = tmp_path / "sweep"
-    ss.write_plan(sweep / ss.PLAN_FILE, ss.plan_sweep(plan_spec))
-    (sweep / "setup.sh").write_text(f"cd {proj}\n")
-    return proj, sweep
+def _task(sub: Path, index: int, stage: str = "point", **env: str) -> subprocess.CompletedProcess:
+    """Run array task ``index`` of a submission as SLURM would (the batch script, its array task id)."""
+    env = _env(SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_JOB_ID="77", **env)
+    return _run(["bash", sub / "task.sh", stage], env=env, timeout=240)
 
 
-def test_sweep_task_runs_its_point_in_its_own_dir(tmp_path):
-    proj, sweep = _fake_project(tmp_path, ["vtw.layer=auto,2", "dataset.limit=3", "prompt='a,b'"])
-    env = _env(VTW_SWEEP_DIR=str(sweep), SLURM_ARRAY_TASK_ID="1", SLURM_ARRAY_JOB_ID="77")
-    r = _run(["bash", SWEEP_SBATCH], env=env)
-    assert r.returncode == 0, r.stderr
-    argv = json.loads((proj / "argv.json").read_text())
-    assert argv == ["vtw.layer=2", "dataset.limit=3", "prompt='a,b'", "resume=true", "compare_baseline=false",
-                    f"hydra.run.dir='{sweep}/1_vtw.layer=2'"]  # fmt: skip
-    # The layer search stage runs the search job of the plan in its own dir.
-    env.update(VTW_SWEEP_STAGE="search", SLURM_ARRAY_TASK_ID="0")
-    assert _run(["bash", SWEEP_SBATCH], env=env).returncode == 0
-    argv = json.loads((proj / "argv.json").read_text())
-    assert argv == ["vtw.layer=auto", "dataset.limit=3", "prompt='a,b'", "mode=search", "resume=true",
-                    "compare_baseline=false", f"hydra.run.dir='{sweep}/.search/0'"]  # fmt: skip
-    # An index outside the plan is an error naming it.
-    env.update(VTW_SWEEP_STAGE="point", SLURM_ARRAY_TASK_ID="5")
-    r = _run(["bash", SWEEP_SBATCH], env=env)
-    assert r.returncode != 0 and "no point 5" in r.stderr
+def test_sbatch_task_runs_its_point_and_a_resubmission_runs_only_the_unfinished(small_job, tmp_path):
+    """Each task runs its point through Hydra in its own dir; the summary job writes status.tsv; the same command with
+    resume=true submits only the points without results, into the same directories."""
+    bin_dir, calls = _fake_sbatch(tmp_path)
+    sweep = tmp_path / "sw"
+    args = ["vtw.layer=null,1,99", *small_job, f"resume_root={tmp_path}", f"hydra.sweep.dir={sweep}", *CPU]
+    assert _sbatch_sweep(args, _fake_env(bin_dir)).returncode == 0
+    sub = sweep / ".sbatch" / "0"
+    dirs = [sweep / p["dir"] for p in sb.read_plan(sweep)["points"]]
+    r = _task(sub, 1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    job = _job(dirs[1])
+    assert (job["status"], job["job_num"], job["slurm_job_id"], job["layer"]) == ("ok", 1, "77", 1)
+    assert json.loads((dirs[1] / "results.json").read_text())["config"]["vtw"]["layer"] == 1
+    assert (dirs[1] / ".hydra" / "overrides.yaml").is_file()  # Hydra's own job set-up
+    r = _task(sub, 2)
+    assert r.returncode == 1 and _job(dirs[2])["status"] == "failed" and "vtw.layer=99" in _job(dirs[2])["error"]
+    r = _task(sub, 5)
+    assert r.returncode == 2 and "no point 5" in r.stderr
+    # The summary job: every point's state, the summary of what finished; exit 1 (a point failed, one never ran).
+    r = _run(["bash", sub / "summary.sh"], timeout=240)
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    assert (sweep / "status.tsv").read_text().splitlines() == [
+        "index\tstatus\tdir", f"0\tmissing\t{dirs[0].name}", f"1\tok\t{dirs[1].name}", f"2\tfailed\t{dirs[2].name}"
+    ]  # fmt: skip
+    assert [(row["job"], row["status"]) for row in _summary_rows(sweep)] == [
+        (dirs[1].name, "ok"),
+        (dirs[2].name, "failed"),
+    ]
+    done = (dirs[1] / "results.json").stat().st_mtime_ns
+    # Resubmit: only points 0 and 2 go into the array (no search: no vtw.layer=auto); the directories are kept.
+    r = _sbatch_sweep([*args, "resume=true"], _fake_env(bin_dir))
+    assert r.returncode == 0, r.stderr[-3000:]
+    array, summary = _calls(calls)[2:]
+    assert "--array=0,2%16" in array and "--dependency=afterany:102" in summary
+    assert [p["dir"] for p in sb.read_plan(sweep)["points"]] == [d.name for d in dirs]
+    assert sb.read_plan(sweep)["points"][0]["overrides"][-1] == "resume=True"  # as Hydra spells it
+    assert (dirs[1] / "results.json").stat().st_mtime_ns == done
+    # Everything finished: only the summary job is submitted.
+    for d in (dirs[0], dirs[2]):
+        shutil.copytree(dirs[1], d, dirs_exist_ok=True)
+    assert _sbatch_sweep([*args, "resume=true"], _fake_env(bin_dir)).returncode == 0
+    (last,) = _calls(calls)[4:]
+    assert last[-1].endswith("2/summary.sh") and not any(o.startswith("--dependency") for o in last)
 
 
-def test_sweep_task_skips_a_finished_point(tmp_path):
-    proj, sweep = _fake_project(tmp_path, ["vtw.layer=1,2"])
-    done = sweep / "0_vtw.layer=1"
-    done.mkdir()
-    (done / "job.json").write_text(json.dumps({"status": "ok"}))
-    (done / "results.json").write_text("{}")
-    env = _env(VTW_SWEEP_DIR=str(sweep), SLURM_ARRAY_TASK_ID="0")
-    r = _run(["bash", SWEEP_SBATCH], env=env)
-    assert r.returncode == 0 and "already has results" in r.stdout
-    assert not (proj / "argv.json").exists()
-    # A failed point is run again.
-    (done / "job.json").write_text(json.dumps({"status": "failed"}))
-    assert _run(["bash", SWEEP_SBATCH], env=env).returncode == 0
-    assert (proj / "argv.json").exists()
+def test_wandb_group_is_the_same_for_local_and_sbatch_sweeps(small_job, tmp_path):
+    """The W&B group of a sweep's jobs comes from the sweep dir alone, whichever launcher ran them."""
+    from vtw.pipeline.wandb_offline import find_offline_runs, read_offline_run
+
+    over = [o for o in small_job if o != "logger=none"] + ["logger=wandb", "logger.mode=offline", "vtw.layer=1"]
+    local = tmp_path / "local" / "my sweeps" / "a,b~c"
+    r = _run([sys.executable, ROOT / "run.py", "-m", *over, f"hydra.sweep.dir='{local}'"], cwd=ROOT, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    bin_dir, _ = _fake_sbatch(tmp_path)
+    sweep = tmp_path / "sbatch" / "my sweeps" / "a,b~c"
+    assert _sbatch_sweep([*over, f"hydra.sweep.dir='{sweep}'", *CPU], _fake_env(bin_dir)).returncode == 0
+    assert _task(sweep / ".sbatch" / "0", 0).returncode == 0
+    groups = [read_offline_run(run).group for d in (local, sweep) for run in find_offline_runs(next(d.glob("0_*")))]
+    assert groups == ["my_sweeps-a,b_c", "my_sweeps-a,b_c"]
+
+
+# A minimal Hydra app: every job of a multirun appends its task overrides to jobs.jsonl (the independent reference).
+_APP = textwrap.dedent(
+    """
+    import json, os
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def main(cfg):
+        with open(os.environ["JOBS_OUT"], "a") as f:
+            f.write(json.dumps(list(HydraConfig.get().overrides.task)) + "\\n")
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def hydra_app(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("app")
+    (root / "app.py").write_text(_APP)
+    conf = root / "conf"
+    (conf / "model").mkdir(parents=True)
+    (conf / "config.yaml").write_text("defaults:\n  - model: a\n  - _self_\nvtw:\n  layer: null\nlimit: 5\nname: x\n")
+    for m in ("a", "b", "c2"):
+        (conf / "model" / f"{m}.yaml").write_text(f"name: {m}\n")
+    return root
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        ["vtw.layer=null,8,12", "limit=3"],
+        ["vtw.layer=range(0,9,4)", "model=a,b", "name='p,q'"],
+        ["vtw.layer=choice(2,auto)", "+extra=1,2", "limit=2"],
+        ["model=glob(*)", "vtw.layer=3"],
+    ],
+)
+def test_sbatch_points_are_the_jobs_of_hydras_multirun(hydra_app, tmp_path, spec):
+    """The points launcher=sbatch writes are the jobs Hydra's basic launcher runs, in the same order."""
+    out = tmp_path / "jobs.jsonl"
+    env = {"JOBS_OUT": str(out), "PATH": "/usr/bin:/bin", "HYDRA_FULL_ERROR": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, hydra_app / "app.py", "-m", *spec]
+    subprocess.run([*map(str, cmd), f"hydra.sweep.dir={tmp_path / 'local'}"], check=True, env=env, cwd=hydra_app)
+    expected = [json.loads(line) for line in out.read_text().splitlines()]
+    bin_dir, _ = _fake_sbatch(tmp_path)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    r = _run([*cmd, "hydra/launcher=sbatch", "hydra.launcher.gpus_per_node=null", f"hydra.sweep.dir={tmp_path / 'sb'}"],
+             env=env, cwd=hydra_app)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [p["overrides"] for p in sb.read_plan(tmp_path / "sb")["points"]] == expected
+    assert len(expected) > 1
 
 
 def test_wandb_sync_uploads_only_unsynced_offline_runs(tmp_path):
@@ -311,26 +439,24 @@ def test_gpu_check_reads_partitions_from_sinfo(tmp_path):
     """The launcher's GPU check from a hand-written `sinfo -o "%P|%G"` table: the default partition (starred) or the
     named ones; a GPU request on a partition without generic resources is the one-line error naming the setting."""
     sinfo = _fake_sinfo(tmp_path, "cpu*|(null)\ngpu|gpu:a100:4\ngpu|(null)\nmixed|(null)") / "sinfo"
-    assert launcher.partition_gres(None, str(sinfo)) == {"cpu": ["(null)"]}
-    assert launcher.partition_gres("gpu,mixed", str(sinfo)) == {"gpu": ["gpu:a100:4", "(null)"], "mixed": ["(null)"]}
-    assert launcher.partition_gres("nope", str(sinfo)) is None
-    assert launcher.partition_gres(None, str(_fake_sinfo(tmp_path, "", code=1) / "sinfo")) is None
-    assert launcher.partition_gres(None, str(tmp_path / "no-such-sinfo")) is None
+    assert checks.partition_gres(None, str(sinfo)) == {"cpu": ["(null)"]}
+    assert checks.partition_gres("gpu,mixed", str(sinfo)) == {"gpu": ["gpu:a100:4", "(null)"], "mixed": ["(null)"]}
+    assert checks.partition_gres("nope", str(sinfo)) is None
+    assert checks.partition_gres(None, str(_fake_sinfo(tmp_path, "", code=1) / "sinfo")) is None
+    assert checks.partition_gres(None, str(tmp_path / "no-such-sinfo")) is None
     cpu = {"cpu": ["(null)"]}
-    msg = launcher.gpu_mismatch({"gpus_per_node": 1}, cpu)
+    msg = checks.gpu_mismatch({"gpus_per_node": 1}, cpu)
     assert "'cpu' has no GPUs" in msg and "hydra.launcher.gpus_per_node=1 asks" in msg
     assert "add hydra.launcher.gpus_per_node=null" in msg and "\n" not in msg
-    assert "additional_parameters.gres=gpu:1" in launcher.gpu_mismatch(
-        {"additional_parameters": {"gres": "gpu:1"}}, cpu
-    )
-    assert launcher.gpu_mismatch({"gpus_per_node": None}, cpu) is None  # a CPU job
-    assert launcher.gpu_mismatch({"gpus_per_node": 0, "gpus_per_task": None}, cpu) is None
-    assert launcher.gpu_mismatch({"gpus_per_node": 1}, {"gpu": ["gpu:a100:4", "(null)"]}) is None
-    assert launcher.gpu_mismatch({"gpus_per_node": 1}, None) is None  # sinfo could not tell: sbatch decides
-    line = launcher.sbatch_refusal("sbatch: error: Invalid generic resource (gres) specification\n")
+    assert "additional_parameters.gres=gpu:1" in checks.gpu_mismatch({"additional_parameters": {"gres": "gpu:1"}}, cpu)
+    assert checks.gpu_mismatch({"gpus_per_node": None}, cpu) is None  # a CPU job
+    assert checks.gpu_mismatch({"gpus_per_node": 0, "gpus_per_task": None}, cpu) is None
+    assert checks.gpu_mismatch({"gpus_per_node": 1}, {"gpu": ["gpu:a100:4", "(null)"]}) is None
+    assert checks.gpu_mismatch({"gpus_per_node": 1}, None) is None  # sinfo could not tell: sbatch decides
+    line = checks.sbatch_refusal("sbatch: error: Invalid generic resource (gres) specification\n")
     assert line.startswith("vtw: sbatch refused the sweep: sbatch: error: Invalid generic resource")
     assert "gpus_per_node=null" in line
-    assert "gpus_per_node" not in launcher.sbatch_refusal("sbatch: error: invalid partition specified: x")
+    assert "gpus_per_node" not in checks.sbatch_refusal("sbatch: error: invalid partition specified: x")
 
 
 def test_failed_submission_leaves_no_half_written_sweep(tmp_path):
@@ -339,32 +465,33 @@ def test_failed_submission_leaves_no_half_written_sweep(tmp_path):
     (old / "0_done").mkdir(parents=True)
     (old / "0_done" / "results.json").write_text("{}")
     (old / "multirun.yaml").write_text("old")
-    before = launcher._tree(old)
+    before = checks.tree_of(old)
     (old / ".submitit").mkdir()
     (old / ".submitit" / "x.pkl").write_text("new")
-    launcher.undo_submission(old, before)
-    assert launcher._tree(old) == before
+    checks.undo_submission(old, before)
+    assert checks.tree_of(old) == before
     new = tmp_path / "new"
     new.mkdir()
     (new / "multirun.yaml").write_text("sweeper")
-    before = launcher._tree(new)
+    before = checks.tree_of(new)
     (new / ".submitit" / "1").mkdir(parents=True)
     (new / ".submitit" / "1" / "a.sh").write_text("new")
-    launcher.undo_submission(new, before)
+    checks.undo_submission(new, before)
     assert not new.exists()
 
 
 @pytest.mark.slurm
+@pytest.mark.parametrize("launcher", ["slurm", "sbatch"])
 @pytest.mark.parametrize("sinfo_answers", [True, False], ids=["checked-before-submit", "sbatch-refusal"])
-def test_launcher_slurm_gpus_on_a_cpu_partition_is_one_line(cluster, small_job, tmp_path, sinfo_answers):
+def test_gpus_on_a_cpu_partition_is_one_line(cluster, small_job, tmp_path, sinfo_answers, launcher):
     """The default one GPU per task on the test cluster (no GRES): exit 1, one line naming
     hydra.launcher.gpus_per_node=null, no traceback, no sweep dir left. When sinfo does not answer, sbatch's own
-    refusal is turned into the same kind of line."""
+    refusal is turned into the same kind of line. The same for launcher=slurm and launcher=sbatch."""
     sweep = tmp_path / "multirun"
     env = _env()
     if not sinfo_answers:
         env["PATH"] = f"{_fake_sinfo(tmp_path, '', code=1)}:{env['PATH']}"
-    cmd = [sys.executable, ROOT / "run.py", "-m", "launcher=slurm", "vtw.layer=null,1", *small_job,
+    cmd = [sys.executable, ROOT / "run.py", "-m", f"launcher={launcher}", "vtw.layer=null,1", *small_job,
            f"hydra.sweep.dir={sweep}", f"hydra.launcher.name=vtwtest-{os.getpid()}", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.mem_gb=1"]  # fmt: skip
     r = _run(cmd, cwd=ROOT, timeout=120, env=env)
@@ -379,27 +506,31 @@ def test_launcher_slurm_gpus_on_a_cpu_partition_is_one_line(cluster, small_job, 
     )
 
 
-def _submit(args: list, tmp_path: Path) -> dict[str, str]:
-    r = _run([SUBMIT, "--gpus", "0", "--cpus-per-task", "1", "--time", "10", "--job-name", f"vtwtest-{os.getpid()}",
-              *args], cwd=tmp_path, timeout=120)  # fmt: skip
-    assert r.returncode == 0, r.stderr
+def _submit(args: list, env: dict | None = None) -> dict[str, str]:
+    """``python run.py -m launcher=sbatch ARGS`` on the cluster (1 CPU per job); the VTW_* ids it prints."""
+    r = _sbatch_sweep([*args, *CPU, f"hydra.launcher.name=vtwtest-{os.getpid()}"], env or _env())
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return _kv(r.stdout)
 
 
 @pytest.mark.slurm
 def test_sbatch_array_cancel_resubmit_resumes_and_marks_failures(cluster, small_job, tmp_path):
-    """slurm/submit_sweep.sh: 4 points (one fails); cancel one task mid-run; resubmit; finished points are kept."""
+    """launcher=sbatch: 4 points (one fails); cancel one task mid-run; resubmit; finished points are kept."""
     sweep = tmp_path / "sweep"
-    spec = tmp_path / "spec.txt"
-    spec.write_text(f"# K values; 99 is not a layer of the model: that point fails\nvtw.layer=null,1,2,99\n"
-                    f"{' '.join(small_job)} resume_root={tmp_path}\n")  # fmt: skip
-    ids = _submit(["--sweep-dir", sweep, "--parallel", "2", "--spec", spec], tmp_path)
+    # 99 is not a layer of the model: that point fails
+    args = ["vtw.layer=null,1,2,99", *small_job, f"resume_root={tmp_path}", f"hydra.sweep.dir={sweep}",
+            "hydra.launcher.array_parallelism=2"]  # fmt: skip
+    t0 = time.monotonic()
+    ids = _submit(args)
+    assert time.monotonic() - t0 < 60  # returned once queued
     array, summary = ids["VTW_ARRAY_JOB"], ids["VTW_SUMMARY_JOB"]
-    plan = ss.read_plan(sweep)
-    dirs = [sweep / p.dirname for p in plan.points]
-    assert [p.dirname for p in plan.points] == ["0_vtw.layer=null", "1_vtw.layer=1", "2_vtw.layer=2", "3_vtw.layer=99"]
+    plan = sb.read_plan(sweep)
+    dirs = [sweep / p["dir"] for p in plan["points"]]
+    names = ["0_tiny-llava_synthvqa_base", "1_tiny-llava_synthvqa_K1", "2_tiny-llava_synthvqa_K2",
+             "3_tiny-llava_synthvqa_K99"]  # fmt: skip
+    assert [d.name for d in dirs] == names
     try:
-        # Cancel point 2 while its python runs (it starts once point 0 or 1 has finished: --parallel 2).
+        # Cancel point 2 while its python runs (it starts once point 0 or 1 has finished: array_parallelism=2).
         deadline = time.monotonic() + 180
         while not ((dirs[2] / "job.json").is_file() and _job(dirs[2])["status"] == "running"):
             assert time.monotonic() < deadline, "point 2 never started"
@@ -408,22 +539,20 @@ def test_sbatch_array_cancel_resubmit_resumes_and_marks_failures(cluster, small_
         _wait_gone([array, summary], 180, "first submission", sweep)
     finally:
         subprocess.run(["scancel", array, summary])
-    status = {p.index: ss.point_status(sweep, p) for p in plan.points}
-    assert status == {0: "ok", 1: "ok", 2: "running", 3: "failed"}
+    assert [s for _, s, _ in sb.point_states(sweep, plan)] == ["ok", "ok", "running", "failed"]
     # The summary job ran after the array and marks the failed point (and the cancelled one as unfinished).
     rows = {row["job"]: row["status"] for row in _summary_rows(sweep)}
-    assert rows == {"0_vtw.layer=null": "ok", "1_vtw.layer=1": "ok", "2_vtw.layer=2": "running",
-                    "3_vtw.layer=99": "failed"}  # fmt: skip
+    assert rows == dict(zip(names, ["ok", "ok", "running", "failed"]))
     assert (sweep / "status.tsv").read_text().splitlines()[1:] == [
-        "0\tok\t0_vtw.layer=null", "1\tok\t1_vtw.layer=1", "2\trunning\t2_vtw.layer=2", "3\tfailed\t3_vtw.layer=99"
-    ]  # fmt: skip
+        f"{i}\t{s}\t{n}" for i, (s, n) in enumerate(zip(["ok", "ok", "running", "failed"], names))
+    ]
     # Per-task logs, one file per array task.
     assert sorted(p.name for p in (sweep / "logs").glob(f"{array}_*.out")) == [f"{array}_{i}.out" for i in range(4)]
     assert "CANCELLED" in (sweep / "logs" / f"{array}_2.out").read_text()
     before = {i: ((dirs[i] / "job.json").read_bytes(), (dirs[i] / "results.json").stat().st_mtime_ns) for i in (0, 1)}
 
-    # Resubmit the sweep dir: only the points without results run again, in the same directories.
-    ids = _submit(["--sweep-dir", sweep], tmp_path)
+    # Resubmit (the same command, resume=true): only the points without results run again, in the same directories.
+    ids = _submit([*args, "resume=true"])
     array2, summary2 = ids["VTW_ARRAY_JOB"], ids["VTW_SUMMARY_JOB"]
     try:
         _wait_gone([array2, summary2], 180, "resubmission", sweep)
@@ -436,36 +565,55 @@ def test_sbatch_array_cancel_resubmit_resumes_and_marks_failures(cluster, small_
     assert json.loads((dirs[2] / "results.json").read_text())["config"]["vtw"]["layer"] == 2
     assert _job(dirs[3])["status"] == "failed" and "vtw.layer=99" in _job(dirs[3])["error"]
     rows = {row["job"]: row["status"] for row in _summary_rows(sweep)}
-    assert rows == {"0_vtw.layer=null": "ok", "1_vtw.layer=1": "ok", "2_vtw.layer=2": "ok", "3_vtw.layer=99": "failed"}
-    assert [line.split()[2::2] for line in (sweep / "submissions.log").read_text().splitlines()] == [
+    assert rows == dict(zip(names, ["ok", "ok", "ok", "failed"]))
+    assert [line.split()[3::2] for line in (sweep / "submissions.log").read_text().splitlines()] == [
         [f"array={array}", "summary=" + summary], [f"array={array2}", "summary=" + summary2]
     ]  # fmt: skip
+
+
+# A Hydra app run with launcher=sbatch whose job records each start in its job dir; the first start of job 1 runs
+# long (it gets requeued).
+_REQUEUE_APP = textwrap.dedent(
+    """
+    import os, time, pathlib
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    @hydra.main(version_base="1.3", config_path="conf", config_name="config")
+    def main(cfg):
+        hc = HydraConfig.get()
+        restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+        with open(pathlib.Path(hc.runtime.output_dir) / "starts.txt", "a") as f:
+            f.write(os.environ["SLURM_ARRAY_TASK_ID"] + " " + restart + "\\n")
+        if hc.job.num == 1 and restart == "0":
+            time.sleep(120)
+
+    if __name__ == "__main__":
+        main()
+    """
+)
 
 
 @pytest.mark.slurm
 def test_requeued_task_runs_again_in_the_same_dir(cluster, tmp_path):
     """A task SLURM requeues (node failure, preemption, `scontrol requeue`) restarts in its own dir and log."""
-    proj, sweep = _fake_project(tmp_path, ["vtw.layer=1,2"])
-    # This run.py records each start in its job dir; the first start of point 1 runs long (it gets requeued).
-    (proj / "run.py").write_text(
-        "import os, sys, time, pathlib\n"
-        "out = pathlib.Path(sys.argv[-1].split('=', 1)[1].strip(\"'\"))\n"
-        "out.mkdir(parents=True, exist_ok=True)\n"
-        "restart = os.environ.get('SLURM_RESTART_COUNT', '0')\n"
-        "with open(out / 'starts.txt', 'a') as f:\n"
-        "    f.write(os.environ['SLURM_ARRAY_TASK_ID'] + ' ' + restart + '\\n')\n"
-        "if out.name.startswith('1_') and restart == '0':\n"
-        "    time.sleep(120)\n"
+    app = tmp_path / "app"
+    (app / "conf").mkdir(parents=True)
+    (app / "app.py").write_text(_REQUEUE_APP)
+    (app / "conf" / "config.yaml").write_text(
+        "defaults:\n  - override hydra/launcher: sbatch\n  - _self_\nlayer: 1\n"
+        "hydra:\n  sweep:\n    subdir: ${hydra.job.num}_layer=${layer}\n"
     )
-    (sweep / "logs").mkdir()
+    sweep = tmp_path / "sweep"
     name = f"vtwtest-{os.getpid()}"
-    r = _run(["sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--time=5", f"--job-name={name}",
-              f"--output={sweep}/logs/%A_%a.out", f"--export=ALL,VTW_SWEEP_DIR={sweep}", SWEEP_SBATCH])  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    array = r.stdout.strip().split(";")[0]
+    env = _env(PYTHONPATH=str(ROOT))
+    r = _run([sys.executable, app / "app.py", "-m", "layer=1,2", f"hydra.sweep.dir={sweep}", f"hydra.launcher.name={name}",
+              *CPU], env=env, cwd=app, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    array = _kv(r.stdout)["VTW_ARRAY_JOB"]
     try:
         deadline = time.monotonic() + 60
-        while not (sweep / "1_vtw.layer=2" / "starts.txt").is_file():
+        while not (sweep / "1_layer=2" / "starts.txt").is_file():
             assert time.monotonic() < deadline, "task 1 never started"
             time.sleep(0.3)
         assert subprocess.run(["scontrol", "requeue", f"{array}_1"]).returncode == 0
@@ -476,16 +624,16 @@ def test_requeued_task_runs_again_in_the_same_dir(cluster, tmp_path):
             time.sleep(0.3)
         assert _run(["scontrol", "update", f"JobId={array}_1", "StartTime=now"]).returncode == 0
         # Wait for what the test is about (the second start), not only for the queue to look empty.
-        starts = sweep / "1_vtw.layer=2" / "starts.txt"
+        starts = sweep / "1_layer=2" / "starts.txt"
         deadline = time.monotonic() + 60
         while starts.read_text().count("\n") < 2 and time.monotonic() < deadline:
             time.sleep(0.3)
         _wait_gone([array], 60, "requeued array", sweep)
     finally:
         subprocess.run(["scancel", f"--name={name}"])
-    assert (sweep / "0_vtw.layer=1" / "starts.txt").read_text() == "0 0\n"
+    assert (sweep / "0_layer=1" / "starts.txt").read_text() == "0 0\n"
     log = (sweep / "logs" / f"{array}_1.out").read_text()  # one log, appended to by the second start
-    assert (sweep / "1_vtw.layer=2" / "starts.txt").read_text() == "1 0\n1 1\n", log
+    assert (sweep / "1_layer=2" / "starts.txt").read_text() == "1 0\n1 1\n", log
     assert "restart=0" in log and "DUE TO JOB REQUEUE" in log and "restart=1" in log
 
 
@@ -510,21 +658,19 @@ def test_layer_search_runs_first_and_the_array_tasks_share_its_cache(cluster, sm
     """vtw.layer=auto: the search job runs before the array (afterok); every task reuses its cached layer."""
     sweep = tmp_path / "sweep"
     env = _env(VTW_CACHE_DIR=str(tmp_path / "cache"))  # exported to the jobs by sbatch
-    r = _run([SUBMIT, "--gpus", "0", "--cpus-per-task", "1", "--time", "10", "--job-name", f"vtwtest-{os.getpid()}",
-              "--sweep-dir", sweep, "vtw.layer=auto", "vtw.search.limit=2", *small_job, "dataset.limit=1,2",
-              f"resume_root={tmp_path}"], env=env, timeout=120)  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    ids = _kv(r.stdout)
+    job = [o for o in small_job if not o.startswith("dataset.limit=")]
+    ids = _submit(["vtw.layer=auto", "vtw.search.limit=2", *job, "dataset.limit=1,2", f"resume_root={tmp_path}",
+                   f"hydra.sweep.dir={sweep}"], env)  # fmt: skip
     jobs = [ids["VTW_SEARCH_JOB"], ids["VTW_ARRAY_JOB"], ids["VTW_SUMMARY_JOB"]]
     assert all(jobs)
     try:
         _wait_gone(jobs, 240, "search + array + summary", sweep)
     finally:
         subprocess.run(["scancel", *jobs])
-    plan = ss.read_plan(sweep)
-    assert len(plan.points) == 2 and len(plan.search) == 2  # dataset.limit differs: one search job per point
+    plan = sb.read_plan(sweep)
+    assert len(plan["points"]) == 2 and len(plan["searches"]) == 2  # dataset.limit differs: one search job per point
     searches = [sweep / ".search" / str(i) for i in range(2)]
-    points = [sweep / p.dirname for p in plan.points]
+    points = [sweep / p["dir"] for p in plan["points"]]
     assert [_job(d)["status"] for d in searches + points] == ["ok"] * 4
     # The array started only after both search jobs had finished.
     assert min(_job(d)["started"] for d in points) >= max(_job(d)["finished"] for d in searches)

@@ -8,12 +8,11 @@
 | :mod:`~vtw.pipeline.layer` | :func:`~vtw.pipeline.layer.resolve_layer`: ``vtw.layer`` → ``K`` (KL search for ``auto``) |
 | :mod:`~vtw.pipeline.layer_search` | the cached KL layer search on task samples |
 | :mod:`~vtw.pipeline.results` | results dataclasses, ``results.json`` / ``samples.jsonl`` |
-| :mod:`~vtw.pipeline.status` | ``job.json`` |
+| :mod:`~vtw.pipeline.status` | ``job.json``, the state of a job directory, the index of finished jobs by config hash |
 | :mod:`~vtw.pipeline.summary` | :func:`~vtw.pipeline.summary.summarize_sweep`: csv / md / rich table / Pareto plot |
 | :mod:`~vtw.pipeline.summarize` | ``python -m vtw.pipeline.summarize SWEEP_DIR`` |
 | :mod:`~vtw.pipeline.callbacks` | Hydra ``on_multirun_end`` → sweep summary |
 | :mod:`~vtw.pipeline.wandb_logger` | W&B runs (job and sweep) |
-| :mod:`~vtw.pipeline.sweepspec` | sweep plans for SLURM arrays (``python -m vtw.pipeline.sweepspec``) |
 
 Importing this package imports nothing heavy; each module imports what it needs.
 """

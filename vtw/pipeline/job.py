@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ..io import atomic_write_bytes, atomic_write_json, read_json
+from ..io import atomic_write_bytes, atomic_write_json
 from .config import RunSpec, config_hash, resolved_config, validate_config
 from .envinfo import git_info, lock_status, package_versions
 from .layer import resolve_layer
-from .results import RESULTS_FILE, SAMPLES_FILE, SCHEMA, RunResult, write_results
-from .status import JobStatus, now_iso
+from .results import RESULTS_FILE, SAMPLES_FILE, RunResult, write_results
+from .status import JobStatus, job_index, now_iso, read_job_dir, record_finished
 
 log = logging.getLogger("vtw")
 
@@ -35,11 +34,9 @@ class JobContext:
     Attributes:
         output_dir: the job's directory (Hydra's ``runtime.output_dir``).
         sweep_dir: the sweep's directory in multirun (``None`` for a single run).
-        job_num: the job's index in the sweep (Hydra's job number, or the SLURM array task id).
+        job_num: the job's index in the sweep (Hydra's job number, under every launcher).
         multirun: whether Hydra runs a sweep (``-m``).
         overrides: the job's command-line overrides.
-        array_task: whether this run is one task of a SLURM job array (a sweep point run as a single run, its
-            directory inside the sweep directory).
     """
 
     output_dir: Path
@@ -47,7 +44,6 @@ class JobContext:
     job_num: int | None = None
     multirun: bool = False
     overrides: tuple[str, ...] = ()
-    array_task: bool = False
 
     @classmethod
     def from_hydra(cls) -> JobContext:
@@ -56,28 +52,18 @@ class JobContext:
 
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
-        array_id = os.environ.get("SLURM_ARRAY_TASK_ID")
-        array_task = bool(array_id) and not multirun
         return cls(
             output_dir=Path(hc.runtime.output_dir),
             sweep_dir=Path(hc.sweep.dir) if multirun else None,
-            job_num=hc.job.num if multirun else (int(array_id) if array_task and array_id.isdigit() else None),
+            job_num=hc.job.num if multirun else None,
             multirun=multirun,
             overrides=tuple(hc.overrides.task),
-            array_task=array_task,
         )
 
     @property
-    def part_of_sweep(self) -> bool:
-        return self.multirun or self.array_task
-
-    @property
     def launch_dir(self) -> Path:
-        """The sweep directory (Hydra's, or the parent of a SLURM array task's run dir), else the run directory.
-        Names the W&B group."""
-        if self.sweep_dir is not None:
-            return self.sweep_dir
-        return self.output_dir.parent if self.array_task else self.output_dir
+        """The sweep directory in a sweep (any launcher), else the run directory. Names the W&B group."""
+        return self.sweep_dir if self.sweep_dir is not None else self.output_dir
 
 
 @dataclass(frozen=True)
@@ -96,20 +82,14 @@ def _job_name(resolved: dict) -> str:
 
 
 def find_finished(resolved: dict, output_dir: Path, resume_root: str | Path) -> Path | None:
-    """A job directory whose ``results.json`` has this config's hash: the job's own first, then under ``resume_root``."""
+    """A finished job directory with this config's hash: the job's own first (its ``results.json`` only: this job
+    has just marked itself running), then the index of ``resume_root`` (:func:`vtw.pipeline.status.job_index`)."""
     want = config_hash(resolved)
-    candidates = [Path(output_dir) / RESULTS_FILE]
-    root = Path(resume_root)
-    if root.is_dir():
-        candidates += sorted(root.rglob(RESULTS_FILE))
-    for path in candidates:
-        try:
-            data = read_json(path)
-        except (OSError, ValueError):
-            continue
-        if data.get("schema") == SCHEMA and data.get("status") == "ok" and data.get("config_hash") == want:
-            return path.parent
-    return None
+    if read_job_dir(output_dir).config_hash == want:
+        return Path(output_dir)
+    if not Path(resume_root).is_dir():
+        return None
+    return job_index(resume_root).find(want)
 
 
 def _adopt(found: Path, output_dir: Path) -> None:
@@ -126,7 +106,7 @@ def _compare_baseline(spec: RunSpec, ctx: JobContext, layer) -> bool:
     if layer is None or layer == spec.model.num_layers:
         return False
     if spec.compare_baseline == "auto":
-        return not ctx.part_of_sweep
+        return not ctx.multirun
     return bool(spec.compare_baseline)
 
 
@@ -168,6 +148,7 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
 
         wandb_info = log_job(spec.logger, result, samples, out_dir=out, group=default_group(ctx.launch_dir))
         status.finish("ok", wandb=wandb_info)
+        record_finished(result.config_hash, out)
         from .report import print_run_summary
 
         print_run_summary(result, out, wandb_info, console=console)

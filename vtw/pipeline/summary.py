@@ -16,11 +16,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text, read_json
-from .results import CSV, MD, RESULTS_FILE, SCHEMA, TABLE, RunResult, cell, columns, row_label, row_ok
-from .status import JOB_FILE
+from ..io import atomic_write_text
+from .results import CSV, MD, TABLE, RunResult, cell, columns, row_label, row_ok
+from .status import find_job_dirs as _find_job_dirs
+from .status import read_job_dir
 
-SKIP_DIRS = {"wandb", "lmms_eval", ".hydra", "__pycache__"}
 MAX_DEPTH = 4
 
 
@@ -79,22 +79,9 @@ class SweepSummary:
 
 # ------------------------------------------------------------------------------------------------ reading
 def find_job_dirs(sweep_dir: str | Path) -> list[Path]:
-    """Directories under ``sweep_dir`` (itself included) holding ``job.json`` or ``results.json``."""
+    """Job directories under ``sweep_dir`` (itself included, at most :data:`MAX_DEPTH` below), in natural order."""
     root = Path(sweep_dir)
-    found: list[Path] = []
-
-    def walk(d: Path, depth: int) -> None:
-        if (d / JOB_FILE).is_file() or (d / RESULTS_FILE).is_file():
-            found.append(d)
-            return
-        if depth >= MAX_DEPTH:
-            return
-        for sub in sorted(p for p in d.iterdir() if p.is_dir()):
-            if sub.name not in SKIP_DIRS and not sub.name.startswith("."):
-                walk(sub, depth + 1)
-
-    if root.is_dir():
-        walk(root, 0)
+    found = _find_job_dirs(root, max_depth=MAX_DEPTH)
     return sorted(found, key=lambda p: _natural(str(p.relative_to(root))))
 
 
@@ -102,23 +89,14 @@ def _natural(text: str):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
-def _read(path: Path) -> dict | None:
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
-        return None
-
-
 def rows_for_job(job_dir: Path, root: Path) -> list[dict]:
-    """The rows of one job directory."""
+    """The rows of one job directory (its state from :func:`vtw.pipeline.status.read_job_dir`)."""
     name = str(job_dir.relative_to(root)) if job_dir != root else job_dir.name
-    job = _read(job_dir / JOB_FILE) or {}
-    res = _read(job_dir / RESULTS_FILE)
-    status = job.get("status") or ("ok" if res else "unknown")
+    jd = read_job_dir(job_dir)
+    job, status = jd.job, jd.state
     base = {"job": name, "job_dir": str(job_dir), "job_num": job.get("job_num")}
-    if res and res.get("schema") == SCHEMA and status in ("ok", "skipped", "unknown"):
-        result = RunResult.from_dict(res)
-        status = "ok" if status == "unknown" else status
+    if jd.done and jd.results is not None:
+        result = RunResult.from_dict(jd.results)
         return [{**row, **base, "status": status} for row in result.rows()]
     layer = job.get("layer")
     return [
