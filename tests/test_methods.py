@@ -141,7 +141,9 @@ def test_registry_and_method_objects():
     assert method_params("vtw") == ("layer",) and method_params("random") == ("layer", "seed")
     assert make_method("vtw", layer=3) == Withdrawal(layer=3)
     assert make_method("random", layer=2, seed=5) == RandomTokens(layer=2, seed=5)
-    with pytest.raises(ValueError, match="unknown withdrawal method .fast.; allowed: vtw, fastv, pdrop, random_vision, random"):
+    with pytest.raises(
+        ValueError, match="unknown withdrawal method .fast.; allowed: vtw, fastv, pdrop, random_vision, random"
+    ):
         make_method("fast")
     with pytest.raises(ValueError, match=r"method 'vtw' takes layer; got unknown keep"):
         make_method("vtw", layer=2, keep=0.5)

@@ -203,7 +203,7 @@ def test_sbatch_task_runs_its_point_and_a_resubmission_runs_only_the_unfinished(
 
 def test_wandb_group_is_the_same_for_local_and_sbatch_sweeps(small_job, tmp_path):
     """The W&B group of a sweep's jobs comes from the sweep dir alone, whichever launcher ran them."""
-    from vtw.pipeline.wandb_offline import find_offline_runs, read_offline_run
+    from wandb_offline import find_offline_runs, read_offline_run
 
     over = [o for o in small_job if o != "logger=none"] + ["logger=wandb", "logger.mode=offline", "vtw.layer=1"]
     local = tmp_path / "local" / "my sweeps" / "a,b~c"
