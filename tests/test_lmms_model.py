@@ -75,7 +75,11 @@ def test_entry_point_registers_vtw():
         ({"layer": 99}, "0..4"),
         ({"layer": "abc"}, "abc"),
         ({"layer": "auto"}, "run.py"),
-        ({"method": "fastv"}, "fastv"),
+        ({"method": "sparsevlm"}, "sparsevlm"),
+        ({"method": "fastv", "layer": 2, "keep": 1.5}, "fastv keep must be a number in"),
+        ({"method": "pdrop", "layers": "1;x;3"}, "layers='1;x;3' must be a ';'-separated list"),
+        ({"method": "pdrop", "layers": "1;2;9"}, "out of range"),
+        ({"method": "vtw", "layer": 2, "keep": 0.5}, "method 'vtw' takes layer; got unknown keep"),
         ({"batch_size": 0}, "batch_size"),
         ({"dtype": "int8"}, "int8"),
         ({"attn_implementation": "flash_attention_2"}, "flash_attention_2"),
@@ -190,12 +194,17 @@ def test_generation_batched_equals_one_by_one_and_plain_hf(model_dir, task_objs,
     assert single[1] == text.split(".")[0]
 
 
-def test_generation_records_flops_per_request(model_dir, task_objs):
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [("vtw", {"layer": 2}), ("fastv", {"layer": 2, "keep": 0.5}), ("pdrop", {"layers": "1;2;3"})],
+)
+def test_generation_records_flops_per_request(model_dir, task_objs, method, params):
     from vtw.flops import count_flops, paper_flops
 
     names, tasks = task_objs
     reqs = tasks[names["gen"]].instances
-    lm = _model(model_dir, task_objs, batch_size=3, layer=2)
+    lm = _model(model_dir, task_objs, batch_size=3, method=method, **params)
+    reduction = lm.method
     lm.generate_until(reqs)
     records = lm.pop_records()
     assert sorted(r.doc_id for r in records) == list(range(6))
@@ -209,9 +218,10 @@ def test_generation_records_flops_per_request(model_dir, task_objs):
         assert (r.vision_tokens, r.text_tokens) == (n_vision, n_text)
         assert 1 <= r.generated_tokens <= 4
         kw = {"vision_tokens": n_vision, "text_tokens": n_text, **encoder}
-        assert r.flops == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, layer=2).total
+        assert r.flops == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, method=reduction).total
         assert r.flops_full == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, layer=None).total
-        assert r.paper_flops == paper_flops(lm.config, vision_tokens=n_vision, text_tokens=n_text, layer=2)
+        assert r.paper_flops == paper_flops(lm.config, vision_tokens=n_vision, text_tokens=n_text, method=reduction)
+        assert r.layer == (1 if method == "pdrop" else 2)
         assert r.flops < r.flops_full and r.latency_s > 0 and r.batch_size == 3
 
 
@@ -237,3 +247,24 @@ def test_first_timed_call_is_preceded_by_one_untimed_warm_up(model_dir, task_obj
         hook.remove()
     assert first == second and lm.warmed_up
     assert n_first == n_second + 1
+
+
+
+def test_peer_methods_from_model_args(tiny_llava_dir):
+    """The lmms-eval model args pick the method; lists use ';' (lmms-eval's `key=value,...` parser splits on ',')."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    import vtw
+    from vtw.methods import FastV, PyramidDrop
+
+    args = simple_parse_args_string(
+        f"pretrained={tiny_llava_dir},device=cpu,method=pdrop,layers=1;2;3,keep=0.5;0.25;0.125"
+    )
+    lm = VTWModel(**args)
+    assert lm.method == PyramidDrop(layers=(1, 2, 3), keep=(0.5, 0.25, 0.125)) and lm.handle.stages == (1, 2, 3)
+    lm = VTWModel(**simple_parse_args_string(f"pretrained={tiny_llava_dir},device=cpu,method=fastv,layer=2,keep=0.5"))
+    assert lm.method == FastV(layer=2, keep=0.5) and lm.layer == 2
+    lm.set_layer(3)  # the method in force, at another layer
+    assert lm.method == FastV(layer=3, keep=0.5)
+    lm.set_layer(None)  # the full model
+    assert not lm.handle.active and lm.method == vtw.Withdrawal()

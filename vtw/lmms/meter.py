@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..families import get_family, vision_token_mask
+from ..families import get_family, num_decoder_layers, vision_token_mask
+from ..methods import Reduction
 from ..flops import VisionWorkload, count_flops, paper_flops, workload_from_inputs
 from .inputs import Prepared
 from .records import RequestRecord
@@ -43,6 +44,7 @@ class FlopsMeter:
     def __init__(self, config) -> None:
         self.config = config
         self.family = get_family(config)
+        self.num_layers = num_decoder_layers(config)
         self.records: list[RequestRecord] = []
 
     def pop(self) -> list[RequestRecord]:
@@ -98,13 +100,13 @@ class FlopsMeter:
         kind: str,
         cost: SampleCost,
         *,
-        layer: int | None,
+        method: Reduction,
         generated: int,
         logits: int,
         latency: float,
         batch_size: int,
     ) -> None:
-        """Append the :class:`RequestRecord` of one request (FLOPs at ``layer`` and at ``K = L``).
+        """Append the :class:`RequestRecord` of one request (FLOPs under ``method`` and of the full model).
 
         Args:
             kind: ``"generate_until"`` or ``"loglikelihood"``.
@@ -117,8 +119,10 @@ class FlopsMeter:
         else:
             enc = {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
         tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
-        flops = count_flops(cfg, **tok, **enc, generated_tokens=generated, layer=layer, prefill_logits=logits).total
-        full = count_flops(cfg, **tok, **enc, generated_tokens=generated, layer=None, prefill_logits=logits).total
+        flops = count_flops(cfg, **tok, **enc, generated_tokens=generated, method=method, prefill_logits=logits).total
+        full = count_flops(cfg, **tok, **enc, generated_tokens=generated, prefill_logits=logits).total
+        layer = next(iter(method.resolve(self.num_layers).stages()), None)
+        layer = None if layer is not None and layer >= self.num_layers else layer
         self.records.append(
             RequestRecord(
                 task=p.task,
@@ -133,8 +137,8 @@ class FlopsMeter:
                 batch_size=batch_size,
                 flops=float(flops),
                 flops_full=float(full),
-                paper_flops=float(paper_flops(cfg, **tok, layer=layer)),
-                paper_flops_full=float(paper_flops(cfg, **tok, layer=None)),
+                paper_flops=float(paper_flops(cfg, **tok, method=method)),
+                paper_flops_full=float(paper_flops(cfg, **tok)),
             )
         )
 

@@ -5,8 +5,11 @@ Model args (``--model_args`` on lmms-eval's CLI, keyword arguments in Python):
 | arg | default | meaning |
 |---|---|---|
 | ``pretrained`` | required | hub id or local directory (``from_pretrained``) |
-| ``layer`` | ``None`` | withdrawal layer ``K`` (0-based, ``0..L``); ``None``/``null``/``none``: no withdrawal |
-| ``method`` | ``vtw`` | ``vtw`` or ``random`` (ablation: as many random tokens) |
+| ``layer`` | ``None`` | the method's layer ``K`` (0-based, ``0..L``); ``None``/``null``/``none``: no withdrawal |
+| ``method`` | ``vtw`` | a name of :data:`vtw.methods.METHODS`: ``vtw``, ``fastv``, ``pdrop``, ``random_vision``, ``random`` |
+| ``keep`` | | share of vision tokens kept (``fastv``, ``random_vision``); ``pdrop``: one per stage, ``0.5;0.25;0.125`` |
+| ``layers`` | | ``pdrop`` stage layers, ``8;16;24`` (``;`` separates list items: lmms-eval splits args on ``,``) |
+| ``seed`` | | ``random_vision`` / ``random`` seed |
 | ``device`` | ``auto`` | ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N`` |
 | ``dtype`` | ``auto`` | ``auto`` (bfloat16 on cuda, float32 on cpu), ``float32``, ``bfloat16``, ``float16`` |
 | ``batch_size`` | 1 | requests per forward / ``generate`` call (left padding) |
@@ -42,6 +45,8 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
 from ..families import get_family, num_decoder_layers
+from ..methods import Reduction, Withdrawal, make_method, method_names
+from ..options import SUPPORTED_ATTENTION, resolve_dtype
 from ..withdraw import validate_layer, withdraw
 from .batching import plan_batches
 from .inputs import InputBuilder, Prepared, read_template
@@ -51,9 +56,6 @@ from .records import RequestRecord
 
 log = logging.getLogger("vtw")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-METHODS = ("vtw", "random")
-ATTENTION = ("sdpa", "eager")
 _NONE_WORDS = ("none", "null", "", "~")
 # generation_kwargs keys lmms-eval tasks set that we apply; any other key is ignored (with a debug message)
 _GEN_KEYS = ("until", "max_new_tokens", "temperature", "top_p", "top_k", "num_beams", "do_sample")
@@ -98,15 +100,40 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
-    """``auto`` → bfloat16 on cuda, float32 on cpu; else one of :data:`DTYPES` (``ValueError`` otherwise)."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
+def _list(value, kind, what: str):
+    """A model-arg list: ``8;16;24`` (lmms-eval splits model args on commas), a number, or a sequence."""
+    if isinstance(value, str):
+        items = [v for v in value.replace(",", ";").split(";") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [value]
+    try:
+        return tuple(kind(v) if kind is float else int(str(v).strip()) for v in items)
+    except ValueError:
+        raise ValueError(f"vtw model: {what}={value!r} must be a ';'-separated list of numbers") from None
+
+
+def method_from_args(method: str, layer, keep=None, layers=None, seed=None) -> Reduction:
+    """The method object of the model args (``method=pdrop,layers=8;16;24,keep=0.5;0.25;0.125``).
+
+    Raises:
+        ValueError: unknown method (naming the allowed ones), a parameter the method does not take, a bad value.
+    """
+    if method not in method_names():
+        raise ValueError(f"vtw model: method must be one of {method_names()}, got {method!r}")
+    params = {"layer": parse_layer(layer)}
+    if keep is not None:
+        params["keep"] = _list(keep, float, "keep") if method == "pdrop" else float(keep)
+    if layers is not None:
+        params["layers"] = _list(layers, int, "layers")
+    if seed is not None:
+        params["seed"] = int(seed)
+    params = {k: v for k, v in params.items() if v is not None}
+    try:
+        return make_method(method, **params)
+    except ValueError as e:
+        raise ValueError(f"vtw model: {e}") from None
 
 
 class VTWModel(lmms):
@@ -119,6 +146,9 @@ class VTWModel(lmms):
         pretrained: str,
         layer: int | str | None = None,
         method: str = "vtw",
+        keep: float | str | None = None,
+        layers: str | None = None,
+        seed: int | str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int | str = 1,
@@ -135,17 +165,17 @@ class VTWModel(lmms):
         super().__init__()
         if unknown:
             raise ValueError(
-                f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, device, dtype, "
+                f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, keep, layers, seed, device, dtype, "
                 "batch_size, attn_implementation, max_new_tokens, chat_template, max_frames_num, revision, "
                 "trust_remote_code, progress"
             )
         if not pretrained or not isinstance(pretrained, str):
             raise ValueError(f"vtw model: pretrained must be a hub id or a local directory, got {pretrained!r}")
-        layer = parse_layer(layer)
-        if method not in METHODS:
-            raise ValueError(f"vtw model: method must be one of {METHODS}, got {method!r}")
-        if attn_implementation not in ATTENTION:
-            raise ValueError(f"vtw model: attn_implementation must be one of {ATTENTION}, got {attn_implementation!r}")
+        reduction = method_from_args(method, layer, keep, layers, seed)
+        if attn_implementation not in SUPPORTED_ATTENTION:
+            raise ValueError(
+                f"vtw model: attn_implementation must be one of {SUPPORTED_ATTENTION}, got {attn_implementation!r}"
+            )
         try:
             batch_size = int(batch_size)
         except (TypeError, ValueError):
@@ -172,7 +202,10 @@ class VTWModel(lmms):
         except OSError as e:
             raise ValueError(f"vtw model: cannot read a model config from pretrained={pretrained!r}: {e}") from e
         family = get_family(config)  # unsupported: ValueError listing the supported families
-        validate_layer(layer, num_decoder_layers(config))  # out of range: ValueError, weights not loaded yet
+        try:  # layers out of range: ValueError, weights not loaded yet
+            reduction = reduction.resolve(num_decoder_layers(config))
+        except ValueError as e:
+            raise ValueError(f"vtw model: {e}") from None
 
         import transformers
 
@@ -193,10 +226,9 @@ class VTWModel(lmms):
         self._processor, self._tokenizer = self.inputs.processor, self.inputs.tokenizer
         self.family = family
         self._handle = None
-        self._method = method
         self.meter = FlopsMeter(self._model.config)
         self.warmed_up = False
-        self.set_layer(layer, method)
+        self.set_method(reduction)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -241,16 +273,29 @@ class VTWModel(lmms):
         return self._handle
 
     # ------------------------------------------------------------------ control
-    def set_layer(self, layer, method: str | None = None) -> None:
-        """Switch the withdrawal layer (``None``: none) without reloading the model."""
-        layer = validate_layer(parse_layer(layer), self.num_layers)
-        method = method or self._method
-        if method not in METHODS:
-            raise ValueError(f"vtw model: method must be one of {METHODS}, got {method!r}")
+    @property
+    def method(self) -> Reduction:
+        """The reduction method in force (:class:`vtw.methods.Reduction`; ``Withdrawal(None)``: the full model)."""
+        return self._handle.method
+
+    def set_method(self, method: Reduction) -> None:
+        """Switch the reduction method without reloading the model."""
         if self._handle is not None:
             self._handle.remove()
-        self._handle = withdraw(self._model, layer=layer, method=method)
-        self._method = method
+        self._handle = withdraw(self._model, method=method)
+
+    def set_layer(self, layer, method: str | None = None) -> None:
+        """Switch to VTW (or ``method``; the method in force keeps its other parameters) at ``layer``; ``None``: the
+        full model (no reduction)."""
+        layer = validate_layer(parse_layer(layer), self.num_layers)
+        if layer is None:
+            self.set_method(Withdrawal())
+            return
+        current = self._handle.method if self._handle is not None else Withdrawal()
+        name = method or current.name
+        params = current.params() if name == current.name else {}
+        params.pop("keep_fn", None)
+        self.set_method(method_from_args(name, layer, **{k: v for k, v in params.items() if k != "layer"}))
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -314,7 +359,7 @@ class VTWModel(lmms):
 
     def _record(self, p: Prepared, kind: str, cost, generated: int, logits: int, latency: float, bs: int) -> None:
         self.meter.record(
-            p, kind, cost, layer=self.layer, generated=generated, logits=logits, latency=latency, batch_size=bs
+            p, kind, cost, method=self.method, generated=generated, logits=logits, latency=latency, batch_size=bs
         )
 
     # ------------------------------------------------------------------ measurement
@@ -414,7 +459,7 @@ class VTWModel(lmms):
             have = cols[b, keep - 1 - n : keep - 1]
             if not torch.equal(have, want):
                 raise ValueError(
-                    f"vtw model: the withdrawal (method={self._method!r}, layer={self.layer}) removed continuation "
+                    f"vtw model: the reduction ({self.method.label}) removed continuation "
                     f"positions of task {p.task} doc {p.doc_id}; loglikelihood needs every continuation token"
                 )
             logp = torch.log_softmax(logits[b, keep - 1 - n : keep - 1].float(), dim=-1)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..io import atomic_write_json
+from ..methods import Withdrawal
 from ..search import SearchResult, SearchSettings, search_layer
 
 DEFAULT_CACHE_DIR = Path("outputs/.cache/layer_search")
@@ -140,13 +141,12 @@ def run_search(spec, lm, task_manager, out_dir: str | Path | None = None) -> Sea
     fields = search_key_fields(spec, tasks, settings)
 
     def compute() -> SearchResult:
-        handle = lm.handle
-        previous = handle.layer if handle is not None else None
-        lm.set_layer(None)  # the search compares against the full model
+        previous = lm.method
+        lm.set_method(Withdrawal())  # the search compares against the full model
         try:
             return search_layer(lm.model, task_samples(lm, task_manager, tasks, spec.search.limit), settings)
         finally:
-            lm.set_layer(previous)
+            lm.set_method(previous)
 
     outcome = cached_search(fields, compute)
     if out_dir is not None:
