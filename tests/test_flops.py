@@ -39,6 +39,7 @@ from vtw.flops import (
     workload_from_inputs,
 )
 from vtw.flops.plan import render_flops_table
+from vtw.methods import FastV, PyramidDrop, RandomVision
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +70,11 @@ def flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping={op: _sdpa_flops for op in _CPU_SDPA_OPS})
 
 
-def _measure(model, batch: dict, generated: int, layer) -> dict[str, int]:
-    """FlopCounterMode over ``generate`` (greedy, exactly ``generated`` new tokens), split into components."""
-    with torch.no_grad(), withdraw(model, layer=layer), flop_counter() as counter:
+def _measure(model, batch: dict, generated: int, layer, method=None) -> dict[str, int]:
+    """FlopCounterMode over ``generate`` (greedy, exactly ``generated`` new tokens), split into components; VTW at
+    ``layer``, or ``method`` (a method object)."""
+    handle = withdraw(model, layer=layer) if method is None else withdraw(model, method=method)
+    with torch.no_grad(), handle, flop_counter() as counter:
         model.generate(**batch, max_new_tokens=generated, min_new_tokens=generated, do_sample=False)
     counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
     top = type(model).__name__
@@ -140,6 +143,43 @@ def _compare(model, batch: dict, layers=(None, 2, 0), generated: int = 3) -> Non
         assert decode["vision_tower"] == decode["projector"] == 0
         assert _phase(rep.decode) == decode, (layer, "decode")
         assert abs(rep.total - many["total"]) <= 0.01 * many["total"]  # the issue's 1%, implied by the above
+
+
+def _phase_with_reduction(phase) -> dict[str, int]:
+    """:func:`_phase`, the method's scoring counted in the decoder (it runs inside the decoder's forward)."""
+    out = _phase(phase)
+    out["decoder"] += phase.reduction
+    return out
+
+
+PEERS = {
+    "fastv": lambda: FastV(layer=2, keep=0.5),
+    "fastv-first": lambda: FastV(layer=1, keep=0.25),
+    "pdrop": lambda: PyramidDrop(layers=(1, 2, 3), keep=(0.5, 0.25, 0.125)),
+    "random_vision": lambda: RandomVision(layer=1, keep=0.3),
+}
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_peer_methods_match_flop_counter_mode(family, peer):
+    """Every peer method, every family: prefill (the method's attention scoring included) and decode (on the
+    reduced caches) against FlopCounterMode over real generate calls."""
+    model = build_tiny_model(family, num_layers=NUM_LAYERS)
+    shape = (40, 24) if family.startswith("qwen") else (24, 40)
+    sample = Sample(images=1, videos=int(family in VIDEO_FAMILIES), prefix=3, suffix=5, image_shape=shape)
+    batch = make_batch(model, [sample])
+    v, t = _token_counts(model, batch["input_ids"])
+    encoder = _encoder_kwargs(model, batch)
+    method = PEERS[peer]()
+    one = _measure(model, batch, 1, None, method)
+    many = _measure(model, batch, 3, None, method)
+    rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method, **encoder)
+    assert _phase_with_reduction(rep.prefill) == one
+    assert (rep.prefill.reduction > 0) == (peer != "random_vision")
+    assert _phase(rep.decode) == {k: many[k] - one[k] for k in one}
+    vtw_like = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, layer=2, **encoder)
+    assert rep.total != vtw_like.total  # the method's own token counts, not VTW's
 
 
 # ------------------------------------------------------------------------------- the counter's SDPA formula

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..families import get_family, num_decoder_layers, vision_token_mask
-from ..methods import Reduction
 from ..flops import VisionWorkload, count_flops, paper_flops, workload_from_inputs
+from ..flops.budget import Prompt
+from ..methods import Reduction
 from .inputs import Prepared
 from .records import RequestRecord
 
@@ -58,6 +59,23 @@ class FlopsMeter:
         n_vision = vision.sum(1)
         n_text = attention_mask.bool().sum(1) - n_vision
         return n_vision.tolist(), n_text.tolist()
+
+    def prompt(self, inputs) -> Prompt:
+        """The counts of a one-sample batch (``inputs``: the processor's output) for :mod:`vtw.flops.budget`."""
+        n_vision, n_text = self.token_counts(inputs["input_ids"], inputs["attention_mask"])
+        keys = {"pixel_values": self.family.image_key, "image_sizes": "image_sizes", "image_grid_thw": "image_grid_thw",
+                "pixel_values_videos": self.family.video_key, "video_grid_thw": "video_grid_thw"}  # fmt: skip
+        cols = {k: inputs.get(v) if v is not None else None for k, v in keys.items()}
+        if self.family.image_layout == "grid":
+            cols["pixel_values"] = cols["pixel_values_videos"] = None
+        work = workload_from_inputs(self.config, **cols)
+        return Prompt(int(n_vision[0]), int(n_text[0]), self.encoder_args(work))
+
+    def encoder_args(self, work: VisionWorkload) -> dict:
+        """The encoder arguments of :func:`vtw.flops.count_flops` for a workload."""
+        if self.family.image_layout == "grid":
+            return {"vision_grids": work.grids}
+        return {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
 
     def costs(self, inputs, batch: Sequence[Prepared]) -> list[SampleCost]:
         """Per sample of a processed batch (``inputs``: the processor's output for ``batch``), its cost."""
@@ -113,11 +131,7 @@ class FlopsMeter:
             generated: generated tokens; logits: prefill positions whose logits were computed.
             latency: seconds of model call per request of the batch; batch_size: requests in that batch.
         """
-        cfg, work = self.config, cost.work
-        if self.family.image_layout == "grid":
-            enc = {"vision_grids": work.grids}
-        else:
-            enc = {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
+        cfg, enc = self.config, self.encoder_args(cost.work)
         tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
         flops = count_flops(cfg, **tok, **enc, generated_tokens=generated, method=method, prefill_logits=logits).total
         full = count_flops(cfg, **tok, **enc, generated_tokens=generated, prefill_logits=logits).total

@@ -132,6 +132,14 @@ class Reduction:
         not score; the FLOPs model counts this work exactly."""
         return ()
 
+    def budget_candidates(self, num_layers: int) -> list[Reduction]:
+        """This method along its free parameter, for matched-compute comparisons (``vtw.budget``): every setting
+        the matcher may choose, the other parameters as they are. ``[]``: the method has none."""
+        return []
+
+    #: the parameter :meth:`budget_candidates` varies (recorded in results)
+    free_parameter: ClassVar[str] = ""
+
     def params(self) -> dict:
         """The method's parameters, as given (for results and logs)."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -139,5 +147,6 @@ class Reduction:
     @property
     def label(self) -> str:
         """Short human label for tables and plots, e.g. ``vtw K=3``."""
-        inner = ", ".join(f"{k}={v}" for k, v in self.params().items() if v is not None)
+        inner = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params().items()
+                         if v is not None)  # fmt: skip
         return f"{self.name} {inner}".strip()

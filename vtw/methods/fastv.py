@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .attention import last_token_attention
 from .base import Reduction, StageContext, check_layer
-from .ranking import check_keep, keep_top_vision, kept_count
+from .ranking import KEEP_GRID, check_keep, keep_top_vision, kept_count
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class FastV(Reduction):
     """
 
     name = "fastv"
+    free_parameter = "keep"
     uses_previous_layer = True
     layer: int = 2
     keep: float = 0.5
@@ -47,6 +48,13 @@ class FastV(Reduction):
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         return kept_count(self.keep, vision), text
+
+    def budget_candidates(self, num_layers: int) -> list[FastV]:
+        return [replace(self, keep=k) for k in KEEP_GRID]
+
+    @property
+    def label(self) -> str:
+        return f"fastv K={self.layer} keep={self.keep:.3g}"
 
     def scored_inputs(self, num_layers: int) -> tuple[int, ...]:
         return (self.layer - 1,) if self.stages() and self.layer < num_layers else ()

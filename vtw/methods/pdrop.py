@@ -27,6 +27,7 @@ class PyramidDrop(Reduction):
     """
 
     name = "pdrop"
+    free_parameter = "scale"
     layers: tuple[int, ...] | None = None
     keep: tuple[float, ...] = (0.5, 0.25, 0.125)
 
@@ -94,10 +95,22 @@ class PyramidDrop(Reduction):
             out.append((current, text))
         return out
 
+    def budget_candidates(self, num_layers: int) -> list[PyramidDrop]:
+        """The keep shares scaled by a common factor ``s`` (capped at 1): ``s`` from 0.01 up to where every share is
+        1, on a geometric grid of 200 steps."""
+        top = 1.0 / min(self.keep)
+        scales = [0.01 * (top / 0.01) ** (i / 199) for i in range(200)]
+        out = []
+        for sc in scales:
+            keep = tuple(min(1.0, round(k * sc, 6)) for k in self.keep)
+            if all(k > 0 for k in keep):
+                out.append(PyramidDrop(layers=self.layers, keep=keep))
+        return out
+
     def scored_inputs(self, num_layers: int) -> tuple[int, ...]:
         return tuple(k - 1 for k in self.resolve(num_layers).stages())
 
     @property
     def label(self) -> str:
         layers = "auto" if self.layers is None else ",".join(map(str, self.layers))
-        return f"pdrop L={layers} keep={','.join(f'{k:g}' for k in self.keep)}"
+        return f"pdrop L={layers} keep={','.join(f'{k:.3g}' for k in self.keep)}"

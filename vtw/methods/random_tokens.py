@@ -15,6 +15,7 @@ class RandomTokens(Reduction):
     layer ``layer``. Seeded (``seed``), so runs repeat; the draw is made on the CPU, sample after sample."""
 
     name = "random"
+    free_parameter = "layer"
     layer: int | None = None
     seed: int = 0
 
@@ -43,6 +44,9 @@ class RandomTokens(Reduction):
         exact: ``min(V, V + T - 1)`` tokens go (the last one stays). Reported as text-only after the stage."""
         total = vision + text
         return 0, (total - min(vision, total - 1)) if total else 0
+
+    def budget_candidates(self, num_layers: int) -> list[RandomTokens]:
+        return [RandomTokens(layer=k, seed=self.seed) for k in range(num_layers + 1)]
 
     @property
     def label(self) -> str:

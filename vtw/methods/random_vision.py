@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .base import Reduction, StageContext, check_int, check_layer
-from .ranking import check_keep, keep_top_vision, kept_count
+from .ranking import KEEP_GRID, check_keep, keep_top_vision, kept_count
 
 
 @dataclass(frozen=True)
@@ -18,6 +18,7 @@ class RandomVision(Reduction):
     text. ``keep=1`` keeps everything, so nothing is installed."""
 
     name = "random_vision"
+    free_parameter = "keep"
     layer: int = 2
     keep: float = 0.5
     seed: int = 0
@@ -43,5 +44,12 @@ class RandomVision(Reduction):
         counts = [kept_count(self.keep, int(n)) for n in ctx.vision.sum(1).tolist()]
         return keep_top_vision(scores.to(ctx.vision.device), ctx.vision, counts)
 
+    @property
+    def label(self) -> str:
+        return f"random_vision K={self.layer} keep={self.keep:.3g} seed={self.seed}"
+
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         return kept_count(self.keep, vision), text
+
+    def budget_candidates(self, num_layers: int) -> list[RandomVision]:
+        return [replace(self, keep=k) for k in KEEP_GRID]

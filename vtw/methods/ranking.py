@@ -33,3 +33,7 @@ def keep_top_vision(scores: torch.Tensor, vision: torch.Tensor, counts: list[int
         if n:
             keep[b, order[b, :n]] = True
     return keep
+
+
+#: the shares of vision tokens the matched-compute search tries (``vtw.budget``): 0.005 .. 1 in steps of 0.005
+KEEP_GRID: tuple[float, ...] = tuple(i / 200 for i in range(1, 201))

@@ -18,6 +18,7 @@ class Withdrawal(Reduction):
     """
 
     name = "vtw"
+    free_parameter = "layer"
     layer: int | None = None
 
     def resolve(self, num_layers: int) -> Withdrawal:
@@ -32,6 +33,9 @@ class Withdrawal(Reduction):
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         return 0, text
+
+    def budget_candidates(self, num_layers: int) -> list[Withdrawal]:
+        return [Withdrawal(layer=k) for k in range(num_layers + 1)]
 
     @property
     def label(self) -> str:

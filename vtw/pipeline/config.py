@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..methods import check_layer, method_names
+from ..methods import Reduction, Withdrawal, check_layer, make_method, method_names, method_params
 from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION
 from ..search import SearchSettings
 from .resolvers import register_resolvers
@@ -104,9 +104,16 @@ class RunSpec:
     bootstrap_iters: int
     progress: bool
     flops: dict = field(default_factory=dict)
+    method_params: dict = field(default_factory=dict)  # keep / layers / seed as given (the others: the defaults)
+    budget: float | None = None
+    budget_limit: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def reduction(self, layer: int | None) -> Reduction:
+        """The method object this job evaluates at ``layer`` (``None``: the full model, whatever the method)."""
+        return build_method(self.method, layer, self.method_params)
 
 
 # ------------------------------------------------------------------------------------------------ composition
@@ -320,6 +327,50 @@ def _schema_merged(data: dict, node) -> dict:
         raise ValueError(f"config does not fit the schema (vtw/pipeline/schema.py): {e}") from None
 
 
+def build_method(name: str, layer: int | None, params: dict) -> Reduction:
+    """``vtw.method`` with ``params`` at ``layer``: ``None`` is the full model for every method; ``layer`` is given to
+    the methods that take one (``vtw``, ``fastv``, ``random_vision``, ``random``; ``pdrop`` has ``layers``)."""
+    if layer is None:
+        return Withdrawal()
+    kw = dict(params)
+    if "layer" in method_params(name):
+        kw["layer"] = layer
+    return make_method(name, **kw)
+
+
+def _method(vtw: dict, layer, num_layers: int) -> tuple[str, dict, float | None]:
+    """``(method name, its parameters given, budget)``, the method built and checked against ``L`` (the budget's
+    matching needs prompts, so only its range is checked here)."""
+    from ..flops.budget import check_budget
+
+    name = _choice(vtw["method"], method_names(), "vtw.method")
+    params = {}
+    for key in ("keep", "layers", "seed"):
+        value = vtw.get(key)
+        if value is None:
+            continue
+        if key not in method_params(name):
+            raise ValueError(f"vtw.{key}={value!r} is not a parameter of vtw.method={name}; it takes: "
+                             f"{', '.join(p for p in method_params(name) if p != 'keep_fn')}")  # fmt: skip
+        params[key] = tuple(value) if isinstance(value, list) else value
+    budget = vtw.get("budget")
+    if budget is not None:
+        try:
+            budget = check_budget(budget)
+        except ValueError as e:
+            raise ValueError(f"vtw.{e}") from None
+    if layer == "auto" and name != "vtw":
+        raise ValueError(f"vtw.layer=auto (the KL layer search) chooses VTW's K; vtw.method={name} needs a layer")
+    if layer == "auto" and budget is not None:
+        raise ValueError("vtw.layer=auto and vtw.budget both choose K: give one of them")
+    if isinstance(layer, int):
+        try:
+            build_method(name, layer, params).resolve(num_layers)
+        except ValueError as e:
+            raise ValueError(f"vtw.method={name}: {e}") from None
+    return name, params, budget
+
+
 def logger_spec(lg: dict | None) -> LoggerSpec:
     if lg is None:
         raise ValueError(f"logger is missing; allowed: {', '.join(LOGGERS)}")
@@ -362,6 +413,7 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
     model = _model(data["model"])
     vtw = data["vtw"]
     layer = _layer(vtw["layer"], model.num_layers, model.name)
+    method, params, budget = _method(vtw, layer, model.num_layers)
     compare = data["compare_baseline"]
     if compare not in COMPARE:
         raise ValueError(f"compare_baseline={compare!r} is not allowed; allowed: auto, true, false")
@@ -373,7 +425,7 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
         model=model,
         dataset=_dataset(data["dataset"]),
         layer=layer,
-        method=_choice(vtw["method"], method_names(), "vtw.method"),
+        method=method,
         search=_search(vtw["search"], model.num_layers, used=layer == "auto" or mode == "search"),
         logger=logger_spec(data["logger"]),
         seed=_int(data["seed"], "seed", 0),
@@ -384,6 +436,9 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
         bootstrap_iters=_int(data["bootstrap_iters"], "bootstrap_iters", 0),
         progress=bool(data["progress"]),
         flops=dict(data["flops"]),
+        method_params=params,
+        budget=budget,
+        budget_limit=_int(vtw["budget_limit"], "vtw.budget_limit", 1),
     )
 
 

@@ -57,14 +57,14 @@ def check_tasks(task_manager, tasks) -> None:
 
 
 def make_model(spec: RunSpec, layer=None):
-    """The ``vtw`` lmms-eval model for ``spec`` (weights loaded here)."""
+    """The ``vtw`` lmms-eval model for ``spec`` (weights loaded here), VTW at ``layer`` (``None``: the full model;
+    each evaluation sets its method, :func:`evaluate_variant`)."""
     from ..lmms.model import VTWModel
 
     m = spec.model
     return VTWModel(
         pretrained=m.pretrained,
         layer=layer,
-        method=spec.method,
         device=spec.device,
         dtype=m.dtype,
         batch_size=m.batch_size,
@@ -147,9 +147,10 @@ def _mean(values) -> float:
 
 
 def evaluate_variant(
-    lm, spec: RunSpec, task_manager, *, layer, label: str, out_dir: str | Path, tasks=None, limit=None
+    lm, spec: RunSpec, task_manager, *, method, label: str, out_dir: str | Path, tasks=None, limit=None, budget=None
 ):
-    """Evaluate ``lm`` at withdrawal ``layer`` on the dataset's tasks.
+    """Evaluate ``lm`` under ``method`` (a :class:`vtw.methods.Reduction`) on the dataset's tasks; ``budget``: the
+    :class:`vtw.flops.budget.BudgetMatch` that chose it, if any.
 
     Returns:
         ``(VariantResult, sample rows, primary metric name)``.
@@ -157,7 +158,8 @@ def evaluate_variant(
     from lmms_eval.evaluator import simple_evaluate
 
     tasks = list(tasks or spec.dataset.tasks)
-    lm.set_layer(layer, spec.method)
+    lm.set_method(method)
+    layer = lm.layer
     lm.pop_records()
     mem = PeakMemory(lm.device)
     mem.start()
@@ -193,7 +195,11 @@ def evaluate_variant(
     result = VariantResult(
         label=label,
         layer=layer,
-        method=spec.method,
+        method=lm.method.name,
+        method_label=lm.method.label,
+        params=lm.method.params(),
+        budget=None if budget is None else budget.budget,
+        budget_ratio=None if budget is None else budget.ratio,
         metrics=metrics,
         accuracy=metrics.get(primary),
         num_samples=len(costs),

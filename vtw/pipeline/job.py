@@ -102,8 +102,8 @@ def _adopt(found: Path, output_dir: Path) -> None:
             atomic_write_bytes(output_dir / name, src.read_bytes())
 
 
-def _compare_baseline(spec: RunSpec, ctx: JobContext, layer) -> bool:
-    if layer is None or layer == spec.model.num_layers:
+def _compare_baseline(spec: RunSpec, ctx: JobContext, reduces: bool) -> bool:
+    if not reduces:
         return False
     if spec.compare_baseline == "auto":
         return not ctx.multirun
@@ -168,13 +168,24 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
     check_tasks(tm, spec.dataset.tasks)  # unknown task: ValueError before the weights load
     lm = make_model(spec)
     layer = resolve_layer(spec, lm=lm, task_manager=tm, out_dir=ctx.output_dir)
+    method, match = spec.reduction(layer).resolve(spec.model.num_layers), None
+    if spec.budget is not None and layer is not None:
+        from .budget import match_job_budget
+
+        match = match_job_budget(spec, lm, tm, method)
+        method = match.method
+    reduces = any(k < spec.model.num_layers for k in method.stages())
     samples: list[dict] = []
     baseline = None
-    if _compare_baseline(spec, ctx, layer):
-        baseline, rows, _ = evaluate_variant(lm, spec, tm, layer=None, label="baseline", out_dir=ctx.output_dir)
+    if _compare_baseline(spec, ctx, reduces):
+        baseline, rows, _ = evaluate_variant(
+            lm, spec, tm, method=spec.reduction(None), label="baseline", out_dir=ctx.output_dir
+        )
         samples += rows
-    label = "baseline" if layer is None or layer == spec.model.num_layers else "vtw"
-    main, rows, primary = evaluate_variant(lm, spec, tm, layer=layer, label=label, out_dir=ctx.output_dir)
+    label = spec.method if reduces else "baseline"
+    main, rows, primary = evaluate_variant(
+        lm, spec, tm, method=method, label=label, out_dir=ctx.output_dir, budget=match
+    )
     samples += rows
     result = RunResult(
         name=_job_name(resolved),
@@ -187,6 +198,7 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         limit=spec.dataset.limit,
         layer_requested=spec.layer,
         primary_metric=primary,
+        budget=None if match is None else match.to_dict(),
         result=main,
         baseline=baseline,
         config=resolved,

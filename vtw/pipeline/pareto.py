@@ -1,4 +1,5 @@
-"""Accuracy vs TFLOPs: one point per withdrawal layer, the baseline (K = L) marked, the Pareto frontier drawn."""
+"""Accuracy vs TFLOPs: one curve per method (and model / dataset), the baseline (no reduction) starred, each curve's
+Pareto frontier dashed."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[int]:
 def plot_pareto(rows, path: str | Path) -> Path:
     """Write the plot of ``rows`` (summary row dicts with ``accuracy`` and ``tflops``) to ``path``.
 
-    One series per (model, dataset); each point is labelled with its ``K``; the baseline is a star; the series'
-    frontier is a dashed step line.
+    One series per (model, dataset, method); each point is labelled with the method's parameter (``K=3``,
+    ``keep=0.25``, ...); the baseline (a row without reduction, whichever method's job evaluated it) is a star per
+    (model, dataset); each series' frontier is a dashed step line.
     """
     import matplotlib
 
@@ -40,57 +42,35 @@ def plot_pareto(rows, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     series: dict[tuple, list] = {}
+    bases: dict[tuple, list] = {}
     for r in rows:
-        series.setdefault((r["model"], r["dataset"]), []).append(r)
+        key = (r["model"], r["dataset"])
+        if _is_baseline(r):
+            bases.setdefault(key, []).append(r)
+        else:
+            series.setdefault((*key, r.get("method") or "vtw"), []).append(r)
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for n, ((model, dataset), rs) in enumerate(series.items()):
+    for n, ((model, dataset, method), rs) in enumerate(series.items()):
         c = colors[n % len(colors)]
         rs = sorted(rs, key=lambda r: r["tflops"])
-        pts = [(r["tflops"], r["accuracy"]) for r in rs]
-        front = [rs[i] for i in pareto_frontier(pts)]
-        base = [r for r in rs if r["layer"] is None or r["layer"] == r["num_layers"]]
-        other = [r for r in rs if r not in base]
-        ax.scatter(
-            [r["tflops"] for r in other],
-            [r["accuracy"] for r in other],
-            color=c,
-            label=f"{model} / {dataset}",
-            zorder=3,
-        )
-        if base:
-            ax.scatter(
-                [r["tflops"] for r in base],
-                [r["accuracy"] for r in base],
-                color=c,
-                marker="*",
-                s=220,
-                edgecolors="black",
-                zorder=4,
-                label=f"{model} / {dataset}: baseline (K=L)",
-            )
+        front = [rs[i] for i in pareto_frontier([(r["tflops"], r["accuracy"]) for r in rs])]
+        ax.plot([r["tflops"] for r in rs], [r["accuracy"] for r in rs], "o", color=c, zorder=3,
+                label=f"{method} ({model} / {dataset})" if len(bases) > 1 or len({k[:2] for k in series}) > 1
+                else method)  # fmt: skip
         if len(front) > 1:
-            ax.step(
-                [r["tflops"] for r in front],
-                [r["accuracy"] for r in front],
-                where="post",
-                color=c,
-                linestyle="--",
-                alpha=0.7,
-                zorder=2,
-            )
+            ax.step([r["tflops"] for r in front], [r["accuracy"] for r in front], where="post", color=c,
+                    linestyle="--", alpha=0.7, zorder=2)  # fmt: skip
         for r in rs:
-            ax.annotate(
-                "K=L" if r in base else f"K={r['layer']}",
-                (r["tflops"], r["accuracy"]),
-                textcoords="offset points",
-                xytext=(5, 5),
-                fontsize=8,
-            )
+            ax.annotate(_point_label(r), (r["tflops"], r["accuracy"]), textcoords="offset points", xytext=(5, 5),
+                        fontsize=7, color=c)  # fmt: skip
+    for (model, dataset), bs in bases.items():
+        ax.scatter([r["tflops"] for r in bs[:1]], [r["accuracy"] for r in bs[:1]], color="gold", marker="*", s=260,
+                   edgecolors="black", zorder=4, label=f"baseline ({model} / {dataset})")  # fmt: skip
     metrics = sorted({r["primary_metric"] for r in rows if r.get("primary_metric")})
     ax.set_xlabel("TFLOPs per sample (exact matmul count, prefill + decode)")
     ax.set_ylabel(", ".join(metrics) or "accuracy")
-    ax.set_title("Accuracy vs compute per withdrawal layer (dashed: Pareto frontier)")
+    ax.set_title("Accuracy vs compute per method (dashed: each method's Pareto frontier)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -98,3 +78,15 @@ def plot_pareto(rows, path: str | Path) -> Path:
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def _is_baseline(row: dict) -> bool:
+    return row.get("variant") == "baseline" or row.get("layer") is None or row.get("layer") == row.get("num_layers")
+
+
+def _point_label(row: dict) -> str:
+    """The method's setting: ``K=3`` for a layer, else its label without the method name (``K=2 keep=0.25``)."""
+    label = row.get("method_label") or ""
+    name = row.get("method") or ""
+    text = label[len(name) :].strip() if label.startswith(name) else label
+    return text or f"K={row.get('layer')}"

@@ -18,6 +18,8 @@ def make_console() -> Console:
 
 def _head(row: dict, num_layers: int) -> str:
     layer = row["layer"]
+    if layer is not None and row.get("method_label") and row.get("method") != "vtw":
+        return row["method_label"]  # e.g. fastv K=2 keep=0.5
     return f"{row['variant']} (K={'L' if layer is None else layer}{'' if layer is not None else f'={num_layers}'})"
 
 

@@ -34,8 +34,11 @@ class VariantResult:
     """One evaluated withdrawal setting (the configured layer, or the baseline ``K = L``).
 
     Attributes:
-        label: ``"vtw"`` (the configured layer) or ``"baseline"`` (no withdrawal).
-        layer: ``K`` (``None``: no withdrawal); method: ``vtw`` | ``random``.
+        label: the method's name (``"vtw"``, ``"fastv"``, ...: the configured reduction) or ``"baseline"`` (none).
+        layer: ``K``, the method's first stage (``None``: no reduction); method: its name (``vtw.method``);
+        method_label: e.g. ``fastv K=2 keep=0.5``; params: the method's parameters as evaluated.
+        budget / budget_ratio: with ``vtw.budget``, the share of the full model's TFLOPs asked, and the share the
+            chosen setting reached on the prompts it was matched on (``None`` otherwise).
         metrics: ``{"<task>/<metric>": value}`` for every numeric metric lmms-eval reported.
         accuracy: the value of the dataset's primary metric (``None`` if lmms-eval did not report it).
         num_samples: samples evaluated (over all tasks).
@@ -70,11 +73,15 @@ class VariantResult:
     peak_mem_gb: float
     peak_mem_kind: str
     wall_s: float
+    method_label: str = ""
+    params: dict = field(default_factory=dict)
+    budget: float | None = None
+    budget_ratio: float | None = None
 
     def row(self) -> dict:
         """This variant's scalar fields as a dict (``label`` under ``variant``), then its ``<task>/<metric>`` values."""
         row = {("variant" if f.name == "label" else f.name): getattr(self, f.name) for f in fields(self)}
-        del row["metrics"]
+        del row["metrics"], row["params"]
         row.update(self.metrics)
         return row
 
@@ -107,6 +114,7 @@ class RunResult:
     job: dict
     conventions: dict = field(default_factory=dict)
     lock: dict = field(default_factory=dict)  # envinfo.lock_status(): the lock's sha256 and whether it is installed
+    budget: dict | None = None  # vtw.budget: vtw.flops.budget.BudgetMatch.to_dict() (asked, chosen, reached)
     schema: str = SCHEMA
     status: str = "ok"
 
@@ -243,6 +251,9 @@ COLUMNS: tuple[Column, ...] = (
     _col("model", *_KEY, justify="left"),
     _col("dataset", *_KEY, justify="left"),
     _col("method", CSV),
+    _col("method_label", *_KEY, header="method", justify="left"),
+    _col("budget", CSV, MD, TABLE, WANDB, SUMMARY),
+    _col("budget_ratio", CSV, WANDB, SUMMARY),
     _col("layer", *_KEY, SUMMARY, header="K", fmt={MD: _layer("L (none)"), TABLE: _layer("L")}),
     _col("num_layers", CSV),
     _col("primary_metric", CSV),
