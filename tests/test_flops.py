@@ -564,3 +564,21 @@ def test_shipped_checkpoints_have_one_home(tmp_path, monkeypatch):
     monkeypatch.setattr(configs, "_assets", lambda: tmp_path)
     with pytest.raises(ValueError, match=r"mine\.json: _name_or_path must be the checkpoint's hub id"):
         configs._shipped_checkpoints()
+
+
+def test_plan_for_a_peer_method_lists_its_settings():
+    """mode=flops for another method: the vanilla row, the configured setting, then its settings along the free
+    parameter with decreasing compute; each row's figures are count_flops / kv_cache_bytes of that setting."""
+    cfg = load_model_config("llava-1.5-7b")
+    console = Console(file=io.StringIO(), width=200)
+    plan = plan_flops("llava-1.5-7b", text_tokens=60, generated_tokens=4, console=console,
+                      method=FastV(layer=2, keep=0.5))  # fmt: skip
+    rows = plan.rows
+    assert rows[0].vanilla and rows[1].label == "fastv K=2 keep=0.5" and len(rows) == 12
+    flops = [r.flops for r in rows[2:]]
+    assert flops == sorted(flops, reverse=True) and len(set(flops)) == len(flops)
+    rep = count_flops(cfg, vision_tokens=576, text_tokens=60, generated_tokens=4, method=FastV(layer=2, keep=0.5),
+                      vision_inputs=1)  # fmt: skip
+    kv = kv_cache_bytes(cfg, vision_tokens=576, text_tokens=60, generated_tokens=4, method=FastV(layer=2, keep=0.5))
+    assert (rows[1].flops, rows[1].kv_bytes) == (rep.total, kv.total)
+    assert "fastv K=2 keep=0.5" in console.file.getvalue()

@@ -249,7 +249,6 @@ def test_first_timed_call_is_preceded_by_one_untimed_warm_up(model_dir, task_obj
     assert n_first == n_second + 1
 
 
-
 def test_peer_methods_from_model_args(tiny_llava_dir):
     """The lmms-eval model args pick the method; lists use ';' (lmms-eval's `key=value,...` parser splits on ',')."""
     from lmms_eval.utils import simple_parse_args_string

@@ -68,9 +68,9 @@ def prompt_flops(config, prompts: Sequence[Prompt], method: Reduction | None) ->
 
 
 def match_budget(config, prompts: Sequence[Prompt], method: Reduction, budget: float) -> BudgetMatch:
-    """The candidate of ``method`` whose FLOPs ratio to the full model is closest to ``budget`` (ties: the one that
-    keeps more compute, i.e. the later in :meth:`~vtw.methods.Reduction.budget_candidates`'s order is not preferred;
-    the larger ratio wins).
+    """The candidate of ``method`` whose FLOPs ratio to the full model is closest to ``budget`` (ties: the larger
+    ratio, then the candidate with the most compute in :meth:`~vtw.methods.Reduction.budget_candidates`' order,
+    so ``budget=1`` is the full model for every method).
 
     Raises:
         ValueError: a budget outside ``(0, 1]``, no prompts, or a method without a free parameter.
@@ -79,12 +79,12 @@ def match_budget(config, prompts: Sequence[Prompt], method: Reduction, budget: f
     if not prompts:
         raise ValueError("matching a budget needs at least one prompt")
     num_layers = architecture(config).decoder.num_layers
-    candidates = method.budget_candidates(num_layers)
+    candidates = method.resolve(num_layers).budget_candidates(num_layers)
     if not candidates:
         raise ValueError(f"method {method.name!r} has no free parameter to match a budget with")
     full = prompt_flops(config, prompts, None)
     best = None
-    for cand in candidates:
+    for cand in reversed(candidates):  # the most compute first: it wins ties (equal FLOPs, fewer stages run)
         ratio = prompt_flops(config, prompts, cand) / full
         key = (abs(ratio - budget), -ratio)
         if best is None or key < best[0]:

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..methods import Reduction, Withdrawal
 from .arch import Architecture, architecture
 from .configs import SHIPPED_CHECKPOINTS, load_model_config
 from .count import TERA, check_count, count_flops
@@ -27,7 +28,8 @@ EXACT_CONVENTION = (
 
 @dataclass(frozen=True)
 class FlopsRow:
-    """One withdrawal layer ``K`` (``K == num_layers``: vanilla, nothing withdrawn)."""
+    """One withdrawal layer ``K`` (``K == num_layers``: vanilla, nothing withdrawn), or one setting of another method
+    (``label``; ``layer``: its first stage)."""
 
     layer: int
     num_layers: int
@@ -39,6 +41,7 @@ class FlopsRow:
     paper_saved_pct: float
     kv_bytes: int
     kv_saved_pct: float
+    label: str = ""
 
     @property
     def vanilla(self) -> bool:
@@ -77,8 +80,10 @@ def flops_table(
     vision_grids: Sequence[Sequence[int]] | None = None,
     dtype="bfloat16",
     prefill_logits: int | str = 1,
+    methods: Sequence[Reduction] | None = None,
 ) -> list[FlopsRow]:
-    """A :class:`FlopsRow` per withdrawal layer in ``layers`` (default: every ``K`` from ``L`` down to 0).
+    """A :class:`FlopsRow` per withdrawal layer in ``layers`` (default: every ``K`` from ``L`` down to 0), or per
+    method object in ``methods`` (another method's settings, e.g. :func:`method_settings`).
 
     The other arguments are those of :func:`~vtw.flops.count_flops` and :func:`~vtw.flops.kv_cache_bytes`.
     """
@@ -86,25 +91,27 @@ def flops_table(
     layers = list(range(num_layers, -1, -1)) if layers is None else list(layers)
     if not layers:
         raise ValueError("layers is empty: give at least one withdrawal layer")
+    settings = [Withdrawal(layer=k) for k in layers] if methods is None else list(methods)
     common = {"vision_tokens": vision_tokens, "text_tokens": text_tokens}
     encoder = {"vision_inputs": vision_inputs, "video_frames": video_frames, "vision_grids": vision_grids}
 
-    def exact(k):
+    def exact(m):
         return count_flops(
-            config, **common, generated_tokens=generated_tokens, layer=k, prefill_logits=prefill_logits, **encoder
+            config, **common, generated_tokens=generated_tokens, method=m, prefill_logits=prefill_logits, **encoder
         )
 
     base = exact(None)
     base_paper = paper_flops(config, **common, layer=None)
     base_kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, layer=None, dtype=dtype).total
     rows = []
-    for k in layers:
-        rep = exact(k)
-        paper = paper_flops(config, **common, layer=k)
-        kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, layer=k, dtype=dtype).total
+    for m in settings:
+        rep = exact(m)
+        paper = paper_flops(config, **common, method=m)
+        kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, method=m, dtype=dtype).total
         rows.append(
             FlopsRow(
-                layer=rep.layer,
+                layer=num_layers if rep.layer is None else rep.layer,
+                label="" if isinstance(m, Withdrawal) else m.label,
                 num_layers=num_layers,
                 flops=rep.total,
                 prefill_flops=rep.prefill.total,
@@ -117,6 +124,16 @@ def flops_table(
             )
         )
     return rows
+
+
+def method_settings(method: Reduction, num_layers: int, rows: int = 10) -> list[Reduction]:
+    """``method`` itself, then ``rows`` of its settings along its free parameter (evenly spread over
+    :meth:`~vtw.methods.Reduction.budget_candidates`, the most compute first): a planning table for one method."""
+    method = method.resolve(num_layers)
+    cands = [c for c in method.budget_candidates(num_layers)[::-1] if any(k < num_layers for k in c.stages())]
+    if len(cands) > rows:
+        cands = [cands[round(i * (len(cands) - 1) / (rows - 1))] for i in range(rows)]
+    return [method, *[c for c in cands if c != method]]
 
 
 @dataclass(frozen=True)
@@ -187,8 +204,10 @@ def plan_flops(
     image_size: tuple[int, int] | None = None,
     dtype="bfloat16",
     console=None,
+    method: Reduction | None = None,
 ) -> PlanResult:
-    """Print the FLOPs / KV table of one sample for every withdrawal layer; no weights are needed.
+    """Print the FLOPs / KV table of one sample for every withdrawal layer (or for ``method``'s settings,
+    :func:`method_settings`); no weights are needed.
 
     Args:
         model_config_path_or_name: a shipped name (``llava-1.5-7b``, ...), its hub id, an embedded model
@@ -209,6 +228,9 @@ def plan_flops(
     config = load_model_config(model_config_path_or_name)
     arch = architecture(config)
     v, encoder, work, note = _plan_sample(config, vision_tokens, image_size)
+    methods = None
+    if method is not None and method.name != "vtw":
+        methods = [Withdrawal(), *method_settings(method, arch.decoder.num_layers)]
     rows = flops_table(
         config,
         vision_tokens=v,
@@ -216,6 +238,7 @@ def plan_flops(
         generated_tokens=generated_tokens,
         layers=layers,
         dtype=dtype,
+        methods=methods,
         **encoder,
     )
     name = str(model_config_path_or_name) if not hasattr(model_config_path_or_name, "to_dict") else arch.display
@@ -244,7 +267,7 @@ def render_flops_table(rows: Sequence[FlopsRow], *, title: str | None = None):
     from rich.table import Table  # rich is only needed to print
 
     table = Table(title=title, show_lines=False, header_style="bold")
-    table.add_column("K", justify="right")
+    table.add_column("K" if not any(r.label for r in rows) else "setting", justify="right")
     table.add_column("TFLOPs\n(exact)", justify="right")
     table.add_column("prefill", justify="right")
     table.add_column("decode", justify="right")
@@ -254,7 +277,7 @@ def render_flops_table(rows: Sequence[FlopsRow], *, title: str | None = None):
     table.add_column("KV MiB", justify="right")
     table.add_column("KV saved", justify="right")
     for r in rows:
-        label = f"{r.layer} (vanilla)" if r.vanilla else str(r.layer)
+        label = f"{r.layer} (vanilla)" if r.vanilla else (r.label or str(r.layer))
         table.add_row(
             label,
             f"{r.tflops:.3f}",
@@ -288,7 +311,8 @@ def print_plan(result: PlanResult, *, arch: Architecture, hub_id: str | None, dt
         f"sample: {result.vision_tokens} vision tokens ({result.encoder_note}), {result.text_tokens} text tokens, "
         f"{result.generated_tokens} generated tokens (prefill + {steps} decode steps); KV cache in {dtype}"
     )
-    console.print(render_flops_table(result.rows, title="FLOPs per sample by withdrawal layer K"))
+    by = "setting" if any(r.label for r in result.rows) else "withdrawal layer K"
+    console.print(render_flops_table(result.rows, title=f"FLOPs per sample by {by}"))
     console.print(f"[dim]{EXACT_CONVENTION}.[/dim]")
     console.print(f"[dim]paper: {PAPER_CONVENTION}; layers >= K see the text tokens only.[/dim]")
 

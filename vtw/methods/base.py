@@ -134,7 +134,7 @@ class Reduction:
 
     def budget_candidates(self, num_layers: int) -> list[Reduction]:
         """This method along its free parameter, for matched-compute comparisons (``vtw.budget``): every setting
-        the matcher may choose, the other parameters as they are. ``[]``: the method has none."""
+        the matcher may choose (least compute first), the other parameters as they are. ``[]``: the method has none."""
         return []
 
     #: the parameter :meth:`budget_candidates` varies (recorded in results)

@@ -233,6 +233,7 @@ def _run_flops(spec: RunSpec, out: Path, console) -> None:
         generated_tokens=int(f.get("generated_tokens", 16)),
         image_size=tuple(size) if size else None,
         console=console or make_console(),
+        method=spec.reduction(spec.layer) if isinstance(spec.layer, int) else None,  # a peer: its settings
     )
     rows = [dataclasses.asdict(r) | {"tflops": r.tflops, "paper_tflops": r.paper_tflops} for r in plan.rows]
     atomic_write_json(
