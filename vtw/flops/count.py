@@ -284,6 +284,16 @@ def reduction_method(layer: int | None = None, method: Reduction | None = None) 
     return method
 
 
+def resolved_method(layer: int | None, method: Reduction | None, num_layers: int) -> tuple[Reduction, int | None]:
+    """``(the method counted, the layer reported)``: ``method`` resolved against ``L`` and its first stage, or VTW at
+    ``layer`` (checked) and ``layer``."""
+    layer = validate_layer(layer, num_layers)
+    if method is None:
+        return Withdrawal(layer=layer), layer
+    method = reduction_method(layer, method).resolve(num_layers)
+    return method, next(iter(method.stages()), None)
+
+
 def prefill_layer_tokens(num_layers: int, vision: int, text: int, method: Reduction) -> list[int]:
     """Tokens each decoder layer ``0..L-1`` processes in the prefill of one sample under ``method``."""
     return [v + t for v, t in method.layer_tokens(num_layers, vision, text)]
@@ -344,12 +354,7 @@ def count_flops(
     vision_tokens = check_count(vision_tokens, "vision_tokens")
     text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
     generated_tokens = check_count(generated_tokens, "generated_tokens")
-    layer = validate_layer(layer, dec.num_layers)
-    if method is not None:
-        method = reduction_method(layer, method).resolve(dec.num_layers)
-        layer = next(iter(method.stages()), None)
-    else:
-        method = Withdrawal(layer=layer)
+    method, layer = resolved_method(layer, method, dec.num_layers)
     work = resolve_workload(arch, vision_tokens, vision_inputs, video_frames, vision_grids)
 
     full = vision_tokens + text_tokens

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ..methods import Reduction
-from ..withdraw import validate_layer
 from .arch import architecture
-from .count import check_count, prefill_layer_tokens, reduction_method
+from .count import check_count, prefill_layer_tokens, resolved_method
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -96,12 +95,7 @@ def kv_cache_bytes(
     vision_tokens = check_count(vision_tokens, "vision_tokens")
     text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
     generated_tokens = check_count(generated_tokens, "generated_tokens")
-    layer = validate_layer(layer, dec.num_layers)
-    if method is not None:
-        method = reduction_method(layer, method).resolve(dec.num_layers)
-        layer = next(iter(method.stages()), None)
-    else:
-        method = reduction_method(layer)
+    method, layer = resolved_method(layer, method, dec.num_layers)
     nbytes = dtype_bytes(dtype)
     extra = max(generated_tokens - 1, 0)
     per_token = 2 * dec.kv_heads * dec.head_dim * nbytes

@@ -26,9 +26,8 @@ vision tower and every output position's logits included), which corresponds to 
 from __future__ import annotations
 
 from ..methods import Reduction
-from ..withdraw import validate_layer
 from .arch import architecture
-from .count import TERA, check_count, prefill_layer_tokens, reduction_method
+from .count import TERA, check_count, prefill_layer_tokens, resolved_method
 
 PAPER_CONVENTION = "FastV/VTW papers: sum over decoder layers of 4nd^2 + 2n^2d + 2ndm (prefill; 1 multiply-add = 1)"
 
@@ -55,8 +54,7 @@ def paper_flops(
     dec = architecture(config).decoder
     vision_tokens = check_count(vision_tokens, "vision_tokens")
     text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
-    validate_layer(layer, dec.num_layers)
-    method = reduction_method(layer, method).resolve(dec.num_layers)
+    method, _ = resolved_method(layer, method, dec.num_layers)
     d, m = dec.hidden, dec.intermediate
     return sum(
         fastv_layer_flops(n, d, m) for n in prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method)

@@ -150,3 +150,17 @@ class Reduction:
         inner = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.params().items()
                          if v is not None)  # fmt: skip
         return f"{self.name} {inner}".strip()
+
+
+@dataclass(frozen=True)
+class OneLayer(Reduction):
+    """Base of the methods with one stage at ``layer`` (``None``: none), checked against ``L`` by :meth:`resolve`."""
+
+    layer: int | None = None
+
+    def resolve(self, num_layers: int):
+        check_layer(self.layer, num_layers)
+        return self
+
+    def stages(self) -> tuple[int, ...]:
+        return () if self.layer is None else (self.layer,)

@@ -7,33 +7,25 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Reduction, StageContext, check_layer
+from .base import OneLayer, StageContext
 
 #: ``keep(hidden_states (B, T, D), vision_mask (B, T) bool, attention_mask (B, T) long) -> keep (B, T) bool``
 KeepFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
-class CustomKeep(Reduction):
+class CustomKeep(OneLayer):
     """One stage at ``layer`` that keeps what ``keep_fn(hidden, vision, attention_mask)`` returns. For the FLOPs
     model the count of kept tokens is not known in advance: ``stage_tokens`` assumes VTW's (text only)."""
 
     name = "custom"
     keep_fn: KeepFn | None = None
-    layer: int | None = None
 
     def __post_init__(self):
         if not callable(self.keep_fn):
             raise ValueError(
                 f"a custom method needs a callable keep(hidden, vision, attention_mask), got {self.keep_fn!r}"
             )
-
-    def resolve(self, num_layers: int) -> CustomKeep:
-        check_layer(self.layer, num_layers)
-        return self
-
-    def stages(self) -> tuple[int, ...]:
-        return () if self.layer is None else (self.layer,)
 
     def select(self, ctx: StageContext) -> torch.Tensor:
         return self.keep_fn(ctx.hidden, ctx.vision, ctx.attention_mask)

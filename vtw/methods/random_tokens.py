@@ -6,28 +6,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Reduction, StageContext, check_int, check_layer
+from .base import OneLayer, StageContext, check_int
 
 
 @dataclass(frozen=True)
-class RandomTokens(Reduction):
+class RandomTokens(OneLayer):
     """Drop as many random non-padding tokens (vision or text; never the last) as the sample has vision tokens, at
     layer ``layer``. Seeded (``seed``), so runs repeat; the draw is made on the CPU, sample after sample."""
 
     name = "random"
     free_parameter = "layer"
-    layer: int | None = None
     seed: int = 0
 
     def __post_init__(self):  # the layer is checked by resolve(), against L
         check_int(self.seed, "random seed")
-
-    def resolve(self, num_layers: int) -> RandomTokens:
-        check_layer(self.layer, num_layers)
-        return self
-
-    def stages(self) -> tuple[int, ...]:
-        return () if self.layer is None else (self.layer,)
 
     def select(self, ctx: StageContext) -> torch.Tensor:
         g = torch.Generator(device="cpu").manual_seed(self.seed)

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .base import Reduction, StageContext, check_layer
+from .base import OneLayer, StageContext
 
 
 @dataclass(frozen=True)
-class Withdrawal(Reduction):
+class Withdrawal(OneLayer):
     """Visual Tokens Withdrawal before decoder layer ``layer`` (``K``).
 
     ``layer=None`` or ``layer=L``: no withdrawal (nothing is installed). ``layer=0``: the decoder never sees vision
@@ -19,14 +19,6 @@ class Withdrawal(Reduction):
 
     name = "vtw"
     free_parameter = "layer"
-    layer: int | None = None
-
-    def resolve(self, num_layers: int) -> Withdrawal:
-        check_layer(self.layer, num_layers)
-        return self
-
-    def stages(self) -> tuple[int, ...]:
-        return () if self.layer is None else (self.layer,)
 
     def select(self, ctx: StageContext) -> torch.Tensor:
         return ~ctx.vision
