@@ -65,12 +65,14 @@ class SweepSummary:
         return sorted({k for r in self.rows for k in r if "/" in k})
 
     def points(self) -> list[dict]:
-        """Rows that go on the Pareto plot: finished, with accuracy and TFLOPs; one per (model, dataset, method, K)."""
+        """Rows that go on the Pareto plot: finished, with accuracy and TFLOPs; one per (model, dataset, setting),
+        the setting being the method's label (``fastv K=2 keep=0.5``), or none for the baseline."""
         seen, out = set(), []
         for r in self.rows:
             if not row_ok(r) or r.get("accuracy") is None or not r.get("tflops"):
                 continue
-            key = (r["model"], r["dataset"], r["method"] if r["layer"] is not None else None, r["layer"])
+            setting = None if r["layer"] is None else (r.get("method_label") or (r["method"], r["layer"]))
+            key = (r["model"], r["dataset"], setting)
             if key not in seen:
                 seen.add(key)
                 out.append(r)
