@@ -90,7 +90,7 @@ def test_budget_config_checks():
 def test_method_budget_sweep_end_to_end(tiny_llava_dir, tiny_tasks, tmp_path):
     root, names = tiny_tasks
     sweep = tmp_path / "sweep"
-    args = ["-m", "vtw.method=vtw,fastv", "vtw.budget=0.5,1", "vtw.layer=1", "logger=none",
+    args = ["-m", "vtw.method=vtw,fastv", "vtw.budget=0.5,1", "vtw.layer=1", "logger.mode=offline",
             *pipeline_overrides(tiny_llava_dir, root, [names["gen"]]), f"hydra.sweep.dir={sweep}"]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     p = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, env=env,
@@ -120,3 +120,10 @@ def test_method_budget_sweep_end_to_end(tiny_llava_dir, tiny_tasks, tmp_path):
     }  # fmt: skip
     assert all(math.isclose(float(r["budget"]), 0.5) or math.isclose(float(r["budget"]), 1.0) for r in rows)
     assert (sweep / "pareto.png").stat().st_size > 1000
+    # the W&B sweep run's scatter data carries the method of every point (the chart groups by it)
+    from wandb_offline import find_offline_runs, read_offline_run
+
+    (run,) = [read_offline_run(r) for r in find_offline_runs(sweep / "wandb")]
+    table = run.tables["accuracy_vs_tflops_table"]
+    methods = sorted(dict(zip(table["columns"], row))["method"] for row in table["data"])
+    assert methods == ["baseline", "baseline", "fastv", "vtw"]  # budget 1: both methods' jobs are the full model

@@ -201,8 +201,12 @@ def row_ok(row: dict) -> bool:
 
 
 def row_label(row: dict) -> str:
-    """``<model>/<dataset> K=<layer | L>``: a row's point label (W&B scatter)."""
-    return f"{row.get('model')}/{row.get('dataset')} K={'L' if row.get('layer') is None else row['layer']}"
+    """``<model>/<dataset> K=<layer | L>`` (VTW), or ``<model>/<dataset> <method label>`` (a peer): a row's point
+    label (W&B scatter)."""
+    head = f"{row.get('model')}/{row.get('dataset')}"
+    if row.get("layer") is not None and row.get("method") not in (None, "vtw") and row.get("method_label"):
+        return f"{head} {row['method_label']}"
+    return f"{head} K={'L' if row.get('layer') is None else row['layer']}"
 
 
 def _layer(none: str):

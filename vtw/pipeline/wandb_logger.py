@@ -71,7 +71,13 @@ def run_name(result_or_model, dataset: str | None = None, layer=None) -> str:
     """``<model>-<dataset>-<K12 | base | auto>``."""
     if isinstance(result_or_model, RunResult):
         r = result_or_model
-        return f"{r.model}-{r.dataset}-{layer_tag(None if r.layer == r.num_layers else r.layer)}"
+        tag = layer_tag(None if r.layer == r.num_layers else r.layer)
+        method = r.result.method
+        return (
+            f"{r.model}-{r.dataset}-{tag}"
+            if method == "vtw" or r.layer is None
+            else f"{r.model}-{r.dataset}-{method}-{tag}"
+        )
     return f"{result_or_model}-{dataset}-{layer_tag(layer)}"
 
 
@@ -197,10 +203,12 @@ def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
         table = wandb.Table(columns=shown, data=[[r.get(c) for c in shown] for r in rows])
         payload = {"summary_table": table}
         points = [
-            [r["tflops"], r["accuracy"], r["label"]] for r in rows if r.get("accuracy") is not None and r.get("tflops")
+            [r["tflops"], r["accuracy"], r["label"], "baseline" if r.get("layer") is None else r.get("method")]
+            for r in rows
+            if r.get("accuracy") is not None and r.get("tflops")
         ]
-        if points:
-            pts = wandb.Table(columns=["tflops", "accuracy", "label"], data=points)
+        if points:  # the method column groups the points in W&B's chart editor
+            pts = wandb.Table(columns=["tflops", "accuracy", "label", "method"], data=points)
             payload["accuracy_vs_tflops"] = wandb.plot.scatter(
                 pts, "tflops", "accuracy", title="accuracy vs TFLOPs per sample"
             )
