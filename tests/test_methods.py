@@ -142,7 +142,7 @@ def test_registry_and_method_objects():
     assert make_method("vtw", layer=3) == Withdrawal(layer=3)
     assert make_method("random", layer=2, seed=5) == RandomTokens(layer=2, seed=5)
     with pytest.raises(
-        ValueError, match="unknown withdrawal method .fast.; allowed: vtw, fastv, pdrop, random_vision, random"
+        ValueError, match="unknown withdrawal method .fast.; allowed: vtw, fastv, pdrop, random, random_vision"
     ):
         make_method("fast")
     with pytest.raises(ValueError, match=r"method 'vtw' takes layer; got unknown keep"):
@@ -174,3 +174,22 @@ def test_method_object_and_layer_together_is_an_error():
     handle = withdraw(model, method=Withdrawal(layer=1))
     assert handle.active and handle.stages == (1,) and handle.label == "vtw K=1"
     handle.remove()
+
+
+def test_every_method_file_is_in_the_registry():
+    """Adding a method is its file: the registry lists every class of vtw/methods/ that sets a `name` (read here from
+    the sources with ast), except the callable-built `custom`."""
+    import ast
+    from pathlib import Path
+
+    import vtw.methods as pkg
+
+    names = set()
+    for path in Path(pkg.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef):
+                for stmt in node.body:
+                    if isinstance(stmt, ast.Assign) and [getattr(t, "id", None) for t in stmt.targets] == ["name"]:
+                        names.add(stmt.value.value)
+    names -= {"", "custom"}
+    assert set(METHODS) == names and next(iter(METHODS)) == "vtw"

@@ -1,11 +1,14 @@
 """The registry of reduction methods: one place that config, the lmms-eval model, the FLOPs model and the tests ask.
 
-Each method is one file of this package (a frozen dataclass, :class:`~vtw.methods.base.Reduction`); adding one is
-that file plus its entry in :data:`METHODS` and its test.
+Each method is one file of this package (a frozen dataclass, :class:`~vtw.methods.base.Reduction`, with a class
+attribute ``name``); adding one is that file and its test: every module here is imported below, and every
+``Reduction`` subclass with a ``name`` (and ``registered``, which ``custom`` turns off) is in :data:`METHODS`.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import fields
 
 from .base import Reduction, StageContext, check_int, check_layer
@@ -16,9 +19,23 @@ from .random_tokens import RandomTokens
 from .random_vision import RandomVision
 from .vtw import Withdrawal
 
-#: ``vtw.method=<name>`` -> the method's class
+for _module in pkgutil.iter_modules(__path__):  # a new method file needs no line here
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+
+def _subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _subclasses(sub)
+
+
+#: ``vtw.method=<name>`` -> the method's class: ``vtw`` first, then the others by name
 METHODS: dict[str, type[Reduction]] = {
-    cls.name: cls for cls in (Withdrawal, FastV, PyramidDrop, RandomVision, RandomTokens)
+    cls.name: cls
+    for cls in sorted(
+        {c for c in _subclasses(Reduction) if c.name and c.registered and c.__module__.startswith(__name__)},
+        key=lambda c: (c.name != "vtw", c.name),
+    )
 }
 
 

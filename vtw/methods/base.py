@@ -89,6 +89,8 @@ class Reduction:
     key, ``vtw.method=<name>``) and override :meth:`stages`, :meth:`select` and :meth:`stage_tokens`."""
 
     name: ClassVar[str] = ""
+    #: whether :data:`vtw.methods.METHODS` lists it (a method chosen by name in config and model args)
+    registered: ClassVar[bool] = True
     #: whether :meth:`select` needs the input of the layer before each stage (``StageContext.previous``)
     uses_previous_layer: ClassVar[bool] = False
 

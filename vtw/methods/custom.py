@@ -19,6 +19,7 @@ class CustomKeep(OneLayer):
     model the count of kept tokens is not known in advance: ``stage_tokens`` assumes VTW's (text only)."""
 
     name = "custom"
+    registered = False  # built from a callable, never by name
     keep_fn: KeepFn | None = None
 
     def __post_init__(self):
