@@ -8,6 +8,14 @@ Prints, from one run, with every configuration timed in the same round-robin so 
 * KV-cache bytes after prefill, vanilla vs VTW, next to :func:`vtw.flops.kv_cache_bytes`.
 
     python bench/bench_withdraw.py [--layers 16 --hidden 512 --reps 7 --steps 16]
+
+On a GPU, the real shapes of a shipped checkpoint, random-initialised directly on the device (speed does not depend on
+the weights; nothing is downloaded), with peak GPU memory per configuration:
+
+    python bench/bench_withdraw.py --config llava-1.5-7b --device cuda --dtype bfloat16 --ks 24,16,8
+
+``--config`` takes the shipped configs with one fixed-size image per prompt (LLaVA-1.5 7B/13B, Video-LLaVA);
+``--shrink`` (tests) cuts the decoder and the vision tower to a few small layers of the same family.
 """
 
 from __future__ import annotations
@@ -19,8 +27,8 @@ import time
 import torch
 import transformers as T
 
-from vtw import withdraw
-from vtw.flops import count_flops, kv_cache_bytes
+from vtw import get_family, withdraw
+from vtw.flops import count_flops, kv_cache_bytes, load_model_config
 
 
 def build(args) -> T.LlavaForConditionalGeneration:
@@ -49,24 +57,62 @@ def build(args) -> T.LlavaForConditionalGeneration:
     return T.LlavaForConditionalGeneration(config).eval()
 
 
+def build_shipped(name: str, device: torch.device, dtype: torch.dtype, shrink: bool = False):
+    """A shipped checkpoint's architecture (``--config``), random-initialised directly on ``device`` in ``dtype``."""
+    config = load_model_config(name)
+    family = get_family(config)
+    if family.image_layout != "single":
+        raise SystemExit(f"--config {name}: {family.display} prompts are not one fixed-size image; use llava-1.5-7b, "
+                         "llava-1.5-13b or video-llava-7b")  # fmt: skip
+    if shrink:
+        text, vision = config.get_text_config(), config.vision_config
+        text.num_hidden_layers, text.hidden_size, text.intermediate_size = 4, 64, 128
+        text.num_attention_heads = text.num_key_value_heads = 2
+        text.head_dim = 32
+        vision.num_hidden_layers, vision.hidden_size, vision.intermediate_size, vision.num_attention_heads = (
+            2,
+            32,
+            64,
+            2,
+        )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = getattr(T, family.model_class)._from_config(config, dtype=dtype)
+    return model.eval()
+
+
 def inputs_for(model, text_tokens: int) -> dict:
-    n_image = (336 // 14) ** 2  # 576, as LLaVA-1.5
+    """One prompt: 35 text tokens (a system prompt, as LLaVA-1.5), the image's tokens, the rest of the text."""
+    config = model.config
+    family = get_family(config)
+    vision = config.vision_config
+    n_image = (vision.image_size // vision.patch_size) ** 2  # 576 for LLaVA-1.5, 256 for Video-LLaVA
+    image_id = family.vision_token_ids(config)[0]
+    vocab = config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(0)
-    prefix = torch.randint(1, 1900, (35,), generator=g)  # a system prompt before the image, as LLaVA-1.5
-    suffix = torch.randint(1, 1900, (text_tokens - 35,), generator=g)
-    ids = torch.cat([prefix, torch.full((n_image,), 1999), suffix])[None]
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.rand(1, 3, 336, 336, generator=g),
-    }
+    text = torch.randint(1, min(1900, vocab - 1), (text_tokens,), generator=g)
+    text[text == image_id] = 1
+    ids = torch.cat([text[:35], torch.full((n_image,), image_id), text[35:]])[None]
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pixels = torch.rand(1, 3, vision.image_size, vision.image_size, generator=g).to(device, dtype)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), family.image_key: pixels}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
 def prefill_and_decode(model, inputs, steps: int) -> tuple[float, float, int]:
     """Seconds of one prefill, median seconds of one decode step, KV-cache bytes after prefill."""
+    device = inputs["input_ids"].device
+    _sync(device)
     t0 = time.perf_counter()
     out = model(**inputs, use_cache=True, logits_to_keep=1)
+    _sync(device)
     prefill = time.perf_counter() - t0
     cache = out.past_key_values
     kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
@@ -75,8 +121,10 @@ def prefill_and_decode(model, inputs, steps: int) -> tuple[float, float, int]:
     times = []
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        _sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
+        _sync(device)
         times.append(time.perf_counter() - t0)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return prefill, statistics.median(times), kv
@@ -91,28 +139,47 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--ks", default="12,8,4,2")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--config", default=None, help="a shipped checkpoint's shapes, e.g. llava-1.5-7b (random init)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda)")
+    p.add_argument("--shrink", action="store_true", help="with --config: a few small layers (smoke test)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build(args)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.config:
+        model = build_shipped(args.config, device, dtype, shrink=args.shrink)
+        args.layers = model.config.get_text_config().num_hidden_layers
+        args.hidden = model.config.get_text_config().hidden_size
+    else:
+        model = build(args).to(device, dtype)
     inputs = inputs_for(model, args.text_tokens)
     L = args.layers
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     ks = [int(k) for k in args.ks.split(",")]
     configs: list[tuple[str, int | None]] = [("vanilla", None), ("withdraw(None)", None)] + [(f"K={k}", k) for k in ks]
     times: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in configs}
+    peak: dict[str, float] = {}
     prefill_and_decode(model, inputs, 2)  # warm-up
     for _ in range(args.reps):
         for name, k in configs:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             if name == "vanilla":
                 times[name].append(prefill_and_decode(model, inputs, args.steps))
             else:
                 with withdraw(model, k):
                     times[name].append(prefill_and_decode(model, inputs, args.steps))
+            if device.type == "cuda":
+                peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
 
     def med(name, i):
         return statistics.median(t[i] for t in times[name])
 
-    n_vision, n_text = 576, args.text_tokens
+    n_vision = int((inputs["input_ids"] == get_family(model.config).vision_token_ids(model.config)[0]).sum())
+    n_text = args.text_tokens
     cfg = model.config
     steps = args.steps
 
@@ -121,13 +188,18 @@ def main() -> None:
         return r.prefill.total, r.decode.total / steps
 
     base_prefill, base_step = analytic(None)
+    shape = f"{args.config} shapes (random init)" if args.config else "LLaVA-1.5-shaped model"
+    where = f"{device}, {str(dtype).removeprefix('torch.')}" + (
+        f", CPU threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+    )
     print(
-        f"LLaVA-1.5-shaped model: L={L}, d={args.hidden}, {n_vision} vision + {n_text} text tokens, "
-        f"CPU threads={torch.get_num_threads()}, medians of {args.reps} round-robin reps ({steps} decode steps each)"
+        f"{shape}: L={L}, d={args.hidden}, {n_vision} vision + {n_text} text tokens, {where}, "
+        f"medians of {args.reps} round-robin reps ({steps} decode steps each)"
     )
     print(
         f"{'config':<16}{'prefill ms':>11}{'speedup':>9}{'analytic':>10}{'real/an.':>10}"
         f"{'step ms':>10}{'speedup':>9}{'analytic':>10}{'real/an.':>10}{'KV MiB':>9}{'KV analytic':>13}"
+        + (f"{'peak GiB':>10}" if peak else "")
     )
     v_pre, v_step = med("vanilla", 0), med("vanilla", 1)
     for name, k in configs:
@@ -136,12 +208,12 @@ def main() -> None:
         an_pre, an_step = base_prefill / a_pre, base_step / a_step
         s_pre, s_step = v_pre / pre, v_step / step
         kv_an = kv_cache_bytes(
-            cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1, layer=k, dtype="float32"
+            cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1, layer=k, dtype=dtype
         ).total
         print(
             f"{name:<16}{pre * 1e3:>11.1f}{s_pre:>9.2f}{an_pre:>10.2f}{s_pre / an_pre:>10.2f}"
             f"{step * 1e3:>10.2f}{s_step:>9.2f}{an_step:>10.2f}{s_step / an_step:>10.2f}"
-            f"{kv / 2**20:>9.2f}{kv_an / 2**20:>13.2f}"
+            f"{kv / 2**20:>9.2f}{kv_an / 2**20:>13.2f}" + (f"{peak[name]:>10.2f}" if peak else "")
         )
     overhead = med("withdraw(None)", 0) / v_pre - 1
     print(
