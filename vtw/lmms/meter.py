@@ -123,6 +123,7 @@ class FlopsMeter:
         logits: int,
         latency: float,
         batch_size: int,
+        first_token: dict | None = None,
     ) -> None:
         """Append the :class:`RequestRecord` of one request (FLOPs under ``method`` and of the full model).
 
@@ -130,6 +131,7 @@ class FlopsMeter:
             kind: ``"generate_until"`` or ``"loglikelihood"``.
             generated: generated tokens; logits: prefill positions whose logits were computed.
             latency: seconds of model call per request of the batch; batch_size: requests in that batch.
+            first_token: ``first_token_id`` / ``_agree`` / ``_kl`` of a generate request (see RequestRecord).
         """
         cfg, enc = self.config, self.encoder_args(cost.work)
         tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
@@ -153,6 +155,7 @@ class FlopsMeter:
                 flops_full=float(full),
                 paper_flops=float(paper_flops(cfg, **tok, method=method)),
                 paper_flops_full=float(paper_flops(cfg, **tok)),
+                **(first_token or {}),
             )
         )
 

@@ -226,6 +226,11 @@ class VTWModel(lmms):
         self._processor, self._tokenizer = self.inputs.processor, self.inputs.tokenizer
         self.family = family
         self._handle = None
+        #: ``{(task, doc_id): (V,) float32 log-probs}`` of the first generated token, filled while it is a dict
+        self.first_token_store: dict | None = None
+        #: a store filled by an earlier evaluation (the full model): each generate request then records its top-1
+        #: agreement with it and ``KL(P_reference || P)``
+        self.first_token_reference: dict | None = None
         self.meter = FlopsMeter(self._model.config)
         self.warmed_up = False
         self.set_method(reduction)
@@ -357,10 +362,27 @@ class VTWModel(lmms):
         self._sync()
         return inputs, out, (time.perf_counter() - t0) / len(batch), costs
 
-    def _record(self, p: Prepared, kind: str, cost, generated: int, logits: int, latency: float, bs: int) -> None:
+    def _record(
+        self, p: Prepared, kind: str, cost, generated: int, logits: int, latency: float, bs: int, first=None
+    ) -> None:
         self.meter.record(
-            p, kind, cost, method=self.method, generated=generated, logits=logits, latency=latency, batch_size=bs
-        )
+            p, kind, cost, method=self.method, generated=generated, logits=logits, latency=latency, batch_size=bs,
+            first_token=first,
+        )  # fmt: skip
+
+    def _first_token(self, p: Prepared, logprobs: torch.Tensor) -> dict:
+        """The first generated token's record fields (``logprobs``: its ``(V,)`` log-distribution), stored and
+        compared with the reference as :attr:`first_token_store` / :attr:`first_token_reference` ask."""
+        key = (p.task, p.doc_id)
+        if self.first_token_store is not None:
+            self.first_token_store[key] = logprobs.float().cpu()
+        out = {"first_token_id": int(logprobs.argmax())}
+        ref = None if self.first_token_reference is None else self.first_token_reference.get(key)
+        if ref is not None:
+            ref = ref.float().to(logprobs.device)
+            out["first_token_agree"] = bool(int(ref.argmax()) == out["first_token_id"])
+            out["first_token_kl"] = float((ref.exp() * (ref - logprobs)).sum().clamp(min=0))
+        return out
 
     # ------------------------------------------------------------------ measurement
     def _sync(self) -> None:
@@ -413,16 +435,19 @@ class VTWModel(lmms):
             kwargs["stopping_criteria"] = _stop_criteria(self._tokenizer, until)
 
         def call(inputs):
-            return self._model.generate(**inputs, **kwargs, pad_token_id=pad, eos_token_id=eos)
+            return self._model.generate(
+                **inputs, **kwargs, pad_token_id=pad, eos_token_id=eos, output_logits=True, return_dict_in_generate=True
+            )
 
         inputs, out, latency, costs = self._timed(batch, [p.prompt for p in batch], call)
-        new = out[:, inputs["input_ids"].shape[1] :].tolist()
+        first = torch.log_softmax(out.logits[0].float(), dim=-1)  # (B, V): the first generated token
+        new = out.sequences[:, inputs["input_ids"].shape[1] :].tolist()
         results = []
         for b, p in enumerate(batch):
             n_gen = _generated_length(new[b], eos, pad)
             text = self._tokenizer.decode(new[b][:n_gen], skip_special_tokens=True)
             text = _cut_at_stop(text, until)
-            self._record(p, "generate_until", costs[b], n_gen, 1, latency, len(batch))
+            self._record(p, "generate_until", costs[b], n_gen, 1, latency, len(batch), self._first_token(p, first[b]))
             counts = TokenCounts(input_tokens=costs[b].input_tokens, output_tokens=n_gen)
             results.append(GenerationResult(text=text, token_counts=counts))
         return results

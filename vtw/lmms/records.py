@@ -30,6 +30,10 @@ class RequestRecord:
         flops_full: the same request with no withdrawal (``K = L``).
         paper_flops / paper_flops_full: the VTW/FastV paper convention (:func:`vtw.flops.paper_flops`), at
             ``layer`` and at ``K = L``.
+        first_token_id: generation: the id the first generated token's distribution ranks first (``None`` for
+            loglikelihood). first_token_agree / first_token_kl: against the full model's first-token distribution
+            on the same sample, when the model holds one (:attr:`vtw.lmms.model.VTWModel.first_token_reference`):
+            top-1 equal, and ``KL(P_full || P)`` in nats; else ``None``.
     """
 
     task: str
@@ -46,6 +50,9 @@ class RequestRecord:
     flops_full: float
     paper_flops: float
     paper_flops_full: float
+    first_token_id: int | None = None
+    first_token_agree: bool | None = None
+    first_token_kl: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +73,9 @@ class SampleCost:
     flops_full: float
     paper_flops: float
     paper_flops_full: float
+    first_token_id: int | None = None  # of the sample's generate request (see RequestRecord)
+    first_token_agree: bool | None = None
+    first_token_kl: float | None = None
 
     @property
     def tflops(self) -> float:
@@ -82,6 +92,7 @@ class SampleCost:
 
 _SUMMED = ("vision_tokens", "text_tokens", "generated_tokens", "latency_s", "flops", "flops_full")
 _SUMMED += ("paper_flops", "paper_flops_full")
+_FIRST = ("first_token_id", "first_token_agree", "first_token_kl")
 
 
 def sum_records(records: Iterable[RequestRecord]) -> dict[tuple[str, int], SampleCost]:
@@ -95,4 +106,7 @@ def sum_records(records: Iterable[RequestRecord]) -> dict[tuple[str, int], Sampl
         acc["requests"] += 1
         for name in _SUMMED:
             acc[name] += getattr(r, name)
+        for name in _FIRST:
+            if getattr(r, name) is not None:
+                acc[name] = getattr(r, name)
     return {k: SampleCost(**v) for k, v in out.items()}

@@ -21,6 +21,8 @@ from ..io import atomic_write_bytes, atomic_write_json
 from .config import RunSpec, config_hash, resolved_config, validate_config
 from .envinfo import git_info, lock_status, package_versions
 from .layer import resolve_layer
+from .loyalty import FIELDS as LOYALTY_FIELDS
+from .loyalty import loyalty
 from .results import RESULTS_FILE, SAMPLES_FILE, RunResult, write_results
 from .status import JobStatus, job_index, now_iso, read_job_dir, record_finished
 
@@ -177,16 +179,29 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
     reduces = any(k < spec.model.num_layers for k in method.stages())
     samples: list[dict] = []
     baseline = None
+    base_rows = None
     if _compare_baseline(spec, ctx, reduces):
-        baseline, rows, _ = evaluate_variant(
-            lm, spec, tm, method=spec.reduction(None), label="baseline", out_dir=ctx.output_dir
-        )
-        samples += rows
+        lm.first_token_store = {}  # the full model's first-token distributions, the reference of the next variant
+        try:
+            baseline, base_rows, _ = evaluate_variant(
+                lm, spec, tm, method=spec.reduction(None), label="baseline", out_dir=ctx.output_dir
+            )
+        finally:
+            lm.first_token_reference, lm.first_token_store = lm.first_token_store, None
+        samples += base_rows
     label = spec.method if reduces else "baseline"
-    main, rows, primary = evaluate_variant(
-        lm, spec, tm, method=method, label=label, out_dir=ctx.output_dir, budget=match
-    )
+    try:
+        main, rows, primary = evaluate_variant(
+            lm, spec, tm, method=method, label=label, out_dir=ctx.output_dir, budget=match
+        )
+    finally:
+        lm.first_token_reference = None
     samples += rows
+    if base_rows is not None:  # loyalty to the full model, on the same samples
+        self_loyal = loyalty(base_rows, base_rows)
+        self_loyal["first_token_kl"] = None if self_loyal["first_token_agreement"] is None else 0.0
+        baseline = dataclasses.replace(baseline, **{k: self_loyal[k] for k in LOYALTY_FIELDS})
+        main = dataclasses.replace(main, **{k: v for k, v in loyalty(rows, base_rows).items() if k in LOYALTY_FIELDS})
     result = RunResult(
         name=_job_name(resolved),
         model=spec.model.name,

@@ -39,6 +39,8 @@ class VariantResult:
         method_label: e.g. ``fastv K=2 keep=0.5``; params: the method's parameters as evaluated.
         budget / budget_ratio: with ``vtw.budget``, the share of the full model's TFLOPs asked, and the share the
             chosen setting reached on the prompts it was matched on (``None`` otherwise).
+        loyalty / first_token_agreement / first_token_kl: agreement with the full model on the same samples
+            (:mod:`vtw.pipeline.loyalty`), when the job (or the sweep's summary) had the full model's answers.
         metrics: ``{"<task>/<metric>": value}`` for every numeric metric lmms-eval reported.
         accuracy: the value of the dataset's primary metric (``None`` if lmms-eval did not report it).
         num_samples: samples evaluated (over all tasks).
@@ -77,6 +79,9 @@ class VariantResult:
     params: dict = field(default_factory=dict)
     budget: float | None = None
     budget_ratio: float | None = None
+    loyalty: float | None = None  # vtw.pipeline.loyalty: share of samples answered as the full model does
+    first_token_agreement: float | None = None  # generation: first token's top-1 equal to the full model's
+    first_token_kl: float | None = None  # generation: mean KL(P_full || P) of the first token (nats; lone runs)
 
     def row(self) -> dict:
         """This variant's scalar fields as a dict (``label`` under ``variant``), then its ``<task>/<metric>`` values."""
@@ -262,6 +267,9 @@ COLUMNS: tuple[Column, ...] = (
     _col("num_layers", CSV),
     _col("primary_metric", CSV),
     _col("accuracy", *_KEY, SUMMARY),
+    _col("loyalty", *_KEY, SUMMARY, JOB, label="loyalty (same answer as K=L)"),
+    _col("first_token_agreement", CSV, WANDB, SUMMARY, JOB, label="first token top-1 = K=L"),
+    _col("first_token_kl", CSV, MD, WANDB, SUMMARY, JOB, label="first token KL vs K=L"),
     _col("tflops", *_KEY, SUMMARY, JOB, header="TFLOPs", label="TFLOPs / sample"),
     _col("tflops_full", CSV, SUMMARY),
     _col("tflops_saved_pct", *_KEY, SUMMARY, JOB, header="saved", label="saved vs K=L",

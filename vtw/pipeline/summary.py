@@ -16,8 +16,10 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text
-from .results import CSV, MD, TABLE, RunResult, cell, columns, row_label, row_ok
+from ..io import atomic_write_text, read_jsonl
+from .loyalty import FIELDS as LOYALTY_FIELDS
+from .loyalty import loyalty
+from .results import CSV, MD, SAMPLES_FILE, TABLE, RunResult, cell, columns, row_label, row_ok
 from .status import find_job_dirs as _find_job_dirs
 from .status import read_job_dir
 
@@ -36,6 +38,7 @@ class SweepSummary:
     sweep_dir: Path
     rows: list[dict]
     paths: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. why loyalty could not be computed
 
     def _jobs(self) -> dict[str, str]:
         return {r["job"]: r["status"] for r in self.rows}
@@ -145,7 +148,9 @@ def to_markdown(summary: SweepSummary) -> str:
         lines += [f"- `{r['job']}`: {_md_escape(r.get('error') or 'unknown error')}" for r in summary.failed_jobs]
     primary = {r["primary_metric"] for r in summary.rows if r.get("primary_metric")}
     lines += ["", f"accuracy = {', '.join(sorted(primary)) or 'n/a'}; TFLOPs per sample (exact matmul count, prefill +"]
-    lines += ["decode); saved = vs K = L on the same samples. Plot: pareto.png.", ""]
+    lines += ["decode); saved = vs K = L on the same samples; loyalty = share of samples answered as the full model",
+              "(the sweep's baseline job, or the job's own baseline). Plot: pareto.png.", ""]  # fmt: skip
+    lines += [f"Note: {note}" for note in summary.notes] + ([""] if summary.notes else [])
     return "\n".join(lines)
 
 
@@ -182,6 +187,7 @@ def summarize_sweep(sweep_dir: str | Path, *, write: bool = True, plot: bool = T
     for d in find_job_dirs(root):
         rows.extend(rows_for_job(d, root))
     summary = SweepSummary(sweep_dir=root, rows=[{**r, "label": row_label(r)} for r in rows])
+    summary.notes += add_loyalty(summary.rows)
     if write:
         summary.paths["csv"] = atomic_write_text(root / "summary.csv", to_csv(summary))
         summary.paths["md"] = atomic_write_text(root / "summary.md", to_markdown(summary))
@@ -196,6 +202,39 @@ def summarize_sweep(sweep_dir: str | Path, *, write: bool = True, plot: bool = T
         console.print(rich_table(summary))
         for r in summary.failed_jobs:
             console.print(f"[red]failed[/red] {r['job']}: {r['error']}")
+        for note in summary.notes:
+            console.print(f"[yellow]note[/yellow] {note}")
         if summary.paths:
             console.print("wrote " + ", ".join(str(p) for p in summary.paths.values()))
     return summary
+
+
+def _samples(job_dir: str, variant: str) -> list[dict]:
+    try:
+        return [s for s in read_jsonl(Path(job_dir) / SAMPLES_FILE) if s.get("variant") == variant]
+    except (OSError, ValueError):
+        return []
+
+
+def add_loyalty(rows: list[dict]) -> list[str]:
+    """Fill each finished row's loyalty (:mod:`vtw.pipeline.loyalty`) against the sweep's baseline job of the same
+    model and dataset (a job whose variant is ``baseline``), from both jobs' ``samples.jsonl``; rows that carry it
+    already (their job evaluated its own baseline) keep theirs. Returns notes for the rows it could not fill (no
+    baseline in the sweep: it says so instead of inventing one)."""
+    missing = {(r["model"], r["dataset"]) for r in rows if row_ok(r) and r.get("loyalty") is None}
+    notes, reference = [], {}
+    for model, dataset in sorted(missing, key=str):
+        base = next((r for r in rows if row_ok(r) and r.get("variant") == "baseline" and r.get("model") == model
+                     and r.get("dataset") == dataset), None)  # fmt: skip
+        if base is None:
+            notes.append(
+                f"no baseline job (vtw.layer=null) of {model} / {dataset} in this sweep: its loyalty is not computed"
+            )
+        else:
+            reference[(model, dataset)] = _samples(base["job_dir"], "baseline")
+    for r in rows:
+        ref = reference.get((r.get("model"), r.get("dataset")))
+        if ref and row_ok(r) and r.get("loyalty") is None:
+            found = loyalty(_samples(r["job_dir"], r["variant"]), ref)
+            r.update({k: found[k] for k in LOYALTY_FIELDS if found[k] is not None})
+    return notes
