@@ -17,6 +17,23 @@ import torch
 from torch import nn
 
 
+def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, queries: slice):
+    """``(q (B, H, Tq, hd), k (B, H, T, hd))`` of ``layer`` on ``hidden``, rotary applied with the layer's own function,
+    key/value heads repeated to the query heads (GQA); ``queries`` selects the query positions."""
+    attn = layer.self_attn
+    batch, length, _ = hidden.shape
+    normed = layer.input_layernorm(hidden)
+    head_dim = attn.head_dim
+    qn = normed[:, queries]
+    q = attn.q_proj(qn).view(batch, qn.shape[1], -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+    q, _ = rotary(q, q, cos[..., queries, :], sin[..., queries, :])
+    _, k = rotary(k, k, cos, sin)
+    return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+
+
 def last_token_attention(
     layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, attention_mask: torch.Tensor
 ) -> torch.Tensor:
@@ -31,22 +48,26 @@ def last_token_attention(
         ``(B, T)`` float32, rows summing to 1 over the real tokens (0 at padding). The same numbers as the layer's
         eager attention weights ``[:, :, -1, :].mean(1)`` (GQA: each query head attends with its key/value group).
     """
-    attn = layer.self_attn
-    batch, length, _ = hidden.shape
-    normed = layer.input_layernorm(hidden)
-    head_dim = attn.head_dim
-    q = attn.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)  # (B, H, 1, hd)
-    k = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-    cos, sin = position_embeddings
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q, _ = rotary(q, q, cos[..., -1:, :], sin[..., -1:, :])
-    _, k = rotary(k, k, cos, sin)
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)  # (B, H, T, hd)
-    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # (B, H, 1, T)
+    q, k = _query_key(layer, hidden, position_embeddings, slice(-1, None))
+    scores = torch.matmul(q, k.transpose(2, 3)) * layer.self_attn.scaling  # (B, H, 1, T)
     scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     return probs.mean(1)[:, 0]
+
+
+def attention_probs(
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Every query's causal attention probabilities in ``layer``, per head: ``(B, H, T, T)`` float32 (rows of padding
+    queries are meaningless). The same numbers as the layer's eager attention weights; arguments as
+    :func:`last_token_attention`."""
+    q, k = _query_key(layer, hidden, position_embeddings, slice(None))
+    length = hidden.shape[1]
+    scores = torch.matmul(q, k.transpose(2, 3)) * layer.self_attn.scaling  # (B, H, T, T)
+    causal = torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+    allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]
+    scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 def last_token_attention_flops(hidden_size: int, heads: int, kv_heads: int, head_dim: int, tokens: int) -> int:

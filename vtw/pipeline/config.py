@@ -29,7 +29,7 @@ from .resolvers import register_resolvers
 from .schema import Config, LoggerConf, register_schema
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-MODES = ("eval", "flops", "search")
+MODES = ("eval", "flops", "search", "analyze")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 COMPARE = ("auto", True, False)
@@ -107,6 +107,7 @@ class RunSpec:
     method_params: dict = field(default_factory=dict)  # keep / layers / seed as given (the others: the defaults)
     budget: float | None = None
     budget_limit: int = 32
+    analyze_limit: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -439,6 +440,7 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
         method_params=params,
         budget=budget,
         budget_limit=_int(vtw["budget_limit"], "vtw.budget_limit", 1),
+        analyze_limit=_int(data["analyze"]["limit"], "analyze.limit", 1),
     )
 
 

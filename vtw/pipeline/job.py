@@ -144,6 +144,16 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
             _run_search(spec, out)
             status.finish("ok")
             return JobOutcome("ok", out)
+        if spec.mode == "analyze":
+            from .analyze import run_analyze
+            from .wandb_logger import default_group, log_analysis
+
+            analysis, verdict = run_analyze(spec, out)
+            wandb_info = log_analysis(spec, analysis, out, group=default_group(ctx.launch_dir), verdict=verdict)
+            (console or _print)(f"analysis: {verdict}\nwrote {out}/analysis.json and {out}/attention_share.png, "
+                                "migration.png, attention_map.png")  # fmt: skip
+            status.finish("ok", wandb=wandb_info)
+            return JobOutcome("ok", out)
         result, samples = _run_eval(spec, resolved, ctx)
         write_results(out, result, samples)
         from .wandb_logger import default_group, log_job
@@ -263,6 +273,12 @@ def _run_flops(spec: RunSpec, out: Path, console) -> None:
             "rows": rows,
         },
     )
+
+
+def _print(text: str) -> None:
+    from .report import make_console
+
+    make_console().print(text)
 
 
 def _run_search(spec: RunSpec, out: Path) -> None:

@@ -91,6 +91,11 @@ class FlopsConf:
 
 
 @dataclass
+class AnalyzeConf:
+    limit: int = 32  # prompts per task of mode=analyze
+
+
+@dataclass
 class Config:
     model: ModelConf = field(default_factory=ModelConf)
     dataset: DatasetConf = field(default_factory=DatasetConf)
@@ -106,6 +111,7 @@ class Config:
     bootstrap_iters: int = 0
     progress: bool = True
     flops: FlopsConf = field(default_factory=FlopsConf)
+    analyze: AnalyzeConf = field(default_factory=AnalyzeConf)
 
 
 def register_schema() -> None:

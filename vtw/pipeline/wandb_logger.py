@@ -221,3 +221,35 @@ def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
         return info
     except Exception as e:  # noqa: BLE001 - W&B trouble never fails the sweep
         return _failed(run, e, "W&B sweep logging failed (%s: %s); local summaries are complete")
+
+
+def log_analysis(spec, analysis, out_dir: str | Path, *, group: str, verdict: str) -> dict:
+    """``mode=analyze``: one W&B run with the three figures, the per-layer table and the verdict; never raises."""
+    logger = spec.logger
+    if logger.name == "none" or logger.mode == "disabled":
+        return {"status": "disabled"}
+    run = None
+    try:
+        import wandb
+
+        from .analyze import FIGURES
+
+        out_dir = Path(out_dir)
+        run, mode = _init(logger, out_dir=out_dir, group=logger.group or group, name=f"{spec.model.name}-"
+                          f"{spec.dataset.name}-analyze", config={"mode": "analyze"}, job_type="analyze")  # fmt: skip
+        columns = ["layer", *(f"text_{k}" for k in analysis.text_shares), *(f"last_{k}" for k in analysis.last_shares),
+                   "kl", "top1_agreement"]  # fmt: skip
+        data = [
+            [i, *(v[i] for v in analysis.text_shares.values()), *(v[i] for v in analysis.last_shares.values()),
+             analysis.kl[i], analysis.top1_agreement[i]]
+            for i in range(analysis.num_layers)
+        ]  # fmt: skip
+        payload = {"analysis": wandb.Table(columns=columns, data=data)}
+        payload.update({name[:-4]: wandb.Image(str(out_dir / name)) for name in FIGURES if (out_dir / name).exists()})
+        run.log(payload)
+        run.summary["verdict"] = verdict
+        info = _finish_info(run, mode, logger.group or group)
+        run.finish()
+        return info
+    except Exception as e:  # noqa: BLE001 - W&B never fails a job
+        return _failed(run, e, "W&B analysis logging failed (%s: %s)")
