@@ -59,7 +59,7 @@ def test_attention_probs_equal_eager_weights(family):
         torch.testing.assert_close(ours[rows], w.float()[rows], atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_shares_and_migration_against_references(family):
     model = build_tiny_model(family, attn_implementation="eager", num_layers=NUM_LAYERS)
     (inputs,) = make_singles(model, [Sample(images=1, prefix=3, suffix=5)])
