@@ -18,32 +18,23 @@ from vtw.search import SearchSettings, search_layer
 NUM_LAYERS = 3
 
 
-def _eager_weights(model, batch) -> list[torch.Tensor]:
-    """Each layer's eager attention weights (B, H, T, T), as the layers computed them."""
-    weights = []
-    hooks = [layer.self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1]))
-             for layer in vtw.language_model(model).layers]  # fmt: skip
+def _eager(model, batch) -> tuple[list[tuple], list[torch.Tensor]]:
+    """One forward of an eager model: each layer's inputs ``(hidden, position_embeddings)`` and its attention weights
+    ``(B, H, T, T)``, as the layers computed them."""
+    inputs, weights = [], []
+    hooks = []
+    for layer in vtw.language_model(model).layers:
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, a, kw: inputs.append((a[0] if a else kw["hidden_states"], kw["position_embeddings"])),
+            with_kwargs=True))  # fmt: skip
+        hooks.append(layer.self_attn.register_forward_hook(lambda m, a, out: weights.append(out[1])))
     try:
         with torch.no_grad():
             model(**batch, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return weights
-
-
-def _layer_inputs(model, batch) -> list[tuple]:
-    seen = []
-    hooks = [layer.register_forward_pre_hook(
-        lambda m, a, kw: seen.append((a[0] if a else kw["hidden_states"], kw["position_embeddings"])), with_kwargs=True)
-        for layer in vtw.language_model(model).layers]  # fmt: skip
-    try:
-        with torch.no_grad():
-            model(**batch, use_cache=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return seen
+    return inputs, weights
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,8 +43,7 @@ def test_attention_probs_equal_eager_weights(family):
     samples = [Sample(images=1, videos=int(family in VIDEO_FAMILIES), prefix=3, suffix=4), Sample(prefix=5, suffix=2)]
     batch = make_batch(model, samples)
     real = batch["attention_mask"].bool()
-    for layer, (h, pe), w in zip(vtw.language_model(model).layers, _layer_inputs(model, batch),
-                                 _eager_weights(model, batch)):  # fmt: skip
+    for layer, (h, pe), w in zip(vtw.language_model(model).layers, *_eager(model, batch)):
         ours = attention_probs(layer, h, pe, batch["attention_mask"])
         rows = real[:, None, :, None].expand_as(ours)  # real query rows only (padding rows are meaningless)
         torch.testing.assert_close(ours[rows], w.float()[rows], atol=1e-6, rtol=0)
@@ -67,7 +57,7 @@ def test_shares_and_migration_against_references(family):
     vision = vtw.vision_token_mask(model, inputs["input_ids"])[0]
     text_q = ~vision
     text_q[0] = False  # the sink's own row
-    for i, w in enumerate(_eager_weights(model, inputs)):
+    for i, w in enumerate(_eager(model, inputs)[1]):
         w = w[0].float()  # (H, T, T)
         to_vision = w[:, text_q][..., vision].sum(-1).mean(-1)
         to_sink = w[:, text_q, 0].mean(-1)
