@@ -15,13 +15,12 @@ model, so that machine noise hits all alike. Printed, from one run:
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
-from bench_withdraw import build, inputs_for
+from bench_withdraw import build, inputs_for, model_options
 
 from vtw import withdraw
 from vtw.flops import count_flops
@@ -79,13 +78,8 @@ def prefill(model, inputs) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--layers", type=int, default=16)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--text-tokens", type=int, default=60)
-    p.add_argument("--reps", type=int, default=7)
+    p = model_options(__doc__.split("\n")[0])
     p.add_argument("--budget", type=float, default=0.5)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -130,15 +130,21 @@ def prefill_and_decode(model, inputs, steps: int) -> tuple[float, float, int]:
     return prefill, statistics.median(times), kv
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def model_options(description: str) -> argparse.ArgumentParser:
+    """The options of the LLaVA-1.5-shaped benchmark model and its timing, shared by the benchmarks."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--text-tokens", type=int, default=60)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def main() -> None:
+    p = model_options(__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--ks", default="12,8,4,2")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--config", default=None, help="a shipped checkpoint's shapes, e.g. llava-1.5-7b (random init)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda)")

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from test_withdraw import _causal, _extend, _lm_inputs, _model, _prompt
+from test_withdraw import _causal, _extend, _lm_inputs, _model, _prompt, _rotary
 from tiny_models import Sample, make_batch, make_singles
 
 import vtw
@@ -62,8 +62,7 @@ def _naive_logits(model, embeds, pos, vision) -> torch.Tensor:
     """Layers by hand, no cache, tokens dropped at the stages by the test's rule; logits of the surviving positions."""
     lm = vtw.language_model(model)
     h = embeds
-    cos, sin = lm.rotary_emb(h, pos if pos.dim() == 2 or pos.shape[0] == 3 else pos[1:])
-    mpos = pos if not (pos.dim() == 3 and pos.shape[0] == 4) else pos[1:]
+    cos, sin, mpos = _rotary(lm, h, pos)
     alive = torch.arange(h.shape[1])
     for i, layer in enumerate(lm.layers):
         if i in STAGES:

@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from test_withdraw import _causal, _extend, _lm_inputs, _prompt
+from test_withdraw import _causal, _extend, _lm_inputs, _prompt, _rotary
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
 
 import vtw
@@ -63,8 +63,7 @@ def _naive_logits(model, embeds, pos, vision, method, n_prompt: int, chosen: dic
     """
     lm = vtw.language_model(model)
     h = embeds
-    cos, sin = lm.rotary_emb(h, pos if pos.dim() == 2 or pos.shape[0] == 3 else pos[1:])
-    mpos = pos if not (pos.dim() == 3 and pos.shape[0] == 4) else pos[1:]
+    cos, sin, mpos = _rotary(lm, h, pos)
     is_vision = vision[0].clone()
     alive = torch.arange(h.shape[1])
     n_vision = int(is_vision.sum())

@@ -53,6 +53,13 @@ def _causal(n: int, dtype) -> torch.Tensor:
     return torch.triu(m, diagonal=1)[None, None]
 
 
+def _rotary(lm, h: torch.Tensor, pos: torch.Tensor) -> tuple:
+    """``(cos, sin, position ids)`` the decoder gives its layers for ``h`` at ``pos`` (Qwen's 4-row M-RoPE position ids
+    carry the text positions in row 0: the rotary module and the layers take rows 1..3)."""
+    cos, sin = lm.rotary_emb(h, pos if pos.dim() == 2 or pos.shape[0] == 3 else pos[1:])
+    return cos, sin, (pos if not (pos.dim() == 3 and pos.shape[0] == 4) else pos[1:])
+
+
 def _naive_logits(model, embeds, pos, vision: torch.Tensor, k: int) -> torch.Tensor:
     """Layers by hand, no cache: every token through ``0..k-1``, drop vision positions, text through ``k..L-1``.
 
@@ -60,8 +67,7 @@ def _naive_logits(model, embeds, pos, vision: torch.Tensor, k: int) -> torch.Ten
     """
     lm = vtw.language_model(model)
     h = embeds
-    cos, sin = lm.rotary_emb(h, pos if pos.dim() == 2 or pos.shape[0] == 3 else pos[1:])
-    mpos = pos if not (pos.dim() == 3 and pos.shape[0] == 4) else pos[1:]
+    cos, sin, mpos = _rotary(lm, h, pos)
     keep = torch.arange(h.shape[1])
     for i, layer in enumerate(lm.layers):
         if i == k:
