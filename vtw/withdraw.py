@@ -281,10 +281,6 @@ class WithdrawalHandle:
         else:  # a later stage continues from the previous segment's packed tokens
             prev = self._segments[s - 1]
             pe, pos = prev.position_embeddings, prev.position_ids
-            if pe is None:
-                pe = kwargs.get("position_embeddings")
-            if pos is None:
-                pos = kwargs.get("position_ids")
         ctx = StageContext(
             stage=s,
             layer=self.stages[s],

@@ -135,10 +135,10 @@ class FlopsMeter:
         """
         cfg, enc = self.config, self.encoder_args(cost.work)
         tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
-        flops = count_flops(cfg, **tok, **enc, generated_tokens=generated, method=method, prefill_logits=logits).total
+        report = count_flops(cfg, **tok, **enc, generated_tokens=generated, method=method, prefill_logits=logits)
+        flops = report.total
         full = count_flops(cfg, **tok, **enc, generated_tokens=generated, prefill_logits=logits).total
-        layer = next(iter(method.resolve(self.num_layers).stages()), None)
-        layer = None if layer is not None and layer >= self.num_layers else layer
+        layer = report.layer if report.layer is not None and report.layer < self.num_layers else None  # K = L: none
         self.records.append(
             RequestRecord(
                 task=p.task,
