@@ -7,11 +7,11 @@ import json
 import math
 
 import pytest
+from test_pipeline_sweep import _job as _sweep_job
+from test_pipeline_sweep import _variant
 
 from vtw.io import read_jsonl
 from vtw.pipeline.loyalty import answer, loyalty
-from vtw.pipeline.results import RunResult, VariantResult, write_results
-from vtw.pipeline.status import JobStatus
 from vtw.pipeline.summary import summarize_sweep
 
 
@@ -43,33 +43,9 @@ def test_hand_made_rows_give_the_hand_computed_figures():
 
 
 def _job(d, variant: str, layer, rows):
-    v = VariantResult(
-        label=variant,
-        layer=layer,
-        method="vtw",
-        metrics={"t/acc": 0.5},
-        accuracy=0.5,
-        num_samples=5,
-        tflops=1.0,
-        tflops_full=2.0,
-        tflops_saved_pct=50.0,
-        paper_tflops=0.5,
-        paper_tflops_full=1.0,
-        paper_tflops_saved_pct=50.0,
-        latency_s=0.1,
-        samples_per_s=10.0,
-        generated_tokens=2.0,
-        vision_tokens=10.0,
-        text_tokens=5.0,
-        peak_mem_gb=1.0,
-        peak_mem_kind="cpu_max_rss",
-        wall_s=1.0,
-    )
-    r = RunResult(name=d.name, model="m", pretrained="p", family="llava", num_layers=8, dataset="d", tasks=["gen"],
-                  limit=None, layer_requested=layer, primary_metric="t/acc", result=v, baseline=None, config={},
-                  config_hash=d.name, git={}, packages={}, job={})  # fmt: skip
-    JobStatus(d, name=d.name).finish("ok")
-    write_results(d, r, [{**row, "variant": variant} for row in rows])
+    """A finished job of ``variant`` whose samples are ``rows`` (test_pipeline_sweep's hand-made jobs)."""
+    v = _variant(variant, layer, 0.5, 1.0, 2.0)
+    _sweep_job(d, v, samples=[{**row, "variant": variant} for row in rows])
 
 
 def test_sweep_summary_computes_loyalty_against_its_baseline_job(tmp_path):

@@ -119,14 +119,14 @@ def _variant(label, layer, acc, tflops, full) -> VariantResult:
     )  # fmt: skip
 
 
-def _job(d: Path, main: VariantResult, baseline: VariantResult | None = None) -> None:
+def _job(d: Path, main: VariantResult, baseline: VariantResult | None = None, samples: list[dict] = ()) -> None:
     r = RunResult(
         name=d.name, model="m", pretrained="p", family="llava", num_layers=32, dataset="d", tasks=["t"], limit=None,
         layer_requested=main.layer, primary_metric="t/acc", result=main, baseline=baseline, config={}, config_hash="h",
         git={}, packages={}, job={},
     )  # fmt: skip
     JobStatus(d, name=d.name).finish("ok")
-    write_results(d, r, [])
+    write_results(d, r, list(samples))
 
 
 def test_summarize_hand_made_jobs(tmp_path):
