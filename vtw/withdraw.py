@@ -36,7 +36,7 @@ from torch import nn
 
 from .families import get_family, language_model, num_decoder_layers, vision_token_mask
 from .methods import KeepFn, Reduction, StageContext, check_layer, make_method
-from .methods.base import LayerInput
+from .methods.base import LayerInput, Merge
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 
@@ -95,6 +95,9 @@ class WithdrawalHandle:
         self._segments: list[_Segment] | None = None  # the current prefill's segments, built stage by stage
         self._previous: dict[int, LayerInput] = {}  # stage -> input of layer k_s - 1 (methods that ask for it)
         self._input_vision: torch.Tensor | None = None  # (B,) vision tokens per sample of the current prefill
+        self._inputs: dict | None = None  # keyword arguments of the current prefill forward
+        self._encoder_inputs: dict = {}  # what the last vision-feature calls were given (methods before the decoder)
+        self._wrapped: list[tuple[nn.Module, str, object]] = []
         self._decode_masks: dict[int, torch.Tensor | None] = {}  # segment -> (B, 1, q, kv_s), current decode step
         # across forwards of one generation: each segment's padding mask and the cache it belongs to
         self._deep_masks2d: list[torch.Tensor] | None = None  # [(B, kv_s)] per segment
@@ -113,6 +116,10 @@ class WithdrawalHandle:
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        for owner, name, wrapper in self._wrapped:
+            if owner.__dict__.get(name) is wrapper:
+                delattr(owner, name)  # the class's method shows through again
+        self._wrapped.clear()
         self._reset_generation()
 
     def __enter__(self) -> WithdrawalHandle:
@@ -152,6 +159,8 @@ class WithdrawalHandle:
                 "vtw supports full-attention decoders only"
             )
         layers = language_model(model).layers
+        if self.method.before_decoder:
+            self._record_encoder_inputs(getattr(model, "model", model))
         self._hooks.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
         bounds = [*self.stages, self.num_layers]
@@ -163,6 +172,32 @@ class WithdrawalHandle:
             for s, k in enumerate(self.stages):
                 if k >= 1:
                     self._hooks.append(layers[k - 1].register_forward_pre_hook(self._capture(s), with_kwargs=True))
+
+    def _record_encoder_inputs(self, base: nn.Module) -> None:
+        """Methods acting before the decoder need each image's grid (LLaVA-NeXT's ``image_sizes``, Qwen's
+        ``image_grid_thw``, the frames of ``pixel_values_videos``). ``generate`` encodes images before the first
+        forward and passes only the features on, so this instance's ``get_image_features`` / ``get_video_features``
+        are wrapped (an instance attribute that :meth:`remove` deletes; the class is untouched) to note what they
+        were given."""
+        import functools
+        import inspect
+
+        for name in ("get_image_features", "get_video_features"):
+            original = getattr(base, name, None)
+            if original is None:
+                continue
+            signature = inspect.signature(original)
+
+            def wrapper(*args, _original=original, _signature=signature, **kwargs):
+                bound = _signature.bind_partial(*args, **kwargs).arguments
+                for key, value in bound.items():
+                    if isinstance(value, torch.Tensor):
+                        self._encoder_inputs[key] = value
+                return _original(*args, **kwargs)
+
+            functools.update_wrapper(wrapper, original)
+            setattr(base, name, wrapper)
+            self._wrapped.append((base, name, wrapper))
 
     def _stage_hook(self, s: int):
         def hook(module, args, kwargs):
@@ -227,6 +262,7 @@ class WithdrawalHandle:
         if past == 0:
             self._reset_generation()
             self._vision = vision
+            self._inputs = {**kwargs, **self._encoder_inputs, "input_ids": input_ids}
             return None
         # decode / continuation step
         if self._deep_masks2d is None or self._cache_ref is None or self._cache_ref() is not cache:
@@ -257,6 +293,8 @@ class WithdrawalHandle:
         self._decode_masks = {}
         self._previous = {}
         self._vision = None
+        self._inputs = None
+        self._encoder_inputs = {}
         return None
 
     def _reduce(self, s: int, module, args, kwargs):
@@ -294,8 +332,12 @@ class WithdrawalHandle:
             position_embeddings=pe,
             previous=self._previous.get(s),
             input_vision=self._input_vision,
+            inputs=self._inputs,
         )
-        local, mask2d = pack_kept(self.method.select(ctx).to(hidden.device), prev.mask2d)
+        picked = self.method.select(ctx)
+        if isinstance(picked, Merge):  # kept tokens carry new values
+            picked, hidden = picked.keep, picked.hidden.to(hidden.device, hidden.dtype)
+        local, mask2d = pack_kept(picked.to(hidden.device), prev.mask2d)
         gather_index = local.clamp(min=0)
         valid = local >= 0
         seg = _Segment(

@@ -37,6 +37,9 @@ class StageContext:
         previous: for methods with ``uses_previous_layer``, the input of layer ``layer - 1`` on these same tokens
             (``None`` at layer 0).
         input_vision: ``(B,)`` long, each sample's number of vision tokens in the input (before any stage).
+        inputs: the keyword arguments of the model's prefill forward (``input_ids`` ``(B, T)``, ``image_sizes``,
+            ``image_grid_thw``, ``pixel_values_videos``, ...): where the methods acting before the decoder read each
+            image's and video's grid (:func:`vtw.grids.input_layouts`).
     """
 
     stage: int
@@ -51,6 +54,20 @@ class StageContext:
     position_embeddings: tuple | None = None
     previous: LayerInput | None = None
     input_vision: torch.Tensor | None = None
+    inputs: dict | None = None
+
+
+@dataclass(frozen=True)
+class Merge:
+    """What :meth:`Reduction.select` returns when kept tokens carry new values (tokens merged into them).
+
+    Attributes:
+        keep: ``(B, T)`` bool, the tokens that go on.
+        hidden: ``(B, T, D)``, the hidden states to take the kept tokens' values from (the others are ignored).
+    """
+
+    keep: torch.Tensor
+    hidden: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -107,18 +124,23 @@ class Reduction:
         the model runs untouched. A stage at ``L`` (after the last layer) does nothing."""
         raise NotImplementedError
 
-    def select(self, ctx: StageContext) -> torch.Tensor:
-        """``(B, T)`` bool: the tokens that go on past ``ctx.layer``. The mechanism always keeps each sample's last
-        token (it predicts the next one) and drops padding, whatever is returned."""
+    #: whether the method acts before the decoder (one stage at layer 0, on each image's and video's token grid)
+    before_decoder: ClassVar[bool] = False
+
+    def select(self, ctx: StageContext) -> torch.Tensor | Merge:
+        """``(B, T)`` bool: the tokens that go on past ``ctx.layer`` (or a :class:`Merge`: those tokens and their new
+        values). The mechanism always keeps each sample's last token (it predicts the next one) and drops padding,
+        whatever is returned."""
         raise NotImplementedError
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         """``(vision, text)`` tokens of one sample that remain after ``stage``, given ``(vision, text)`` before it."""
         raise NotImplementedError
 
-    def layer_tokens(self, num_layers: int, vision: int, text: int) -> list[tuple[int, int]]:
+    def layer_tokens(self, num_layers: int, vision: int, text: int, layout=None) -> list[tuple[int, int]]:
         """``(vision, text)`` tokens each decoder layer ``0..L-1`` sees in the prefill of one sample with ``vision``
-        vision and ``text`` text tokens (what the FLOPs and KV-cache models count; a layer's KV cache holds them)."""
+        vision and ``text`` text tokens (what the FLOPs and KV-cache models count; a layer's KV cache holds them).
+        ``layout``: the sample's :class:`vtw.grids.SampleLayout`, which the methods acting before the decoder need."""
         stages = self.resolve(num_layers).stages()
         out, current, s = [], (vision, text), 0
         for layer in range(num_layers):
@@ -166,3 +188,36 @@ class OneLayer(Reduction):
 
     def stages(self) -> tuple[int, ...]:
         return () if self.layer is None else (self.layer,)
+
+
+@dataclass(frozen=True)
+class BeforeDecoder(Reduction):
+    """Base of the methods that reduce each image's and video's tokens before the decoder: one stage at layer 0
+    (the input embeddings, projected vision features included), so every decoder layer sees the shorter sequence.
+    How many tokens a grid keeps is :meth:`grid_tokens`; the FLOPs model needs each sample's layout for it."""
+
+    before_decoder: ClassVar[bool] = True
+
+    def grid_tokens(self, grid) -> int:
+        """Tokens one :class:`vtw.grids.Grid` has after the method."""
+        raise NotImplementedError
+
+    def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
+        raise ValueError(f"{self.label}: the tokens left depend on each image's grid; give the sample's layout")
+
+    def scoring_flops(self, config, layout) -> int:
+        """Matmul FLOPs the method itself spends choosing and merging the tokens of one sample of
+        :class:`vtw.grids.SampleLayout` ``layout`` (the FLOPs model counts them in ``prefill.reduction``)."""
+        return 0
+
+    def layer_tokens(self, num_layers: int, vision: int, text: int, layout=None) -> list[tuple[int, int]]:
+        if not self.resolve(num_layers).stages():
+            return [(vision, text)] * num_layers
+        if layout is None:
+            raise ValueError(
+                f"{self.label} acts on each image's token grid: the token counts need the sample's layout "
+                "(vision_layout=, a vtw.grids.SampleLayout)"
+            )
+        if layout.tokens != vision:
+            raise ValueError(f"the layout's {layout.tokens} vision tokens do not match vision_tokens={vision}")
+        return [(sum(self.grid_tokens(g) for g in layout.grids), text)] * num_layers

@@ -85,7 +85,7 @@ class PyramidDrop(Reduction):
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         raise NotImplementedError  # layer_tokens is overridden: the shares are of the original count
 
-    def layer_tokens(self, num_layers: int, vision: int, text: int) -> list[tuple[int, int]]:
+    def layer_tokens(self, num_layers: int, vision: int, text: int, layout=None) -> list[tuple[int, int]]:
         resolved = self.resolve(num_layers)
         out, current = [], vision
         for layer in range(num_layers):

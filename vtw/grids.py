@@ -1,0 +1,296 @@
+"""Where each image's and video's tokens lie in the decoder's sequence, as 2-D grids: what the methods that act on
+the vision-token grid before the decoder (``pool``, ``visionzip``) and the FLOPs model of their shorter sequence need.
+
+Every family lays one image or video out as one or more :class:`Grid`, in sequence order, filling that input's
+placeholder tokens (``image_token_id`` for images, ``video_token_id`` for videos):
+
+=====================  =========================================================================================
+LLaVA-1.5, Video-LLaVA  image: ``side x side`` patches (plus the class token first under
+                        ``vision_feature_select_strategy="full"``); Video-LLaVA video: per frame the class token,
+                        then ``side x side`` patches
+LLaVA-NeXT(-Video)      image: the base crop ``side x side``, then the unpadded crop grid ``rows x cols`` with one
+                        newline token after each row; NeXT-Video video: per frame ``side/stride`` squared
+LLaVA-OneVision         one image per sample: as LLaVA-NeXT, large grids downscaled (``anyres_max_N``); several
+                        images per sample: each ``side x side`` plus one newline; video: per frame
+                        ``ceil(side/2)`` squared, then one newline per video
+Qwen2-VL / Qwen2.5-VL   image and video: ``t`` slices of ``h/m x w/m`` merged patches (``image_grid_thw`` /
+                        ``video_grid_thw`` rows, ``m`` = ``spatial_merge_size``)
+=====================  =========================================================================================
+
+:func:`input_layouts` reads every sample's grids from the tensors a processor produced (the arguments of the model's
+forward), :func:`grid_positions` finds their tokens in ``input_ids``. The arithmetic of LLaVA-NeXT's tiling
+(:func:`best_resolution`, :func:`unpadded`) lives here and the FLOPs model uses it too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from .families import get_family
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One image's (or crop grid's, or video's) tokens in sequence order: ``frames`` times [``lead`` tokens, then
+    ``rows`` rows of ``cols`` grid tokens each followed by ``newline`` tokens], then ``trail`` tokens.
+
+    ``lead`` (a class token), ``newline`` and ``trail`` tokens are not grid cells: grid methods keep them as they are.
+    """
+
+    rows: int
+    cols: int
+    frames: int = 1
+    lead: int = 0
+    newline: int = 0
+    trail: int = 0
+
+    @property
+    def tokens(self) -> int:
+        """Decoder tokens of this grid."""
+        return self.frames * (self.lead + self.rows * (self.cols + self.newline)) + self.trail
+
+    @property
+    def cells(self) -> int:
+        """Grid tokens (``frames * rows * cols``)."""
+        return self.frames * self.rows * self.cols
+
+    def pooled(self, stride: int) -> Grid:
+        """The grid after ``stride x stride`` pooling of each frame (edge windows partial): ``ceil(rows / stride) x
+        ceil(cols / stride)`` cells, one newline per pooled row, ``lead`` and ``trail`` unchanged."""
+        return replace(self, rows=math.ceil(self.rows / stride), cols=math.ceil(self.cols / stride))
+
+    def cell_index(self) -> torch.Tensor:
+        """``(frames, rows, cols)`` long: each cell's offset from the grid's first token."""
+        frame = self.lead + self.rows * (self.cols + self.newline)
+        f = torch.arange(self.frames)[:, None, None] * frame
+        r = torch.arange(self.rows)[None, :, None] * (self.cols + self.newline)
+        c = torch.arange(self.cols)[None, None, :]
+        return f + self.lead + r + c
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """The grids of one sample's images and of its videos, each in sequence order."""
+
+    images: tuple[Grid, ...] = ()
+    videos: tuple[Grid, ...] = ()
+
+    @property
+    def grids(self) -> tuple[Grid, ...]:
+        return self.images + self.videos
+
+    @property
+    def tokens(self) -> int:
+        return sum(g.tokens for g in self.grids)
+
+
+# ------------------------------------------------------------------------------------------ LLaVA-NeXT tiling
+def best_resolution(height: int, width: int, pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """The pinpoint ``(h, w)`` that keeps the most image pixels, ties broken by the least padding (LLaVA-NeXT's rule)."""
+    best, best_effective, best_wasted = None, 0, math.inf
+    for ph, pw in pinpoints:
+        scale = min(pw / width, ph / height)
+        effective = min(int(width * scale) * int(height * scale), width * height)
+        wasted = pw * ph - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (int(ph), int(pw)), effective, wasted
+    if best is None:
+        raise ValueError("config has no image_grid_pinpoints")
+    return best
+
+
+def unpadded(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
+    """Feature ``(rows, cols)`` left after removing the padding the anyres resize added (``unpad_image``)."""
+    if width / height > cols / rows:
+        new_rows = int(round(height * (cols / width), 7))
+        return rows - 2 * ((rows - new_rows) // 2), cols
+    new_cols = int(round(width * (rows / height), 7))
+    return rows, cols - 2 * ((cols - new_cols) // 2)
+
+
+def _side(config) -> int:
+    vc = config.vision_config
+    return int(vc.image_size) // int(vc.patch_size)
+
+
+def _has_cls(config) -> bool:
+    return getattr(config.vision_config, "model_type", None) == "clip_vision_model"
+
+
+def _crop_grid(config) -> Grid:
+    """One fixed-resolution encoder input (an image, or a base crop) after ``vision_feature_select_strategy``."""
+    side, spec = _side(config), get_family(config)
+    strategy = getattr(config, "vision_feature_select_strategy", "default")
+    if strategy == "full":
+        return Grid(side, side, lead=1 if _has_cls(config) else 0)
+    if not _has_cls(config):
+        raise ValueError(
+            f"{spec.display}: vision_feature_select_strategy='default' on a tower without a class token drops the "
+            "first patch, so an image's tokens are not a grid"
+        )
+    return Grid(side, side)
+
+
+def image_grids(config, image_size: tuple[int, int] | None = None, tiled: bool = True) -> tuple[Grid, ...]:
+    """The grids of one image of ``image_size = (height, width)`` pixels (anyres families; ignored otherwise).
+
+    Args:
+        tiled: LLaVA-OneVision tiles an image only when it is its sample's only image; ``False``: one of several.
+    """
+    spec = get_family(config)
+    if spec.image_layout == "grid":
+        raise ValueError(f"{spec.display}: image grids follow image_grid_thw; use qwen_grid")
+    base = _crop_grid(config)
+    if spec.image_layout == "single":
+        return (base,)
+    if image_size is None:
+        raise ValueError(f"{spec.display}: the grids of an anyres image depend on its size; give image_size")
+    if spec.image_layout == "anyres_max" and not tiled:
+        return (replace(base, trail=1),)
+    height, width = (int(v) for v in image_size)
+    tile, side = int(config.vision_config.image_size), base.rows
+    ph, pw = best_resolution(height, width, config.image_grid_pinpoints)
+    rows, cols = unpadded(height, width, (ph // tile) * side, (pw // tile) * side)
+    if spec.image_layout == "anyres_max":
+        max_crops = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (max_crops * side**2))
+        if ratio > 1.1:
+            rows, cols = int(rows // ratio), int(cols // ratio)
+    return base, Grid(rows, cols, newline=1)
+
+
+def qwen_grid(config, thw: Sequence[int]) -> Grid:
+    """A Qwen image or video of patch grid ``thw = (t, h, w)`` (an ``image_grid_thw`` row): ``t`` slices of
+    ``h/m x w/m`` merged patches."""
+    m = int(config.vision_config.spatial_merge_size)
+    t, h, w = (int(v) for v in thw)
+    return Grid(h // m, w // m, frames=t)
+
+
+def video_grid(config, frames: int) -> Grid:
+    """One video of ``frames`` frames of a fixed-resolution family."""
+    spec, side = get_family(config), _side(config)
+    if spec.video == "frames":
+        return Grid(side, side, frames=frames, lead=1 if _has_cls(config) else 0)
+    if spec.video == "pooled":
+        n = side // int(config.spatial_pool_stride)
+        return Grid(n, n, frames=frames)
+    if spec.video == "resized":
+        n = math.ceil(side / 2)
+        return Grid(n, n, frames=frames, trail=1)
+    raise ValueError(f"{spec.display} takes no video" if spec.video is None else f"{spec.display}: use qwen_grid")
+
+
+def input_layouts(config, input_ids: torch.Tensor, inputs: dict) -> list[SampleLayout]:
+    """Every sample's grids, read from the model inputs a processor produced.
+
+    Args:
+        config: the model's config; input_ids: ``(B, T)``.
+        inputs: the other processor outputs: ``image_sizes`` ``(N, 2)`` (anyres), ``image_grid_thw`` /
+            ``video_grid_thw`` ``(N, 3)`` (Qwen), ``pixel_values_videos`` ``(videos, frames, C, H, W)`` (the others),
+            images and videos of all samples in batch order.
+
+    Raises:
+        ValueError: the placeholders of a sample do not add up to whole images or videos.
+    """
+    spec = get_family(config)
+    ids = spec.vision_token_ids(config)
+    image_id, video_id = ids[0], (ids[1] if len(ids) > 1 else None)
+    n_image = (input_ids == image_id).sum(1).tolist()
+    n_video = (input_ids == video_id).sum(1).tolist() if video_id is not None else [0] * len(input_ids)
+
+    def rows(key):
+        value = inputs.get(key)
+        return [] if value is None else [tuple(int(v) for v in r) for r in torch.as_tensor(value).tolist()]
+
+    if spec.image_layout == "grid":
+        images = [(qwen_grid(config, r),) for r in rows("image_grid_thw")]
+        videos = [qwen_grid(config, r) for r in rows("video_grid_thw")]
+    else:
+        images = None  # anyres families: built per sample (OneVision's tiling depends on the sample's image count)
+        videos = []
+        pv = inputs.get("pixel_values_videos")
+        if pv is not None:
+            videos = [video_grid(config, int(pv.shape[1]))] * int(pv.shape[0])
+    sizes = rows("image_sizes")
+    out, i_img, i_vid = [], 0, 0
+    for b in range(len(input_ids)):
+        sample_images = []
+        if images is not None:
+            sample_images, i_img = _take(images, i_img, n_image[b], lambda g: sum(x.tokens for x in g), spec, b)
+        elif n_image[b]:
+            if spec.image_layout == "single":
+                per = _crop_grid(config).tokens
+                if n_image[b] % per:
+                    raise ValueError(f"{spec.display} sample {b}: {n_image[b]} image tokens, not a multiple of {per}")
+                sample_images = [image_grids(config)] * (n_image[b] // per)
+            else:
+                tiled = image_grids(config, sizes[i_img]) if i_img < len(sizes) else ()
+                if spec.image_layout == "anyres_max" and sum(g.tokens for g in tiled) != n_image[b]:
+                    per = image_grids(config, tiled=False)[0].tokens
+                    sample_images = [image_grids(config, tiled=False)] * (n_image[b] // per)
+                    i_img += len(sample_images)
+                else:
+                    per_image = [image_grids(config, s) for s in sizes[i_img:]]
+                    sample_images, used = _take(per_image, 0, n_image[b], lambda g: sum(x.tokens for x in g), spec, b)
+                    i_img += used
+        sample_videos, i_vid = _take(videos, i_vid, n_video[b], lambda g: g.tokens, spec, b)
+        images_flat = tuple(g for grids in sample_images for g in grids)
+        layout = SampleLayout(images_flat, tuple(sample_videos))
+        if sum(g.tokens for g in images_flat) != n_image[b] or sum(g.tokens for g in sample_videos) != n_video[b]:
+            raise ValueError(
+                f"{spec.display} sample {b}: {n_image[b]} image and {n_video[b]} video tokens do not match the "
+                f"grids of its inputs ({layout})"
+            )
+        out.append(layout)
+    return out
+
+
+def _take(items, start, tokens, size, spec, b):
+    """Consume items from ``start`` until their sizes add up to ``tokens``; returns ``(items, next start)``."""
+    taken, total, i = [], 0, start
+    while total < tokens and i < len(items):
+        taken.append(items[i])
+        total += size(items[i])
+        i += 1
+    if total != tokens:
+        raise ValueError(f"{spec.display} sample {b}: {tokens} placeholder tokens do not add up to whole inputs")
+    return taken, i
+
+
+@dataclass(frozen=True)
+class PlacedGrid:
+    """A grid of one sample with the sequence positions of its tokens.
+
+    Attributes:
+        cells: ``(frames, rows, cols)`` long, the position in ``T`` of each grid cell.
+        newlines: ``(frames, rows)`` long, the position of each row's newline token (``None``: no newlines).
+    """
+
+    grid: Grid
+    cells: torch.Tensor
+    newlines: torch.Tensor | None
+
+
+def grid_positions(config, input_ids: torch.Tensor, layouts: list[SampleLayout]) -> list[list[PlacedGrid]]:
+    """Each sample's grids (images first, then videos, each in sequence order) placed in ``input_ids`` ``(B, T)``."""
+    ids = get_family(config).vision_token_ids(config)
+    out = []
+    for b, layout in enumerate(layouts):
+        sample = []
+        for token_id, grids in zip(ids, (layout.images, layout.videos)):
+            where = torch.nonzero(input_ids[b] == token_id).flatten()
+            offset = 0
+            for g in grids:
+                cells = where[offset + g.cell_index().to(where.device)]
+                newlines = None
+                if g.newline:
+                    newlines = where[offset + g.cell_index()[:, :, -1].to(where.device) + 1]
+                sample.append(PlacedGrid(g, cells, newlines))
+                offset += g.tokens
+        out.append(sample)
+    return out
