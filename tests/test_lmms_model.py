@@ -79,7 +79,7 @@ def test_entry_point_registers_vtw():
         ({"method": "fastv", "layer": 2, "keep": 1.5}, "fastv keep must be a number in"),
         ({"method": "pdrop", "layers": "1;x;3"}, "layers='1;x;3' must be a ';'-separated list"),
         ({"method": "pdrop", "layers": "1;2;9"}, "out of range"),
-        ({"method": "vtw", "layer": 2, "keep": 0.5}, "method 'vtw' takes layer; got unknown keep"),
+        ({"method": "vtw", "layer": 2, "keep": 0.5}, "keep=0.5 is not a parameter of method vtw; it takes: layer"),
         ({"batch_size": 0}, "batch_size"),
         ({"dtype": "int8"}, "int8"),
         ({"attn_implementation": "flash_attention_2"}, "flash_attention_2"),

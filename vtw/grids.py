@@ -294,3 +294,34 @@ def grid_positions(config, input_ids: torch.Tensor, layouts: list[SampleLayout])
                 offset += g.tokens
         out.append(sample)
     return out
+
+
+def counted_layout(
+    config, vision_tokens: int, *, video_frames: int = 0, videos: int = 0, qwen_grids: Sequence[Sequence[int]] = ()
+) -> SampleLayout:
+    """The layout of one sample known from counts alone: Qwen (its ``(t, h, w)`` grids), or a family with one fixed
+    grid per image (LLaVA-1.5, Video-LLaVA) with ``video_frames`` frames in ``videos`` videos (1 when only frames
+    are given). The anyres families' grids depend on each image's size: give :func:`image_grids` instead.
+
+    Raises:
+        ValueError: an anyres family with image tokens, or counts that are not whole images.
+    """
+    spec = get_family(config)
+    if spec.image_layout == "grid":
+        layout = SampleLayout(images=tuple(qwen_grid(config, g) for g in qwen_grids))
+    else:
+        n_videos = max(int(videos), 1) if video_frames else 0
+        vids = tuple(video_grid(config, video_frames // n_videos) for _ in range(n_videos))
+        rest = vision_tokens - sum(g.tokens for g in vids)
+        if rest and spec.anyres:
+            raise ValueError(
+                f"{spec.display}: each image's grid depends on its size; give the sample's layout "
+                "(vision_layout=vtw.grids.SampleLayout(images=vtw.grids.image_grids(config, (height, width))))"
+            )
+        per = _crop_grid(config).tokens if rest else 1
+        if rest < 0 or rest % per:
+            raise ValueError(f"{spec.display}: {vision_tokens} vision tokens are not whole images of {per} tokens")
+        layout = SampleLayout(images=tuple(g for _ in range(rest // per) for g in image_grids(config)), videos=vids)
+    if layout.tokens != vision_tokens:
+        raise ValueError(f"{spec.display}: the grids {layout} give {layout.tokens} tokens, not {vision_tokens}")
+    return layout

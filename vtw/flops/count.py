@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from ..methods import Reduction, Withdrawal
+from ..grids import SampleLayout, counted_layout
 from ..methods.attention import last_token_attention_flops
 from ..withdraw import validate_layer
 from .arch import Architecture, DecoderDims, VisionDims, architecture
@@ -294,9 +295,18 @@ def resolved_method(layer: int | None, method: Reduction | None, num_layers: int
     return method, next(iter(method.stages()), None)
 
 
-def prefill_layer_tokens(num_layers: int, vision: int, text: int, method: Reduction) -> list[int]:
-    """Tokens each decoder layer ``0..L-1`` processes in the prefill of one sample under ``method``."""
-    return [v + t for v, t in method.layer_tokens(num_layers, vision, text)]
+def prefill_layer_tokens(num_layers: int, vision: int, text: int, method: Reduction, layout=None) -> list[int]:
+    """Tokens each decoder layer ``0..L-1`` processes in the prefill of one sample under ``method`` (``layout``: the
+    sample's :class:`vtw.grids.SampleLayout`, for the methods acting before the decoder)."""
+    return [v + t for v, t in method.layer_tokens(num_layers, vision, text, layout)]
+
+
+def sample_layout(config, method: Reduction, vision_tokens: int, layout=None, **counts):
+    """The layout a count of ``method`` needs: ``layout`` as given, else (methods acting before the decoder only)
+    the one the counts determine (:func:`vtw.grids.counted_layout`); ``None`` for the other methods."""
+    if layout is not None or not method.before_decoder or not method.stages():
+        return layout
+    return counted_layout(config, vision_tokens, **counts)
 
 
 def _layer_linear(dec: DecoderDims, tokens: int) -> tuple[int, int]:
@@ -323,6 +333,7 @@ def count_flops(
     vision_grids: Sequence[Sequence[int]] | None = None,
     prefill_logits: int | str = 1,
     method: Reduction | None = None,
+    vision_layout: SampleLayout | None = None,
 ) -> FlopsReport:
     """Matmul FLOPs of one sample (no padding), by component and phase.
 
@@ -341,6 +352,9 @@ def count_flops(
             ``vision_tokens`` for LLaVA-1.5 and Video-LLaVA; required for the anyres families.
         video_frames: video frames through a fixed-resolution encoder.
         vision_grids: Qwen families: ``(t, h, w)`` patch grid of every image and video (``image_grid_thw`` rows).
+        vision_layout: the sample's image and video grids (:class:`vtw.grids.SampleLayout`), which methods acting
+            before the decoder (``pool``, ``visionzip``) need; derived from the counts where they determine it
+            (LLaVA-1.5, Video-LLaVA, the Qwen grids), required for anyres images.
         prefill_logits: positions whose logits the prefill computes: 1 (``generate``, ``logits_to_keep=1``), any
             count up to the decoder's output length, or ``"all"`` (a plain forward: every position the last layer
             outputs, ``V + T``, or ``T`` under withdrawal).
@@ -358,7 +372,11 @@ def count_flops(
     work = resolve_workload(arch, vision_tokens, vision_inputs, video_frames, vision_grids)
 
     full = vision_tokens + text_tokens
-    pre_tokens = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method)
+    layout = sample_layout(
+        config, method, vision_tokens, vision_layout, video_frames=work.video_frames, videos=work.videos,
+        qwen_grids=work.grids,
+    )  # fmt: skip
+    pre_tokens = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method, layout)
     out_positions = pre_tokens[-1]
     if prefill_logits == "all":
         prefill_logits = out_positions
@@ -375,6 +393,8 @@ def count_flops(
         last_token_attention_flops(dec.hidden, dec.heads, dec.kv_heads, dec.head_dim, full if j < 0 else pre_tokens[j])
         for j in method.scored_inputs(dec.num_layers)
     )
+    if layout is not None:
+        scoring += method.scoring_flops(config, layout)
     head = 2 * dec.hidden * dec.vocab
     prefill = PhaseFlops(
         reduction=scoring,

@@ -15,7 +15,7 @@ import torch
 
 from ..methods import Reduction
 from .arch import architecture
-from .count import check_count, prefill_layer_tokens, resolved_method
+from .count import check_count, prefill_layer_tokens, resolved_method, sample_layout
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -85,6 +85,7 @@ def kv_cache_bytes(
     layer: int | None = None,
     dtype="bfloat16",
     method: Reduction | None = None,
+    vision_layout=None,
 ) -> KVReport:
     """KV-cache bytes after generating ``generated_tokens`` tokens for one sample (see the module docstring).
 
@@ -100,7 +101,8 @@ def kv_cache_bytes(
     extra = max(generated_tokens - 1, 0)
     per_token = 2 * dec.kv_heads * dec.head_dim * nbytes
     full = vision_tokens + text_tokens + extra
-    prompt = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method)
+    layout = sample_layout(config, method, vision_tokens, vision_layout)
+    prompt = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method, layout)
     tokens = tuple(n + extra for n in prompt)
     return KVReport(
         per_layer=tuple(per_token * n for n in tokens),

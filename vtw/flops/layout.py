@@ -17,6 +17,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..grids import best_resolution, unpadded
 from .arch import Architecture, architecture
 
 #: Qwen2-VL / Qwen2.5-VL image processor defaults (``preprocessor_config.json`` of the 7B checkpoints).
@@ -59,36 +60,13 @@ class ImageLayout:
     note: str  # how the encoder sees it, e.g. "5 crops of 336x336"
 
 
-def _select_best_resolution(height: int, width: int, pinpoints: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The pinpoint (h, w) that keeps the most image pixels, ties broken by the least padding (LLaVA-NeXT's rule)."""
-    best, best_effective, best_wasted = None, 0, math.inf
-    for ph, pw in pinpoints:
-        scale = min(pw / width, ph / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = pw * ph - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (ph, pw), effective, wasted
-    if best is None:
-        raise ValueError("config has no image_grid_pinpoints")
-    return best
-
-
-def _unpadded(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
-    """Feature rows/cols left after removing the padding the anyres resize added (``unpad_image``)."""
-    if width / height > cols / rows:
-        new_rows = int(round(height * (cols / width), 7))
-        return rows - 2 * ((rows - new_rows) // 2), cols
-    new_cols = int(round(width * (rows / height), 7))
-    return rows, cols - 2 * ((cols - new_cols) // 2)
-
-
 def _anyres_layout(arch: Architecture, height: int, width: int) -> ImageLayout:
     tile = arch.vision.image_size
     side = tile // arch.vision.patch
-    ph, pw = _select_best_resolution(height, width, arch.image_grid_pinpoints)
+    ph, pw = best_resolution(height, width, arch.image_grid_pinpoints)
     grid_h, grid_w = ph // tile, pw // tile
     crops = 1 + grid_h * grid_w
-    rows, cols = _unpadded(height, width, grid_h * side, grid_w * side)
+    rows, cols = unpadded(height, width, grid_h * side, grid_w * side)
     if arch.vision_aspect_ratio is not None:  # LLaVA-OneVision: bilinear downscale beyond N crops' worth
         max_crops = int(arch.vision_aspect_ratio.removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (max_crops * side**2))
@@ -180,7 +158,7 @@ def workload_from_inputs(
                 tile = arch.vision.image_size
                 image_inputs = sum(
                     1 + (ph // tile) * (pw // tile)
-                    for ph, pw in (_select_best_resolution(h, w, arch.image_grid_pinpoints) for h, w in sizes)
+                    for ph, pw in (best_resolution(h, w, arch.image_grid_pinpoints) for h, w in sizes)
                 )
         elif len(shape) == 4:
             image_inputs = shape[0]

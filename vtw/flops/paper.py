@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ..methods import Reduction
 from .arch import architecture
-from .count import TERA, check_count, prefill_layer_tokens, resolved_method
+from .count import TERA, check_count, prefill_layer_tokens, resolved_method, sample_layout
 
 PAPER_CONVENTION = "FastV/VTW papers: sum over decoder layers of 4nd^2 + 2n^2d + 2ndm (prefill; 1 multiply-add = 1)"
 
@@ -38,14 +38,20 @@ def fastv_layer_flops(n: int, d: int, m: int) -> int:
 
 
 def paper_flops(
-    config, *, vision_tokens: int, text_tokens: int, layer: int | None = None, method: Reduction | None = None
+    config,
+    *,
+    vision_tokens: int,
+    text_tokens: int,
+    layer: int | None = None,
+    method: Reduction | None = None,
+    vision_layout=None,
 ) -> int:
     """Prefill FLOPs of the language decoder in the FastV/VTW papers' convention (see the module docstring).
 
     Args:
         vision_tokens: ``V``; text_tokens: ``T`` (>= 1); layer: withdrawal layer ``K`` in ``[0, L]`` or ``None``;
         method: another reduction instead of VTW (each layer's ``n`` from ``method.layer_tokens``; the method's
-            scoring work is not part of the papers' convention).
+            scoring work is not part of the papers' convention); vision_layout: as for :func:`count_flops`.
 
     Returns:
         ``K * F(V + T) + (L - K) * F(T)`` with ``F(n) = 4nd^2 + 2n^2d + 2ndm`` (``K = L`` without withdrawal), an int
@@ -56,9 +62,9 @@ def paper_flops(
     text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
     method, _ = resolved_method(layer, method, dec.num_layers)
     d, m = dec.hidden, dec.intermediate
-    return sum(
-        fastv_layer_flops(n, d, m) for n in prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method)
-    )
+    layout = sample_layout(config, method, vision_tokens, vision_layout)
+    tokens = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method, layout)
+    return sum(fastv_layer_flops(n, d, m) for n in tokens)
 
 
 def paper_tflops(

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from ..grids import SampleLayout, counted_layout, image_grids
 from ..methods import Reduction, Withdrawal
 from .arch import Architecture, architecture
 from .configs import SHIPPED_CHECKPOINTS, load_model_config
@@ -81,6 +82,7 @@ def flops_table(
     dtype="bfloat16",
     prefill_logits: int | str = 1,
     methods: Sequence[Reduction] | None = None,
+    vision_layout: SampleLayout | None = None,
 ) -> list[FlopsRow]:
     """A :class:`FlopsRow` per withdrawal layer in ``layers`` (default: every ``K`` from ``L`` down to 0), or per
     method object in ``methods`` (another method's settings, e.g. :func:`method_settings`).
@@ -94,11 +96,15 @@ def flops_table(
     settings = [Withdrawal(layer=k) for k in layers] if methods is None else list(methods)
     common = {"vision_tokens": vision_tokens, "text_tokens": text_tokens}
     encoder = {"vision_inputs": vision_inputs, "video_frames": video_frames, "vision_grids": vision_grids}
+    if vision_layout is None and any(m.before_decoder and m.stages() for m in settings):
+        vision_layout = counted_layout(config, vision_tokens, video_frames=video_frames, qwen_grids=vision_grids or ())
+    grids = {"vision_layout": vision_layout}
 
     def exact(m):
         return count_flops(
-            config, **common, generated_tokens=generated_tokens, method=m, prefill_logits=prefill_logits, **encoder
-        )
+            config, **common, generated_tokens=generated_tokens, method=m, prefill_logits=prefill_logits, **encoder,
+            **grids,
+        )  # fmt: skip
 
     base = exact(None)
     base_paper = paper_flops(config, **common, layer=None)
@@ -106,8 +112,8 @@ def flops_table(
     rows = []
     for m in settings:
         rep = exact(m)
-        paper = paper_flops(config, **common, method=m)
-        kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, method=m, dtype=dtype).total
+        paper = paper_flops(config, **common, method=m, **grids)
+        kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, method=m, dtype=dtype, **grids).total
         rows.append(
             FlopsRow(
                 layer=num_layers if rep.layer is None else rep.layer,
@@ -165,7 +171,10 @@ def _plan_sample(config, vision_tokens: int | None, image_size) -> tuple[int, di
     if vision_tokens is None:
         work = layout.workload
         note = f"one {w}x{h} (WxH) image: {layout.note}"
-        return layout.vision_tokens, _encoder_kwargs(arch, work), work, note
+        encoder = _encoder_kwargs(arch, work)
+        if arch.anyres:  # the image's grids, for the methods acting on them
+            encoder["vision_layout"] = SampleLayout(images=image_grids(config, (h, w)))
+        return layout.vision_tokens, encoder, work, note
     vision_tokens = check_count(vision_tokens, "vision_tokens")
     if vision_tokens == 0:
         return 0, _encoder_kwargs(arch, VisionWorkload()), VisionWorkload(), "no image (text only)"

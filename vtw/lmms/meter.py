@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..families import get_family, num_decoder_layers, vision_token_mask
+from ..grids import SampleLayout, input_layouts
 from ..flops import VisionWorkload, count_flops, paper_flops, workload_from_inputs
 from ..flops.budget import Prompt
 from ..methods import Reduction
@@ -28,11 +29,14 @@ class SampleCost:
     Attributes:
         work: its vision-encoder workload (:class:`vtw.flops.VisionWorkload`).
         vision_tokens: its vision (image and video placeholder) tokens; text_tokens: its other non-padding tokens.
+        layout: its image and video grids (what methods acting before the decoder count by), ``None`` where the
+            family's tokens do not form grids.
     """
 
     work: VisionWorkload
     vision_tokens: int
     text_tokens: int
+    layout: SampleLayout | None = None
 
     @property
     def input_tokens(self) -> int:
@@ -69,18 +73,27 @@ class FlopsMeter:
         if self.family.image_layout == "grid":
             cols["pixel_values"] = cols["pixel_values_videos"] = None
         work = workload_from_inputs(self.config, **cols)
-        return Prompt(int(n_vision[0]), int(n_text[0]), self.encoder_args(work))
+        return Prompt(int(n_vision[0]), int(n_text[0]), self.encoder_args(work, self.layouts(inputs)[0]))
 
-    def encoder_args(self, work: VisionWorkload) -> dict:
-        """The encoder arguments of :func:`vtw.flops.count_flops` for a workload."""
+    def encoder_args(self, work: VisionWorkload, layout: SampleLayout | None = None) -> dict:
+        """The encoder arguments of :func:`vtw.flops.count_flops` for a workload (and the sample's grids)."""
+        grids = {} if layout is None else {"vision_layout": layout}
         if self.family.image_layout == "grid":
-            return {"vision_grids": work.grids}
-        return {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
+            return {"vision_grids": work.grids, **grids}
+        return {"vision_inputs": work.image_inputs, "video_frames": work.video_frames, **grids}
+
+    def layouts(self, inputs) -> list[SampleLayout | None]:
+        """Per sample of a processed batch, its image and video grids (:func:`vtw.grids.input_layouts`); ``None``
+        for every sample where the family's tokens do not form grids (e.g. a SigLIP tower dropping its first patch)."""
+        try:
+            return list(input_layouts(self.config, inputs["input_ids"], inputs))
+        except ValueError:
+            return [None] * len(inputs["input_ids"])
 
     def costs(self, inputs, batch: Sequence[Prepared]) -> list[SampleCost]:
         """Per sample of a processed batch (``inputs``: the processor's output for ``batch``), its cost."""
         n_vision, n_text = self.token_counts(inputs["input_ids"], inputs["attention_mask"])
-        return [SampleCost(*c) for c in zip(self.workloads(inputs, batch), n_vision, n_text)]
+        return [SampleCost(*c) for c in zip(self.workloads(inputs, batch), n_vision, n_text, self.layouts(inputs))]
 
     def workloads(self, inputs, batch: Sequence[Prepared]) -> list[VisionWorkload]:
         """Per sample of a processed batch, its vision-encoder workload (:class:`vtw.flops.VisionWorkload`).
@@ -133,7 +146,7 @@ class FlopsMeter:
             latency: seconds of model call per request of the batch; batch_size: requests in that batch.
             first_token: ``first_token_id`` / ``_agree`` / ``_kl`` of a generate request (see RequestRecord).
         """
-        cfg, enc = self.config, self.encoder_args(cost.work)
+        cfg, enc = self.config, self.encoder_args(cost.work, cost.layout)
         tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
         report = count_flops(cfg, **tok, **enc, generated_tokens=generated, method=method, prefill_logits=logits)
         flops = report.total
@@ -153,7 +166,7 @@ class FlopsMeter:
                 batch_size=batch_size,
                 flops=float(flops),
                 flops_full=float(full),
-                paper_flops=float(paper_flops(cfg, **tok, method=method)),
+                paper_flops=float(paper_flops(cfg, **tok, method=method, vision_layout=cost.layout)),
                 paper_flops_full=float(paper_flops(cfg, **tok)),
                 **(first_token or {}),
             )

@@ -10,6 +10,7 @@ Model args (``--model_args`` on lmms-eval's CLI, keyword arguments in Python):
 | ``keep`` | | share of vision tokens kept (``fastv``, ``random_vision``); ``pdrop``: one per stage, ``0.5;0.25;0.125`` |
 | ``layers`` | | ``pdrop`` stage layers, ``8;16;24`` (``;`` separates list items: lmms-eval splits args on ``,``) |
 | ``seed`` | | ``random_vision`` / ``random`` seed |
+| ``stride`` | | ``pool`` window side (``2``: 576 -> 144 tokens per LLaVA-1.5 image) |
 | ``device`` | ``auto`` | ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N`` |
 | ``dtype`` | ``auto`` | ``auto`` (bfloat16 on cuda, float32 on cpu), ``float32``, ``bfloat16``, ``float16`` |
 | ``batch_size`` | 1 | requests per forward / ``generate`` call (left padding) |
@@ -45,7 +46,7 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
 from ..families import get_family, num_decoder_layers
-from ..methods import Reduction, Withdrawal, make_method, method_names
+from ..methods import Reduction, Withdrawal, make_method, method_names, parameter_names, parse_params
 from ..options import SUPPORTED_ATTENTION, resolve_dtype
 from ..withdraw import validate_layer, withdraw
 from .batching import plan_batches
@@ -114,23 +115,20 @@ def _list(value, kind, what: str):
         raise ValueError(f"vtw model: {what}={value!r} must be a ';'-separated list of numbers") from None
 
 
-def method_from_args(method: str, layer, keep=None, layers=None, seed=None) -> Reduction:
-    """The method object of the model args (``method=pdrop,layers=8;16;24,keep=0.5;0.25;0.125``).
+def method_from_args(method: str, layer, **params) -> Reduction:
+    """The method object of the model args (``method=pdrop,layers=8;16;24,keep=0.5;0.25;0.125``; any parameter of
+    a registered method, :func:`vtw.methods.parameter_names`).
 
     Raises:
         ValueError: unknown method (naming the allowed ones), a parameter the method does not take, a bad value.
     """
     if method not in method_names():
         raise ValueError(f"vtw model: method must be one of {method_names()}, got {method!r}")
-    params = {"layer": parse_layer(layer)}
-    if keep is not None:
-        params["keep"] = _list(keep, float, "keep") if method == "pdrop" else float(keep)
-    if layers is not None:
-        params["layers"] = _list(layers, int, "layers")
-    if seed is not None:
-        params["seed"] = int(seed)
-    params = {k: v for k, v in params.items() if v is not None}
     try:
+        params = parse_params(method, params)
+        layer = parse_layer(layer)
+        if layer is not None:
+            params["layer"] = layer
         return make_method(method, **params)
     except ValueError as e:
         raise ValueError(f"vtw model: {e}") from None
@@ -146,9 +144,6 @@ class VTWModel(lmms):
         pretrained: str,
         layer: int | str | None = None,
         method: str = "vtw",
-        keep: float | str | None = None,
-        layers: str | None = None,
-        seed: int | str | None = None,
         device: str = "auto",
         dtype: str = "auto",
         batch_size: int | str = 1,
@@ -163,15 +158,16 @@ class VTWModel(lmms):
         **unknown,
     ) -> None:
         super().__init__()
+        method_args = {k: unknown.pop(k) for k in list(unknown) if k in parameter_names()}
         if unknown:
             raise ValueError(
-                f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, keep, layers, seed, device, dtype, "
-                "batch_size, attn_implementation, max_new_tokens, chat_template, max_frames_num, revision, "
-                "trust_remote_code, progress"
+                f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, the methods' "
+                f"parameters ({', '.join(parameter_names())}), device, dtype, batch_size, attn_implementation, "
+                "max_new_tokens, chat_template, max_frames_num, revision, trust_remote_code, progress"
             )
         if not pretrained or not isinstance(pretrained, str):
             raise ValueError(f"vtw model: pretrained must be a hub id or a local directory, got {pretrained!r}")
-        reduction = method_from_args(method, layer, keep, layers, seed)
+        reduction = method_from_args(method, layer, **method_args)
         if attn_implementation not in SUPPORTED_ATTENTION:
             raise ValueError(
                 f"vtw model: attn_implementation must be one of {SUPPORTED_ATTENTION}, got {attn_implementation!r}"

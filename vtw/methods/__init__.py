@@ -15,6 +15,7 @@ from .base import Reduction, StageContext, check_int, check_layer
 from .custom import CustomKeep, KeepFn
 from .fastv import FastV
 from .pdrop import PyramidDrop
+from .pool import Pool
 from .random_tokens import RandomTokens
 from .random_vision import RandomVision
 from .vtw import Withdrawal
@@ -49,6 +50,70 @@ def method_params(name: str) -> tuple[str, ...]:
     return tuple(f.name for f in fields(_method_class(name)))
 
 
+def parameter_names() -> tuple[str, ...]:
+    """Every parameter name some registered method takes, besides ``layer`` (``vtw.<name>`` in config, ``<name>=``
+    in the lmms-eval model args), in registry order."""
+    names = [f.name for cls in METHODS.values() for f in fields(cls) if f.name != "layer"]
+    return tuple(dict.fromkeys(names))
+
+
+def parse_params(name: str, raw: dict) -> dict:
+    """The parameters of method ``name`` from text or config values, converted to the types its fields declare:
+    ``"0.5"`` -> 0.5 for a float, ``"8;16;24"`` (lmms-eval model args split on commas) or a list -> a tuple.
+
+    Raises:
+        ValueError: a parameter the method does not take (naming those it takes), or a value of the wrong kind.
+    """
+    import types
+    import typing
+
+    cls = _method_class(name)
+    hints = typing.get_type_hints(cls)
+    taken = [f.name for f in fields(cls)]
+    out = {}
+    for key, value in raw.items():
+        if value is None:
+            continue
+        if key not in taken:
+            raise ValueError(f"{key}={value!r} is not a parameter of method {name}; it takes: {', '.join(taken)}")
+        kind = hints[key]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        try:
+            if typing.get_origin(kind) is tuple:
+                item = typing.get_args(kind)[0]
+                items = value.replace(",", ";").split(";") if isinstance(value, str) else value
+                items = items if isinstance(items, (list, tuple)) else [items]
+                out[key] = tuple(_convert(item, v) for v in items if str(v).strip())
+            elif kind in (int, float):
+                out[key] = _convert(kind, value)
+            else:
+                out[key] = value
+        except ValueError:
+            raise ValueError(f"method {name}: {key}={value!r} must be {_kind_text(kind)}") from None
+    return out
+
+
+def _convert(kind, value):
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is int and isinstance(value, str):
+        return int(value.strip())
+    if kind is float and isinstance(value, str):
+        return float(value.strip())
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value  # the method's own check names a wrong value
+
+
+def _kind_text(kind) -> str:
+    import typing
+
+    if typing.get_origin(kind) is tuple:
+        return f"a ';'-separated list of {_kind_text(typing.get_args(kind)[0]).split()[-1]}s"
+    return {int: "an integer", float: "a number"}.get(kind, getattr(kind, "__name__", str(kind)))
+
+
 def _method_class(name) -> type[Reduction]:
     if name not in METHODS:
         raise ValueError(f"unknown withdrawal method {name!r}; allowed: {', '.join(METHODS)}")
@@ -80,6 +145,7 @@ __all__ = [
     "METHODS",
     "CustomKeep",
     "FastV",
+    "Pool",
     "PyramidDrop",
     "RandomVision",
     "RandomTokens",
@@ -91,4 +157,6 @@ __all__ = [
     "make_method",
     "method_names",
     "method_params",
+    "parameter_names",
+    "parse_params",
 ]

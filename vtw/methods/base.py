@@ -156,6 +156,11 @@ class Reduction:
         not score; the FLOPs model counts this work exactly."""
         return ()
 
+    def scoring_flops(self, config, layout) -> int:
+        """Matmul FLOPs the method itself spends choosing and merging the tokens of one sample of
+        :class:`vtw.grids.SampleLayout` ``layout`` (the FLOPs model counts them in ``prefill.reduction``)."""
+        return 0
+
     def budget_candidates(self, num_layers: int) -> list[Reduction]:
         """This method along its free parameter, for matched-compute comparisons (``vtw.budget``): every setting
         the matcher may choose (least compute first), the other parameters as they are. ``[]``: the method has none."""
@@ -204,11 +209,6 @@ class BeforeDecoder(Reduction):
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         raise ValueError(f"{self.label}: the tokens left depend on each image's grid; give the sample's layout")
-
-    def scoring_flops(self, config, layout) -> int:
-        """Matmul FLOPs the method itself spends choosing and merging the tokens of one sample of
-        :class:`vtw.grids.SampleLayout` ``layout`` (the FLOPs model counts them in ``prefill.reduction``)."""
-        return 0
 
     def layer_tokens(self, num_layers: int, vision: int, text: int, layout=None) -> list[tuple[int, int]]:
         if not self.resolve(num_layers).stages():

@@ -22,7 +22,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..methods import Reduction, Withdrawal, check_layer, make_method, method_names, method_params
+from ..methods import Reduction, Withdrawal, check_layer, make_method, method_names, method_params, parameter_names, parse_params
 from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION
 from ..search import SearchSettings
 from .resolvers import register_resolvers
@@ -346,14 +346,17 @@ def _method(vtw: dict, layer, num_layers: int) -> tuple[str, dict, float | None]
 
     name = _choice(vtw["method"], method_names(), "vtw.method")
     params = {}
-    for key in ("keep", "layers", "seed"):
+    for key in parameter_names():
         value = vtw.get(key)
         if value is None:
             continue
         if key not in method_params(name):
             raise ValueError(f"vtw.{key}={value!r} is not a parameter of vtw.method={name}; it takes: "
                              f"{', '.join(p for p in method_params(name) if p != 'keep_fn')}")  # fmt: skip
-        params[key] = tuple(value) if isinstance(value, list) else value
+        try:
+            params.update(parse_params(name, {key: value}))
+        except ValueError as e:
+            raise ValueError(f"vtw.{e}") from None
     budget = vtw.get("budget")
     if budget is not None:
         try:

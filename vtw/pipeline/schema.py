@@ -58,10 +58,11 @@ class SearchConf:
 @dataclass
 class VtwConf:
     layer: Any = II("model.default_layer")  # null | int 0..L | auto
-    method: str = "vtw"  # vtw | fastv | pdrop | random_vision | random
+    method: str = "vtw"  # vtw | fastv | pdrop | pool | random_vision | random (vtw.methods.METHODS)
     keep: Any = None  # fastv / random_vision: share of vision tokens kept; pdrop: one share per stage
     layers: Any = None  # pdrop: stage layers (null: the paper's 8, 16, 24 of 32 scaled to L)
     seed: int | None = None  # random_vision / random
+    stride: int | None = None  # pool: window side (2: 576 -> 144 tokens per LLaVA-1.5 image)
     budget: float | None = None  # matched compute: the method's free parameter set for F x the full TFLOPs
     budget_limit: int = 32  # prompts per task the budget is matched on
     search: SearchConf = field(default_factory=SearchConf)
