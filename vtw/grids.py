@@ -147,10 +147,10 @@ def image_grids(config, image_size: tuple[int, int] | None = None, tiled: bool =
     base = _crop_grid(config)
     if spec.image_layout == "single":
         return (base,)
-    if image_size is None:
-        raise ValueError(f"{spec.display}: the grids of an anyres image depend on its size; give image_size")
     if spec.image_layout == "anyres_max" and not tiled:
         return (replace(base, trail=1),)
+    if image_size is None:
+        raise ValueError(f"{spec.display}: the grids of an anyres image depend on its size; give image_size")
     height, width = (int(v) for v in image_size)
     tile, side = int(config.vision_config.image_size), base.rows
     ph, pw = best_resolution(height, width, config.image_grid_pinpoints)
@@ -207,46 +207,28 @@ def input_layouts(config, input_ids: torch.Tensor, inputs: dict) -> list[SampleL
         value = inputs.get(key)
         return [] if value is None else [tuple(int(v) for v in r) for r in torch.as_tensor(value).tolist()]
 
+    sizes = rows("image_sizes")
     if spec.image_layout == "grid":
         images = [(qwen_grid(config, r),) for r in rows("image_grid_thw")]
         videos = [qwen_grid(config, r) for r in rows("video_grid_thw")]
     else:
-        images = None  # anyres families: built per sample (OneVision's tiling depends on the sample's image count)
+        if spec.image_layout == "single":
+            images = [image_grids(config)] * (sum(n_image) // _crop_grid(config).tokens)
+        else:  # OneVision tiles an image only when it is alone in its sample (the processor's batch_num_images)
+            per_sample = inputs.get("batch_num_images")
+            tiled = [True] * len(sizes)
+            if per_sample is not None and spec.image_layout == "anyres_max":
+                tiled = [int(n) == 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(int(n))]
+            images = [image_grids(config, size, tiled=t) for size, t in zip(sizes, tiled)]
         videos = []
         pv = inputs.get("pixel_values_videos")
         if pv is not None:
             videos = [video_grid(config, int(pv.shape[1]))] * int(pv.shape[0])
-    sizes = rows("image_sizes")
     out, i_img, i_vid = [], 0, 0
     for b in range(len(input_ids)):
-        sample_images = []
-        if images is not None:
-            sample_images, i_img = _take(images, i_img, n_image[b], lambda g: sum(x.tokens for x in g), spec, b)
-        elif n_image[b]:
-            if spec.image_layout == "single":
-                per = _crop_grid(config).tokens
-                if n_image[b] % per:
-                    raise ValueError(f"{spec.display} sample {b}: {n_image[b]} image tokens, not a multiple of {per}")
-                sample_images = [image_grids(config)] * (n_image[b] // per)
-            else:
-                tiled = image_grids(config, sizes[i_img]) if i_img < len(sizes) else ()
-                if spec.image_layout == "anyres_max" and sum(g.tokens for g in tiled) != n_image[b]:
-                    per = image_grids(config, tiled=False)[0].tokens
-                    sample_images = [image_grids(config, tiled=False)] * (n_image[b] // per)
-                    i_img += len(sample_images)
-                else:
-                    per_image = [image_grids(config, s) for s in sizes[i_img:]]
-                    sample_images, used = _take(per_image, 0, n_image[b], lambda g: sum(x.tokens for x in g), spec, b)
-                    i_img += used
+        sample_images, i_img = _take(images, i_img, n_image[b], lambda g: sum(x.tokens for x in g), spec, b)
         sample_videos, i_vid = _take(videos, i_vid, n_video[b], lambda g: g.tokens, spec, b)
-        images_flat = tuple(g for grids in sample_images for g in grids)
-        layout = SampleLayout(images_flat, tuple(sample_videos))
-        if sum(g.tokens for g in images_flat) != n_image[b] or sum(g.tokens for g in sample_videos) != n_video[b]:
-            raise ValueError(
-                f"{spec.display} sample {b}: {n_image[b]} image and {n_video[b]} video tokens do not match the "
-                f"grids of its inputs ({layout})"
-            )
-        out.append(layout)
+        out.append(SampleLayout(tuple(g for grids in sample_images for g in grids), tuple(sample_videos)))
     return out
 
 
@@ -258,7 +240,9 @@ def _take(items, start, tokens, size, spec, b):
         total += size(items[i])
         i += 1
     if total != tokens:
-        raise ValueError(f"{spec.display} sample {b}: {tokens} placeholder tokens do not add up to whole inputs")
+        raise ValueError(
+            f"{spec.display} sample {b}: its {tokens} placeholder tokens do not add up to the grids of its inputs"
+        )
     return taken, i
 
 

@@ -1,0 +1,302 @@
+"""``pool``: average pooling of each image's / video frame's vision-token grid before the decoder — exact under
+KV-cache decoding and batching against an independent naive reference, FLOPs against FlopCounterMode, undo.
+
+The reference finds each vision token's grid cell on its own, not through :mod:`vtw.grids`: Qwen from the model's
+own 3-D M-RoPE position ids (``(t, h, w)`` of every vision token), LLaVA-1.5 / Video-LLaVA from the square number of
+tokens per image (a Video-LLaVA frame: its class token, then the square), LLaVA-NeXT from transformers' own
+``get_anyres_image_grid_shape`` and ``unpad_image`` applied to a grid of coordinates. It averages each window's
+embeddings, puts the mean at the window's top-left token, drops the other tokens of the window (and the newlines of
+rows that do not start a window), and runs the decoder layers by hand without a cache on what is left, at the kept
+tokens' own positions; every decode step recomputes everything.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_flops import _encoder_kwargs, _measure, _phase, _token_counts
+from test_withdraw import _causal, _extend, _lm_inputs, _rotary
+from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
+
+import vtw
+from vtw import withdraw
+from vtw.flops import count_flops, kv_cache_bytes, paper_flops
+from vtw.grids import SampleLayout, image_grids, input_layouts
+from vtw.methods import Pool, make_method
+
+NUM_LAYERS = 3
+STEPS = 3
+ATOL = 1e-4
+
+
+def _model(family, attn="sdpa"):
+    model = build_tiny_model(family, attn_implementation=attn, num_layers=NUM_LAYERS)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _runs(mask: torch.Tensor) -> list[torch.Tensor]:
+    """The positions of each maximal run of True in a 1-D mask."""
+    where = torch.nonzero(mask).flatten().tolist()
+    runs, cur = [], []
+    for p in where:
+        if cur and p != cur[-1] + 1:
+            runs.append(torch.tensor(cur))
+            cur = []
+        cur.append(p)
+    return runs + ([torch.tensor(cur)] if cur else [])
+
+
+def _cells(model, inputs: dict, pos: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+    """Per image/video of the (single-sample) prompt: its positions, and ``{position: (frame, row, col)}`` of its grid
+    cells (tokens not listed are kept as they are; ``"newline"`` maps row-newline positions to their row)."""
+    cfg, family = model.config, vtw.get_family(model).model_type
+    ids = inputs["input_ids"][0]
+    out = []
+    for token_id, kind in ((cfg.image_token_id, "image"), (getattr(cfg, "video_token_id", None), "video")):
+        if token_id is None:
+            continue
+        for run in _runs(ids == token_id):
+            cells, newlines = {}, {}
+            if family.startswith("qwen"):  # the model's own (t, h, w) positions
+                thw = pos[-3:, 0, run]  # (3, n)
+                rel = thw - thw.min(1, keepdim=True).values
+                for j, p in enumerate(run.tolist()):
+                    cells[p] = tuple(int(v) for v in rel[:, j])
+            elif kind == "video" and family == "video_llava":  # per frame: class token, then the square
+                side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+                per = side * side + 1
+                for j, p in enumerate(run.tolist()):
+                    f, q = divmod(j, per)
+                    if q:
+                        cells[p] = (f, (q - 1) // side, (q - 1) % side)
+            elif kind == "image" and family in ("llava", "video_llava"):
+                side = math.isqrt(len(run))
+                assert side * side == len(run)
+                for j, p in enumerate(run.tolist()):
+                    cells[p] = (0, j // side, j % side)
+            elif kind == "image" and family == "llava_next":
+                from transformers.models.llava_next.modeling_llava_next import (
+                    get_anyres_image_grid_shape,
+                    unpad_image,
+                )
+
+                side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+                size = inputs["image_sizes"][0].tolist()
+                gh, gw = get_anyres_image_grid_shape(size, cfg.image_grid_pinpoints, cfg.vision_config.image_size)
+                coords = torch.arange(gh * side * gw * side).view(1, gh * side, gw * side)
+                kept = unpad_image(coords, torch.tensor(size))[0]  # (R, C) of the full grid's coordinates
+                rows, cols = kept.shape
+                base = run[: side * side].tolist()
+                for j, p in enumerate(base):
+                    cells[p] = (0, j // side, j % side)  # the base crop: frame 0
+                rest = run[side * side :].tolist()
+                assert len(rest) == rows * (cols + 1)
+                for j, p in enumerate(rest):
+                    r, c = divmod(j, cols + 1)
+                    if c == cols:
+                        newlines[p] = r
+                    else:
+                        cells[p] = (1, r, c)  # the unpadded grid: a second grid, "frame" 1
+            else:
+                raise AssertionError(f"no independent reference for {family} {kind}")
+            out.append((run, cells, newlines))
+    return out
+
+
+def _pool_reference(model, inputs: dict, embeds: torch.Tensor, pos: torch.Tensor, stride: int):
+    """``(pooled embeddings (1, n, D), kept input positions (n,))``, computed independently (module docstring)."""
+    h = embeds[0].clone()
+    keep = torch.ones(h.shape[0], dtype=torch.bool)
+    for _, cells, newlines in _cells(model, inputs, pos):
+        windows: dict[tuple, list[int]] = {}
+        for p, (f, r, c) in cells.items():
+            windows.setdefault((f, r // stride, c // stride), []).append(p)
+        for members in windows.values():
+            corner = min(members)  # the window's top-left cell comes first in the sequence
+            h[corner] = embeds[0, members].mean(0)
+            keep[members] = False
+            keep[corner] = True
+        for p, r in newlines.items():
+            keep[p] = r % stride == 0
+    kept = torch.nonzero(keep).flatten()
+    return h[kept][None], kept
+
+
+def _naive_logits(model, inputs: dict, stride: int, n_prompt: int) -> torch.Tensor:
+    """Logits of the last position: the prompt pooled, generated tokens appended, layers by hand without a cache."""
+    lm = vtw.language_model(model)
+    embeds, pos = _lm_inputs(model, inputs)
+    prompt = {k: (v[:, :n_prompt] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
+              for k, v in inputs.items()}  # fmt: skip
+    pooled, kept = _pool_reference(model, prompt, embeds[:, :n_prompt], pos[..., :n_prompt], stride)
+    index = torch.cat([kept, torch.arange(n_prompt, embeds.shape[1])])
+    h = torch.cat([pooled, embeds[:, n_prompt:]], dim=1)
+    cos, sin, mpos = _rotary(lm, embeds, pos)
+    cos, sin, mpos = cos[..., index, :], sin[..., index, :], mpos[..., index]
+    for layer in lm.layers:
+        h = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=(cos, sin), position_ids=mpos,
+                  past_key_values=None, use_cache=False)  # fmt: skip
+    return model.lm_head(lm.norm(h))[0, -1]
+
+
+def _naive_generate(model, inputs: dict, stride: int):
+    tokens, logits, cur = [], [], inputs
+    n = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        for _ in range(STEPS):
+            out = _naive_logits(model, cur, stride, n)
+            tokens.append(int(out.argmax()))
+            logits.append(out)
+            cur = _extend(cur, tokens[-1])
+    return tokens, torch.stack(logits)
+
+
+def _generate(model, inputs, **kw):
+    with torch.no_grad(), withdraw(model, method="pool", **kw) as handle:
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), handle
+
+
+REFERENCE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "video_llava")
+
+
+@pytest.mark.parametrize("family", REFERENCE_FAMILIES)
+def test_generate_with_cache_matches_naive_reference(family):
+    model = _model(family)
+    shape = (32, 64) if family != "llava" else (32, 32)
+    sample = Sample(images=1, videos=int(family in VIDEO_FAMILIES), prefix=3, suffix=4, image_shape=shape)
+    (inputs,) = make_singles(model, [sample])
+    for stride in (2, 3):
+        ref_tokens, ref_logits = _naive_generate(model, inputs, stride)
+        tokens, logits, handle = _generate(model, inputs, stride=stride)
+        assert tokens[0].tolist() == ref_tokens, (family, stride)
+        torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0)
+        assert handle.last_keep_index.shape[1] < inputs["input_ids"].shape[1]
+
+
+def test_pooled_tokens_keep_their_top_left_cells_positions():
+    """Qwen2-VL: the pooled tokens of an image sit at the top-left cells of their windows, with those cells' own
+    (t, h, w) M-RoPE rotary embeddings; the text keeps its own; nothing is renumbered."""
+    model = _model("qwen2_vl")
+    (inputs,) = make_singles(model, [Sample(images=1, prefix=2, suffix=3, image_shape=(32, 64))])
+    lm = vtw.language_model(model)
+    embeds, full_pos = _lm_inputs(model, inputs)
+    full_cos, _, _ = _rotary(lm, embeds, full_pos)
+    seen = {}
+    with torch.no_grad(), withdraw(model, method="pool", stride=2) as handle:
+        hook = lm.layers[1].register_forward_pre_hook(
+            lambda m, a, kw: seen.update(cos=kw["position_embeddings"][0]), with_kwargs=True
+        )
+        model(**inputs)
+        hook.remove()
+    image = inputs["input_ids"][0] == model.config.image_token_id  # a 4 x 8 grid of merged patches
+    thw = full_pos[-3:, 0][:, image]
+    corner = ((thw[1] - thw[1].min()) % 2 == 0) & ((thw[2] - thw[2].min()) % 2 == 0)
+    assert int(corner.sum()) == 8  # 2 x 4 windows
+    kept = image.clone()
+    kept[image] = corner
+    kept |= ~image
+    index = torch.nonzero(kept).flatten()
+    assert handle.last_keep_index[0].tolist() == index.tolist()
+    torch.testing.assert_close(seen["cos"], full_cos[..., index, :], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_equals_each_sample_alone(family):
+    model = _model(family)
+    samples = [
+        Sample(images=1, prefix=3, suffix=6),
+        Sample(prefix=9, suffix=4),
+        Sample(images=2, prefix=1, suffix=2, image_shape=(32, 64)),
+    ]
+    if family in VIDEO_FAMILIES:
+        samples.append(Sample(images=1, videos=1, prefix=1, suffix=2))
+    batch = make_batch(model, samples)
+    tokens, logits, _ = _generate(model, batch, stride=2)
+    for i, single in enumerate(make_singles(model, samples)):
+        t, lg, _ = _generate(model, single, stride=2)
+        assert tokens[i].tolist() == t[0].tolist(), (family, i)
+        torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)
+
+
+def test_stride_one_is_the_baseline_bit_identical_and_remove_restores():
+    model = _model("llava_next")
+    batch = make_batch(model, [Sample(images=1, prefix=3, suffix=5), Sample(prefix=6, suffix=2)])
+    get_features = model.model.get_image_features
+    with torch.no_grad():
+        ref = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
+        ref_logits = model(**batch).logits
+        with withdraw(model, method="pool", stride=1) as handle:
+            assert not handle.active
+            assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
+        handle = withdraw(model, method="pool", stride=2)
+        assert "get_image_features" in model.model.__dict__  # the instance's wrapper, not the class's method
+        assert model(**batch).logits.shape[1] < ref_logits.shape[1]
+        handle.remove()
+        assert "get_image_features" not in model.model.__dict__
+        assert model.model.get_image_features == get_features
+        assert torch.equal(model(**batch).logits, ref_logits)
+        assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flops_kv_and_layout_match_the_run(family):
+    """Exact FLOPs (prefill and decode) == FlopCounterMode over generate; the deep caches hold the pooled count."""
+    model = _model(family)
+    shape = (40, 24) if family.startswith("qwen") else (24, 40)
+    sample = Sample(images=1, videos=int(family in VIDEO_FAMILIES), prefix=3, suffix=5, image_shape=shape)
+    batch = make_batch(model, [sample])
+    v, t = _token_counts(model, batch["input_ids"])
+    (layout,) = input_layouts(model.config, batch["input_ids"], batch)
+    method = Pool(stride=2)
+    one = _measure(model, batch, 1, None, method)
+    many = _measure(model, batch, 3, None, method)
+    enc = _encoder_kwargs(model, batch)
+    rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method,
+                      vision_layout=layout, **enc)  # fmt: skip
+    assert _phase(rep.prefill) == one and rep.prefill.reduction == 0
+    assert _phase(rep.decode) == {k: many[k] - one[k] for k in one}
+    with torch.no_grad(), withdraw(model, method=method):
+        cache = model(**batch, use_cache=True).past_key_values
+    pooled = sum(g.pooled(2).tokens for g in layout.grids)
+    assert [cache.layers[i].keys.shape[-2] for i in range(NUM_LAYERS)] == [pooled + t] * NUM_LAYERS
+    assert rep.prefill_decoder_tokens == (pooled + t,) * NUM_LAYERS
+    kv = kv_cache_bytes(model.config, vision_tokens=v, text_tokens=t, method=method, vision_layout=layout)
+    assert kv.tokens_per_layer == (pooled + t,) * NUM_LAYERS
+    assert paper_flops(model.config, vision_tokens=v, text_tokens=t, method=method, vision_layout=layout) < \
+        paper_flops(model.config, vision_tokens=v, text_tokens=t)  # fmt: skip
+
+
+def test_hand_derived_counts():
+    """LLaVA-1.5-7B: 24 x 24 patches; 2x2 -> 144, 5x5 (partial edge windows) -> 5 x 5 = 25. LLaVA-NeXT, a 640x480
+    (WxH) photo: base 24x24 + unpadded 48 x 36 grid with 48 newlines = 2304 tokens; 2x2 -> 144 + 24 x (18 + 1)."""
+    from vtw.flops import load_model_config
+
+    cfg = load_model_config("llava-1.5-7b")
+    for stride, left in ((2, 144), (5, 25), (24, 1), (1, 576)):
+        rep = count_flops(cfg, vision_tokens=576, text_tokens=10, method=Pool(stride=stride))
+        assert rep.prefill_decoder_tokens[0] == left + 10, stride
+    nxt = load_model_config("llava-next-7b")
+    grids = image_grids(nxt, (480, 640))
+    assert [(g.rows, g.cols, g.newline) for g in grids] == [(24, 24, 0), (36, 48, 1)]
+    assert sum(g.tokens for g in grids) == 576 + 36 * 49
+    layout = SampleLayout(images=grids)
+    rep = count_flops(nxt, vision_tokens=layout.tokens, text_tokens=10, vision_inputs=5, method=Pool(stride=2),
+                      vision_layout=layout)  # fmt: skip
+    assert rep.prefill_decoder_tokens[0] == 144 + 18 * 25 + 10
+
+
+def test_errors_name_the_value():
+    with pytest.raises(ValueError, match="pool stride must be an integer >= 1, got 0"):
+        make_method("pool", stride=0)
+    with pytest.raises(ValueError, match="takes stride; got unknown keep"):
+        make_method("pool", keep=0.5)
+    from vtw.flops import load_model_config
+
+    with pytest.raises(ValueError, match="each image's grid depends on its size"):
+        count_flops(load_model_config("llava-next-7b"), vision_tokens=2340, text_tokens=10, vision_inputs=5,
+                    method=Pool(stride=2))  # fmt: skip
