@@ -25,7 +25,7 @@ from bench_withdraw import build, inputs_for, model_options
 from vtw import withdraw
 from vtw.flops import count_flops
 from vtw.flops.budget import Prompt, match_budget
-from vtw.methods import FastV, PyramidDrop, RandomVision, Reduction, StageContext, Withdrawal
+from vtw.methods import FastV, Pool, PyramidDrop, RandomVision, Reduction, StageContext, Withdrawal
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def main() -> None:
     cfg, n_vision, n_text = model.config, 576, args.text_tokens
     prompt = [Prompt(n_vision, n_text, {"vision_inputs": 1})]
     methods = {}
-    for m in (Withdrawal(layer=args.layers // 2), FastV(layer=2), PyramidDrop(), RandomVision(layer=2)):
+    for m in (Withdrawal(layer=args.layers // 2), FastV(layer=2), PyramidDrop(), RandomVision(layer=2), Pool()):
         match = match_budget(cfg, prompt, m, args.budget)
         methods[match.method.name] = (match.method, match.ratio)
     replays = {}
