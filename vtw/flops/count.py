@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
-from ..methods import Reduction, Withdrawal
 from ..grids import SampleLayout, counted_layout
+from ..methods import Reduction, Withdrawal
 from ..methods.attention import last_token_attention_flops
 from ..withdraw import validate_layer
 from .arch import Architecture, DecoderDims, VisionDims, architecture

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from ..families import get_family, num_decoder_layers, vision_token_mask
-from ..grids import SampleLayout, input_layouts
 from ..flops import VisionWorkload, count_flops, paper_flops, workload_from_inputs
 from ..flops.budget import Prompt
+from ..grids import SampleLayout, input_layouts
 from ..methods import Reduction
 from .inputs import Prepared
 from .records import RequestRecord

@@ -70,7 +70,9 @@ class Pool(BeforeDecoder):
                     + (torch.arange(cols, device=hidden.device) // s)[None, None, :]
                 ).flatten()
                 values = ctx.hidden[b, cells.flatten()].float()
-                sums = torch.zeros(frames * pr * pc, values.shape[-1], device=hidden.device).index_add_(0, window, values)
+                sums = torch.zeros(frames * pr * pc, values.shape[-1], device=hidden.device).index_add_(
+                    0, window, values
+                )
                 counts = torch.bincount(window, minlength=frames * pr * pc).to(sums)
                 corner = cells[:, ::s, ::s].flatten()  # each window's top-left cell, in window order
                 hidden[b, corner] = (sums / counts[:, None]).to(hidden.dtype)

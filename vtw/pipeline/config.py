@@ -22,7 +22,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..methods import Reduction, Withdrawal, check_layer, make_method, method_names, method_params, parameter_names, parse_params
+from ..methods import (
+    Reduction,
+    Withdrawal,
+    check_layer,
+    make_method,
+    method_names,
+    method_params,
+    parameter_names,
+    parse_params,
+)
 from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION
 from ..search import SearchSettings
 from .resolvers import register_resolvers
