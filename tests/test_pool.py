@@ -3,8 +3,9 @@ KV-cache decoding and batching against an independent naive reference, FLOPs aga
 
 The reference finds each vision token's grid cell on its own, not through :mod:`vtw.grids`: Qwen from the model's
 own 3-D M-RoPE position ids (``(t, h, w)`` of every vision token), LLaVA-1.5 / Video-LLaVA from the square number of
-tokens per image (a Video-LLaVA frame: its class token, then the square), LLaVA-NeXT from transformers' own
-``get_anyres_image_grid_shape`` and ``unpad_image`` applied to a grid of coordinates. It averages each window's
+tokens per image (a Video-LLaVA frame: its class token, then the square), the anyres families' images from
+transformers' own ``get_anyres_image_grid_shape`` and ``unpad_image`` applied to a grid of coordinates, their video
+frames from the pooled / resized square of each frame. It averages each window's
 embeddings, puts the mean at the window's top-left token, drops the other tokens of the window (and the newlines of
 rows that do not start a window), and runs the decoder layers by hand without a cache on what is left, at the kept
 tokens' own positions; every decode step recomputes everything.
@@ -77,11 +78,19 @@ def _cells(model, inputs: dict, pos: torch.Tensor) -> list[tuple[torch.Tensor, d
                 assert side * side == len(run)
                 for j, p in enumerate(run.tolist()):
                     cells[p] = (0, j // side, j % side)
-            elif kind == "image" and family == "llava_next":
-                from transformers.models.llava_next.modeling_llava_next import (
-                    get_anyres_image_grid_shape,
-                    unpad_image,
-                )
+            elif kind == "video" and family in ("llava_next_video", "llava_onevision"):  # per frame: a square
+                side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+                n = side // cfg.spatial_pool_stride if family == "llava_next_video" else -(-side // 2)
+                frames = inputs["pixel_values_videos"].shape[1]
+                assert len(run) == frames * n * n + (family == "llava_onevision")  # OneVision: one newline at the end
+                for j, p in enumerate(run.tolist()[: frames * n * n]):
+                    f, q = divmod(j, n * n)
+                    cells[p] = (f, q // n, q % n)
+            elif kind == "image" and family in ("llava_next", "llava_next_video", "llava_onevision"):
+                import importlib
+
+                module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+                get_anyres_image_grid_shape, unpad_image = module.get_anyres_image_grid_shape, module.unpad_image
 
                 side = cfg.vision_config.image_size // cfg.vision_config.patch_size
                 size = inputs["image_sizes"][0].tolist()
@@ -161,10 +170,9 @@ def _generate(model, inputs, **kw):
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), handle
 
 
-REFERENCE_FAMILIES = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl", "video_llava")
 
 
-@pytest.mark.parametrize("family", REFERENCE_FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_cache_matches_naive_reference(family):
     model = _model(family)
     shape = (32, 64) if family != "llava" else (32, 32)
