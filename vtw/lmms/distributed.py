@@ -16,6 +16,7 @@ writes, the layer search runs once) both ask :func:`world`.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 
@@ -47,9 +48,24 @@ def export_slurm_env() -> None:
     accelerate and lmms-eval see the same world. No-op elsewhere."""
     if "RANK" in os.environ or _slurm_step_tasks() <= 1 or "SLURM_PROCID" not in os.environ:
         return
-    from submitit.helpers import TorchDistributedEnvironment
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":  # a submitit task (launcher=slurm): submitit's own mapping
+        from submitit.helpers import TorchDistributedEnvironment
 
-    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        return
+    env = os.environ  # a plain `srun python run.py ...`: the same mapping
+    env.setdefault("MASTER_ADDR", _first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")))
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 40000))
+    env.update(RANK=env["SLURM_PROCID"], WORLD_SIZE=str(_slurm_step_tasks()), LOCAL_RANK=env.get("SLURM_LOCALID", "0"))
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list (``node[3-5,9]`` → ``node3``), without calling ``scontrol``."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return "127.0.0.1"
+    prefix, ranges = m.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
 
 
 def world() -> World:

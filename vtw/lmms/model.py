@@ -254,7 +254,7 @@ class VTWModel(lmms):
             model = model.to(self._device)
         else:  # inputs go where the embeddings are; accelerate's hooks move hidden states from layer to layer
             self._device = model.get_input_embeddings().weight.device
-        self.device_map = getattr(model, "hf_device_map", None)
+        self.device_map = getattr(model, "hf_device_map", None) or device_map  # where each module went
         self._model = model.eval()
         self.inputs = InputBuilder(
             AutoProcessor.from_pretrained(pretrained, **hub_kw),
