@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from bench_withdraw import inputs_for, load, model_options, sync
+from bench_withdraw import describe, inputs_for, load, model_options, sync
 
 from vtw import get_family, withdraw
 from vtw.flops import count_flops
@@ -121,21 +121,17 @@ def main() -> None:
                 peak[name] = max(peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / 2**30)
     med = {name: statistics.median(t) for name, t in times.items()}
     full = count_flops(cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1).prefill.total
-    shape = f"{args.config} shapes (random init)" if args.config else "LLaVA-1.5-shaped model"
-    where = f"{device}, {str(dtype).removeprefix('torch.')}" + (
-        f", CPU threads={torch.get_num_threads()}" if device.type == "cpu" else ""
-    )
-    print(
-        f"{shape}: L={args.layers}, d={args.hidden}, {n_vision} vision + {n_text} text tokens, "
-        f"budget {args.budget:g} of the full prefill FLOPs, {where}, medians of {args.reps} round-robin reps"
-    )
+    print(f"{describe(args, device, dtype, n_vision)}, budget {args.budget:g} of the full prefill FLOPs, medians of "
+          f"{args.reps} round-robin reps")  # fmt: skip
 
     def mem(name):
         return f"{peak[name]:>10.2f}" if peak else ""
 
     print(f"{'method':<44}{'FLOPs share':>12}{'prefill ms':>12}{'speedup':>9}{'analytic':>10}{'real/an.':>10}"
           + (f"{'peak GiB':>10}" if peak else ""))  # fmt: skip
-    print(f"{'vanilla':<44}{1.0:>12.3f}{med['vanilla'] * 1e3:>12.1f}{1.0:>9.2f}{1.0:>10.2f}{1.0:>10.2f}{mem('vanilla')}")
+    print(
+        f"{'vanilla':<44}{1.0:>12.3f}{med['vanilla'] * 1e3:>12.1f}{1.0:>9.2f}{1.0:>10.2f}{1.0:>10.2f}{mem('vanilla')}"
+    )
     for name, (method, _) in methods.items():
         rep = count_flops(cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1, method=method)
         analytic = full / rep.prefill.total

@@ -159,6 +159,14 @@ def load(args):
     return model, device, dtype
 
 
+def describe(args, device: torch.device, dtype: torch.dtype, n_vision: int) -> str:
+    """The first words of a benchmark's header: the model's shapes, the prompt, device and dtype."""
+    shape = f"{args.config} shapes (random init)" if args.config else "LLaVA-1.5-shaped model"
+    threads = f", CPU threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+    return (f"{shape}: L={args.layers}, d={args.hidden}, {n_vision} vision + {args.text_tokens} text tokens, "
+            f"{device}, {str(dtype).removeprefix('torch.')}{threads}")  # fmt: skip
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA timings)."""
     if device.type == "cuda":
@@ -208,13 +216,8 @@ def main() -> None:
         return r.prefill.total, r.decode.total / steps
 
     base_prefill, base_step = analytic(None)
-    shape = f"{args.config} shapes (random init)" if args.config else "LLaVA-1.5-shaped model"
-    where = f"{device}, {str(dtype).removeprefix('torch.')}" + (
-        f", CPU threads={torch.get_num_threads()}" if device.type == "cpu" else ""
-    )
     print(
-        f"{shape}: L={L}, d={args.hidden}, {n_vision} vision + {n_text} text tokens, {where}, "
-        f"medians of {args.reps} round-robin reps ({steps} decode steps each)"
+        f"{describe(args, device, dtype, n_vision)}, medians of {args.reps} round-robin reps ({steps} decode steps each)"
     )
     print(
         f"{'config':<16}{'prefill ms':>11}{'speedup':>9}{'analytic':>10}{'real/an.':>10}"

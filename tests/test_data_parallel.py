@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from test_lmms_fixtures import pipeline_overrides
+
 from vtw.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,5 +227,12 @@ def test_later_stages_follow_the_hidden_states_device():
     moved = _to_device(seg, torch.device("meta"))
     tensors = [moved.keep_index, moved.mask2d, moved.vision, moved.mask4d, *moved.position_embeddings]
     assert all(x.device.type == "meta" for x in [*tensors, moved.position_ids])
-    assert [x.dtype for x in tensors] == [torch.long, torch.long, torch.bool, torch.float32, torch.float32, torch.float32]
+    assert [x.dtype for x in tensors] == [
+        torch.long,
+        torch.long,
+        torch.bool,
+        torch.float32,
+        torch.float32,
+        torch.float32,
+    ]
     assert _to_device(_Segment(t.long(), t.long(), t.bool()), torch.device("meta")).mask4d is None

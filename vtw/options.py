@@ -36,8 +36,7 @@ def parse_device_map(device_map, max_memory) -> tuple[str | dict | None, dict | 
                 max_memory = dict(item.split(":", 1) for item in text.replace(",", ";").split(";") if item.strip())
             except ValueError:
                 raise ValueError(
-                    f"max_memory={text!r} must be 'device:size' items separated by ';' "
-                    "(e.g. 0:20GiB;1:20GiB;cpu:64GiB)"
+                    f"max_memory={text!r} must be 'device:size' items separated by ';' (e.g. 0:20GiB;1:20GiB;cpu:64GiB)"
                 ) from None
     if max_memory is not None:
         if not isinstance(max_memory, dict) or not max_memory:
@@ -60,4 +59,12 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-__all__ = ["DEVICE_MAPS", "DTYPES", "DTYPE_CHOICES", "SUPPORTED_ATTENTION", "check_attention", "parse_device_map", "resolve_dtype"]
+__all__ = [
+    "DEVICE_MAPS",
+    "DTYPES",
+    "DTYPE_CHOICES",
+    "SUPPORTED_ATTENTION",
+    "check_attention",
+    "parse_device_map",
+    "resolve_dtype",
+]

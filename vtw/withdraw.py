@@ -75,7 +75,9 @@ def _to_device(seg: _Segment, device: torch.device) -> _Segment:
         return t.to(device) if isinstance(t, torch.Tensor) else t
 
     pe = None if seg.position_embeddings is None else tuple(move(t) for t in seg.position_embeddings)
-    return _Segment(move(seg.keep_index), move(seg.mask2d), move(seg.vision), move(seg.mask4d), pe, move(seg.position_ids))
+    return _Segment(
+        move(seg.keep_index), move(seg.mask2d), move(seg.vision), move(seg.mask4d), pe, move(seg.position_ids)
+    )
 
 
 class WithdrawalHandle:
