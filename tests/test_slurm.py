@@ -681,3 +681,29 @@ def test_layer_search_runs_first_and_the_array_tasks_share_its_cache(cluster, sm
     layer = found[0]["layer"]
     assert [json.loads((d / "results.json").read_text())["result"]["layer"] for d in points] == [layer, layer]
     assert [row["status"] for row in _summary_rows(sweep)] == ["ok", "ok"]
+
+
+@pytest.mark.slurm
+def test_one_array_task_with_two_processes_splits_the_documents(cluster, small_job, tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: one point, two SLURM tasks (submitit's distributed environment, gloo on
+    the CPU) that split the documents; rank 0 writes the results of every document once, rank 1 its status only."""
+    sweep = tmp_path / "multirun"
+    name = f"vtwtest-dp-{os.getpid()}"
+    cmd = [
+        sys.executable, ROOT / "run.py", "-m", "launcher=slurm", "vtw.layer=1", "dataset.limit=5",
+        *(o for o in small_job if not o.startswith("dataset.limit=")),
+        "device=cpu", f"resume_root={tmp_path}", f"hydra.sweep.dir={sweep}", f"hydra.launcher.name={name}",
+        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+        "hydra.launcher.tasks_per_node=2", "hydra.launcher.timeout_min=10",
+    ]  # fmt: skip
+    try:
+        r = _run(cmd, cwd=ROOT, timeout=240)
+    finally:
+        subprocess.run(["scancel", f"--name={name}"])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (job_dir,) = [p.parent for p in sweep.glob("*/job.json")]
+    res = json.loads((job_dir / "results.json").read_text())
+    assert res["job"]["processes"] == 2 and res["result"]["num_samples"] == 5
+    samples = [json.loads(line) for line in (job_dir / "samples.jsonl").read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(5))
+    assert _job(job_dir)["status"] == "ok" and json.loads((job_dir / "job.rank1.json").read_text())["status"] == "ok"
