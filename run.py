@@ -11,7 +11,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from vtw.pipeline.resolvers import register_resolvers
+from vtw.pipeline.resolvers import register_resolvers, share_launch
 from vtw.pipeline.schema import register_schema
 
 register_resolvers()  # the conf/ interpolations ${vtw_uid:}, ${vtw_slug:...}, ${vtw_asset:...}
@@ -34,4 +34,5 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    share_launch()  # data parallel (torchrun / accelerate launch): every rank in rank 0's output directory
     main()

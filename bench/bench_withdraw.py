@@ -10,9 +10,10 @@ Prints, from one run, with every configuration timed in the same round-robin so 
     python bench/bench_withdraw.py [--layers 16 --hidden 512 --reps 7 --steps 16]
 
 On a GPU, the real shapes of a shipped checkpoint, random-initialised directly on the device (speed does not depend on
-the weights; nothing is downloaded), with peak GPU memory per configuration:
+the weights; nothing is downloaded; no CPU copy is made), with peak GPU memory per configuration; one command, K = 8,
+16, 24 (L/4, L/2, 3L/4), bfloat16, about a minute on one GPU after the start-up:
 
-    python bench/bench_withdraw.py --config llava-1.5-7b --device cuda --dtype bfloat16 --ks 24,16,8
+    python bench/bench_withdraw.py --config llava-1.5-7b
 
 ``--config`` takes the shipped configs with one fixed-size image per prompt (LLaVA-1.5 7B/13B, Video-LLaVA);
 ``--shrink`` (tests) cuts the decoder and the vision tower to a few small layers of the same family.
@@ -100,19 +101,14 @@ def inputs_for(model, text_tokens: int) -> dict:
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), family.image_key: pixels}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def prefill_and_decode(model, inputs, steps: int) -> tuple[float, float, int]:
     """Seconds of one prefill, median seconds of one decode step, KV-cache bytes after prefill."""
     device = inputs["input_ids"].device
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     out = model(**inputs, use_cache=True, logits_to_keep=1)
-    _sync(device)
+    sync(device)
     prefill = time.perf_counter() - t0
     cache = out.past_key_values
     kv = sum(layer.keys.numel() * layer.keys.element_size() * 2 for layer in cache.layers)
@@ -121,38 +117,38 @@ def prefill_and_decode(model, inputs, steps: int) -> tuple[float, float, int]:
     times = []
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         out = model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
     return prefill, statistics.median(times), kv
 
 
 def model_options(description: str) -> argparse.ArgumentParser:
-    """The options of the LLaVA-1.5-shaped benchmark model and its timing, shared by the benchmarks."""
+    """The options of the benchmark model (the LLaVA-1.5-shaped tiny one, or ``--config``) and its timing, shared
+    by the benchmarks."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--layers", type=int, default=16)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--text-tokens", type=int, default=60)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--config", default=None, help="a shipped checkpoint's shapes, e.g. llava-1.5-7b (random init)")
+    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda)")
+    p.add_argument("--shrink", action="store_true", help="with --config: a few small layers (smoke test)")
     return p
 
 
-def main() -> None:
-    p = model_options(__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=16)
-    p.add_argument("--ks", default="12,8,4,2")
-    p.add_argument("--config", default=None, help="a shipped checkpoint's shapes, e.g. llava-1.5-7b (random init)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bfloat16 on cuda)")
-    p.add_argument("--shrink", action="store_true", help="with --config: a few small layers (smoke test)")
-    args = p.parse_args()
+def load(args):
+    """The benchmark model of ``args`` (:func:`model_options`), on its device in its dtype; sets ``args.layers`` /
+    ``args.hidden`` to the model's. Returns ``(model, device, dtype)``."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.config:
         model = build_shipped(args.config, device, dtype, shrink=args.shrink)
@@ -160,11 +156,37 @@ def main() -> None:
         args.hidden = model.config.get_text_config().hidden_size
     else:
         model = build(args).to(device, dtype)
+    return model, device, dtype
+
+
+def describe(args, device: torch.device, dtype: torch.dtype, n_vision: int) -> str:
+    """The first words of a benchmark's header: the model's shapes, the prompt, device and dtype."""
+    shape = f"{args.config} shapes (random init)" if args.config else "LLaVA-1.5-shaped model"
+    threads = f", CPU threads={torch.get_num_threads()}" if device.type == "cpu" else ""
+    return (f"{shape}: L={args.layers}, d={args.hidden}, {n_vision} vision + {args.text_tokens} text tokens, "
+            f"{device}, {str(dtype).removeprefix('torch.')}{threads}")  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA timings)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    p = model_options(__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--ks", default=None, help="layers K (default: 12,8,4,2; with --config 3L/4, L/2, L/4)")
+    args = p.parse_args()
+    model, device, dtype = load(args)
     inputs = inputs_for(model, args.text_tokens)
     L = args.layers
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    ks = [int(k) for k in args.ks.split(",")]
+    if args.ks:
+        ks = [int(k) for k in args.ks.split(",")]
+    else:
+        ks = [3 * L // 4, L // 2, L // 4] if args.config else [12, 8, 4, 2]
     configs: list[tuple[str, int | None]] = [("vanilla", None), ("withdraw(None)", None)] + [(f"K={k}", k) for k in ks]
     times: dict[str, list[tuple[float, float, int]]] = {name: [] for name, _ in configs}
     peak: dict[str, float] = {}
@@ -194,13 +216,8 @@ def main() -> None:
         return r.prefill.total, r.decode.total / steps
 
     base_prefill, base_step = analytic(None)
-    shape = f"{args.config} shapes (random init)" if args.config else "LLaVA-1.5-shaped model"
-    where = f"{device}, {str(dtype).removeprefix('torch.')}" + (
-        f", CPU threads={torch.get_num_threads()}" if device.type == "cpu" else ""
-    )
     print(
-        f"{shape}: L={L}, d={args.hidden}, {n_vision} vision + {n_text} text tokens, {where}, "
-        f"medians of {args.reps} round-robin reps ({steps} decode steps each)"
+        f"{describe(args, device, dtype, n_vision)}, medians of {args.reps} round-robin reps ({steps} decode steps each)"
     )
     print(
         f"{'config':<16}{'prefill ms':>11}{'speedup':>9}{'analytic':>10}{'real/an.':>10}"
@@ -221,6 +238,8 @@ def main() -> None:
             f"{step * 1e3:>10.2f}{s_step:>9.2f}{an_step:>10.2f}{s_step / an_step:>10.2f}"
             f"{kv / 2**20:>9.2f}{kv_an / 2**20:>13.2f}" + (f"{peak[name]:>10.2f}" if peak else "")
         )
+    if peak:
+        print("peak GiB: torch.cuda.max_memory_allocated over each config's runs (the weights included)")
     overhead = med("withdraw(None)", 0) / v_pre - 1
     print(
         f"withdraw(model, None) overhead vs untouched model: prefill {overhead * 100:+.2f}% "

@@ -170,8 +170,6 @@ def _generate(model, inputs, **kw):
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), handle
 
 
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_with_cache_matches_naive_reference(family):
     model = _model(family)

@@ -387,21 +387,27 @@ def _ids(sweep_dir: Path) -> tuple[set, set]:
     return {j.get("slurm_job_id") for j in jobs}, {j.get("slurm_array_task_id") for j in jobs}
 
 
+def _slurm_sweep(tmp_path: Path, sweep: Path, *args: str) -> subprocess.CompletedProcess:
+    """``run.py -m launcher=slurm`` with small jobs (1 CPU, 1 GiB, no GPU) into ``sweep``; its jobs are cancelled
+    when it returns (or times out)."""
+    name = f"vtwtest-{os.getpid()}-{sweep.parent.name}"
+    cmd = [
+        sys.executable, ROOT / "run.py", "-m", "launcher=slurm", *args,
+        f"resume_root={tmp_path}", f"hydra.sweep.dir={sweep}", f"hydra.launcher.name={name}",
+        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
+        "hydra.launcher.timeout_min=10",
+    ]  # fmt: skip
+    try:
+        return _run(cmd, cwd=ROOT, timeout=240)
+    finally:
+        subprocess.run(["scancel", f"--name={name}"])
+
+
 @pytest.mark.slurm
 def test_launcher_slurm_runs_the_sweep_as_one_array(cluster, small_job, tmp_path):
     """`python run.py -m launcher=slurm`: one array of 4 tasks; 3 results, the failing point marked in the summary."""
     sweep = tmp_path / "multirun"
-    name = f"vtwtest-{os.getpid()}"
-    cmd = [
-        sys.executable, ROOT / "run.py", "-m", "launcher=slurm", "vtw.layer=null,1,2,99", *small_job,
-        f"resume_root={tmp_path}", f"hydra.sweep.dir={sweep}", f"hydra.launcher.name={name}",
-        "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-        "hydra.launcher.timeout_min=10", "hydra.launcher.array_parallelism=2",
-    ]  # fmt: skip
-    try:
-        r = _run(cmd, cwd=ROOT, timeout=240)
-    finally:
-        subprocess.run(["scancel", f"--name={name}"])
+    r = _slurm_sweep(tmp_path, sweep, "vtw.layer=null,1,2,99", *small_job, "hydra.launcher.array_parallelism=2")
     # The sweep's summary step runs after every job returned, and exits 1 because one job failed.
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert "1 of 4 jobs failed" in r.stdout + r.stderr
@@ -681,3 +687,20 @@ def test_layer_search_runs_first_and_the_array_tasks_share_its_cache(cluster, sm
     layer = found[0]["layer"]
     assert [json.loads((d / "results.json").read_text())["result"]["layer"] for d in points] == [layer, layer]
     assert [row["status"] for row in _summary_rows(sweep)] == ["ok", "ok"]
+
+
+@pytest.mark.slurm
+def test_one_array_task_with_two_processes_splits_the_documents(cluster, small_job, tmp_path):
+    """`hydra.launcher.tasks_per_node=2`: one point, two SLURM tasks (submitit's distributed environment, gloo on
+    the CPU) that split the documents; rank 0 writes the results of every document once, rank 1 its status only."""
+    sweep = tmp_path / "multirun"
+    job = [o for o in small_job if not o.startswith("dataset.limit=")]
+    r = _slurm_sweep(tmp_path, sweep, "vtw.layer=1", "dataset.limit=5", *job, "device=cpu",
+                     "hydra.launcher.tasks_per_node=2")  # fmt: skip
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (job_dir,) = [p.parent for p in sweep.glob("*/job.json")]
+    res = json.loads((job_dir / "results.json").read_text())
+    assert res["job"]["processes"] == 2 and res["result"]["num_samples"] == 5
+    samples = [json.loads(line) for line in (job_dir / "samples.jsonl").read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(5))
+    assert _job(job_dir)["status"] == "ok" and json.loads((job_dir / "job.rank1.json").read_text())["status"] == "ok"

@@ -67,6 +67,19 @@ class _Segment:
     position_ids: torch.Tensor | None = None
 
 
+def _to_device(seg: _Segment, device: torch.device) -> _Segment:
+    """``seg``'s tensors on ``device``: with a ``device_map``, a later stage's layer may sit on another device than
+    the previous stage's (accelerate moves a layer's inputs only after these pre-hooks ran)."""
+
+    def move(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    pe = None if seg.position_embeddings is None else tuple(move(t) for t in seg.position_embeddings)
+    return _Segment(
+        move(seg.keep_index), move(seg.mask2d), move(seg.vision), move(seg.mask4d), pe, move(seg.position_ids)
+    )
+
+
 class WithdrawalHandle:
     """A reduction method installed on one model instance. Use :func:`withdraw` to create it.
 
@@ -316,8 +329,8 @@ class WithdrawalHandle:
             pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
             self._segments = []
             self._input_vision = (prev.vision & attn2d.bool()).sum(1)
-        else:  # a later stage continues from the previous segment's packed tokens
-            prev = self._segments[s - 1]
+        else:  # a later stage continues from the previous segment's packed tokens (on this layer's device)
+            prev = _to_device(self._segments[s - 1], hidden.device)
             pe, pos = prev.position_embeddings, prev.position_ids
         ctx = StageContext(
             stage=s,
@@ -331,7 +344,7 @@ class WithdrawalHandle:
             layer_kwargs=kwargs,
             position_embeddings=pe,
             previous=self._previous.get(s),
-            input_vision=self._input_vision,
+            input_vision=self._input_vision.to(hidden.device),
             inputs=self._inputs,
         )
         picked = self.method.select(ctx)

@@ -323,7 +323,7 @@ class SbatchLauncher(Launcher):
         before = tree_of(abs_dir)
         master = copy.deepcopy(self.config)
         with read_write(master.hydra.sweep):
-            master.hydra.sweep.dir = str(sweep_dir)  # resolved once (${now:...}): every task sees this directory
+            master.hydra.sweep.dir = str(sweep_dir)  # resolved once (${vtw_now:...}): every task sees this directory
         plan = self._plan(master, job_overrides, abs_dir)
         problem = gpu_mismatch(self.params, partition_gres(self.params.get("partition")))
         if problem is not None:

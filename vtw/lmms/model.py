@@ -11,7 +11,9 @@ Model args (``--model_args`` on lmms-eval's CLI, keyword arguments in Python):
 | ``layers`` | | ``pdrop`` stage layers, ``8;16;24`` (``;`` separates list items: lmms-eval splits args on ``,``) |
 | ``seed`` | | ``random_vision`` / ``random`` seed |
 | ``stride`` | | ``pool`` window side (``2``: 576 -> 144 tokens per LLaVA-1.5 image) |
-| ``device`` | ``auto`` | ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N`` |
+| ``device`` | ``auto`` | ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``; data parallel: ``cuda:LOCAL_RANK`` |
+| ``device_map`` | ``None`` | model parallel in one process: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a dict |
+| ``max_memory`` | ``None`` | with ``device_map``: per-device caps, ``0:20GiB;1:20GiB;cpu:64GiB`` or a dict |
 | ``dtype`` | ``auto`` | ``auto`` (bfloat16 on cuda, float32 on cpu), ``float32``, ``bfloat16``, ``float16`` |
 | ``batch_size`` | 1 | requests per forward / ``generate`` call (left padding) |
 | ``attn_implementation`` | ``sdpa`` | ``sdpa`` or ``eager`` (what the withdrawal supports) |
@@ -22,6 +24,13 @@ Model args (``--model_args`` on lmms-eval's CLI, keyword arguments in Python):
 
 Every argument is checked, and the config (not the weights) is read to check ``layer`` against the model's ``L``,
 before any weight is loaded.
+
+Data parallel (``accelerate launch --num_processes N -m lmms_eval --model vtw ...``, ``torchrun``, a SLURM job with
+N tasks): each process holds one replica on ``cuda:LOCAL_RANK`` (or the CPU) with its own withdrawal handle and
+sets lmms-eval's ``rank`` / ``world_size`` / ``accelerator`` (:mod:`vtw.lmms.distributed`); lmms-eval splits the
+documents round robin and gathers the scores on rank 0. The copies of a request lmms-eval adds to even out the
+ranks (``metadata["__padding_only__"]``) are served but not recorded, so the records hold every document once.
+``device_map`` with more than one process is refused (as lmms-eval's own wrappers do).
 
 Requests are batched per task (and per generation settings), sorted by length, left-padded. ``generate_until``
 stops each sample at its task's ``until`` strings (and cuts the text there); ``loglikelihood`` returns lmms-eval's
@@ -47,8 +56,9 @@ from lmms_eval.api.model import lmms
 
 from ..families import get_family, num_decoder_layers
 from ..methods import Reduction, Withdrawal, make_method, method_names, parameter_names, parse_params
-from ..options import SUPPORTED_ATTENTION, resolve_dtype
+from ..options import SUPPORTED_ATTENTION, parse_device_map, resolve_dtype
 from ..withdraw import validate_layer, withdraw
+from . import distributed
 from .batching import plan_batches
 from .inputs import InputBuilder, Prepared, read_template
 from .meter import FlopsMeter
@@ -101,6 +111,14 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
+def replica_device(device: torch.device, world: distributed.World) -> torch.device:
+    """This rank's device: with several processes, ``cuda`` (``auto`` on a GPU machine) becomes
+    ``cuda:LOCAL_RANK``; ``cpu`` and an explicit ``cuda:N`` stay as they are."""
+    if world.size > 1 and device.type == "cuda" and device.index is None:
+        return torch.device("cuda", world.local_rank % max(torch.cuda.device_count(), 1))
+    return device
+
+
 def _list(value, kind, what: str):
     """A model-arg list: ``8;16;24`` (lmms-eval splits model args on commas), a number, or a sequence."""
     if isinstance(value, str):
@@ -145,6 +163,8 @@ class VTWModel(lmms):
         layer: int | str | None = None,
         method: str = "vtw",
         device: str = "auto",
+        device_map: str | dict | None = None,
+        max_memory: str | dict | None = None,
         dtype: str = "auto",
         batch_size: int | str = 1,
         attn_implementation: str = "sdpa",
@@ -162,8 +182,9 @@ class VTWModel(lmms):
         if unknown:
             raise ValueError(
                 f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, the methods' "
-                f"parameters ({', '.join(parameter_names())}), device, dtype, batch_size, attn_implementation, "
-                "max_new_tokens, chat_template, max_frames_num, revision, trust_remote_code, progress"
+                f"parameters ({', '.join(parameter_names())}), device, device_map, max_memory, dtype, batch_size, "
+                "attn_implementation, max_new_tokens, chat_template, max_frames_num, revision, trust_remote_code, "
+                "progress"
             )
         if not pretrained or not isinstance(pretrained, str):
             raise ValueError(f"vtw model: pretrained must be a hub id or a local directory, got {pretrained!r}")
@@ -181,7 +202,17 @@ class VTWModel(lmms):
         if int(max_new_tokens) < 1:
             raise ValueError(f"vtw model: max_new_tokens must be >= 1, got {max_new_tokens}")
         read_template(chat_template)  # neither a file nor a template: ValueError before any weight is loaded
-        self._device = resolve_device(device)
+        try:
+            device_map, max_memory = parse_device_map(device_map, max_memory)
+        except ValueError as e:
+            raise ValueError(f"vtw model: {e}") from None
+        world = distributed.world()
+        if world.size > 1 and device_map is not None:
+            raise ValueError(
+                f"vtw model: device_map={device_map!r} (model parallel) cannot be combined with data parallel "
+                f"(WORLD_SIZE={world.size}); use one process with device_map, or N processes without it"
+            )
+        self._device = replica_device(resolve_device(device), world)
         self._dtype = resolve_dtype(dtype, self._device)
         self._batch_size = batch_size
         self.max_new_tokens = int(max_new_tokens)
@@ -206,10 +237,21 @@ class VTWModel(lmms):
         import transformers
 
         model_cls = getattr(transformers, family.model_class)
+        if world.size > 1:  # before the weights: the process group (gloo on CPU, NCCL on GPUs)
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=self._device.type == "cpu")
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
         model = model_cls.from_pretrained(
-            pretrained, dtype=self._dtype, attn_implementation=attn_implementation, **hub_kw
+            pretrained, dtype=self._dtype, attn_implementation=attn_implementation, **placement, **hub_kw
         )
-        self._model = model.to(self._device).eval()
+        if device_map is None:
+            model = model.to(self._device)
+        else:  # inputs go where the embeddings are; accelerate's hooks move hidden states from layer to layer
+            self._device = model.get_input_embeddings().weight.device
+        self.device_map = getattr(model, "hf_device_map", None) or device_map  # where each module went
+        self._model = model.eval()
         self.inputs = InputBuilder(
             AutoProcessor.from_pretrained(pretrained, **hub_kw),
             family,
@@ -222,6 +264,7 @@ class VTWModel(lmms):
         self._processor, self._tokenizer = self.inputs.processor, self.inputs.tokenizer
         self.family = family
         self._handle = None
+        self._padding: set[int] = set()  # indices of the current call's padding requests
         #: ``{(task, doc_id): (V,) float32 log-probs}`` of the first generated token, filled while it is a dict
         self.first_token_store: dict | None = None
         #: a store filled by an earlier evaluation (the full model): each generate request then records its top-1
@@ -328,11 +371,13 @@ class VTWModel(lmms):
         loglik = kind == "loglikelihood"
         run_batch = self._loglikelihood_batch if loglik else self._generate_batch
         prepared = [self.inputs.prepare(i, r, self._doc, loglik=loglik) for i, r in enumerate(requests)]
+        # lmms-eval's copies of a request that even out the ranks: served (the ranks stay in step), not recorded
+        self._padding = {i for i, r in enumerate(requests) if (r.metadata or {}).get("__padding_only__")}
         batches = plan_batches([p.group for p in prepared], [p.length for p in prepared], self._batch_size)
         results: list[GenerationResult | None] = [None] * len(prepared)
         start = len(self.records)
         label = "vtw loglikelihood" if loglik else "vtw generate"
-        with Progress(len(prepared), label, enabled=self.progress) as bar:
+        with Progress(len(prepared), label, enabled=self.progress and self.rank == 0) as bar:
             for idx in batches:
                 batch = [prepared[i] for i in idx]
                 for p, out in zip(batch, run_batch(batch)):
@@ -361,6 +406,8 @@ class VTWModel(lmms):
     def _record(
         self, p: Prepared, kind: str, cost, generated: int, logits: int, latency: float, bs: int, first=None
     ) -> None:
+        if p.index in self._padding:
+            return
         self.meter.record(
             p, kind, cost, method=self.method, generated=generated, logits=logits, latency=latency, batch_size=bs,
             first_token=first,
@@ -370,7 +417,7 @@ class VTWModel(lmms):
         """The first generated token's record fields (``logprobs``: its ``(V,)`` log-distribution), stored and
         compared with the reference as :attr:`first_token_store` / :attr:`first_token_reference` ask."""
         key = (p.task, p.doc_id)
-        if self.first_token_store is not None:
+        if self.first_token_store is not None and p.index not in self._padding:
             self.first_token_store[key] = logprobs.float().cpu()
         out = {"first_token_id": int(logprobs.argmax())}
         ref = None if self.first_token_reference is None else self.first_token_reference.get(key)

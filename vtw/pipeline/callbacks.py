@@ -50,7 +50,9 @@ class SweepSummaryCallback(Callback):
         self.summarize = summarize
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        if not self.summarize:
+        from ..lmms.distributed import world
+
+        if not self.summarize or not world().main:  # data parallel: rank 0 summarises
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         summary = finish_sweep(config, sweep_dir)

@@ -32,7 +32,7 @@ from ..methods import (
     parameter_names,
     parse_params,
 )
-from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION
+from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION, parse_device_map
 from ..search import SearchSettings
 from .resolvers import register_resolvers
 from .schema import Config, LoggerConf, register_schema
@@ -60,6 +60,8 @@ class ModelSpec:
     max_new_tokens: int
     chat_template: str | None
     max_frames_num: int
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +245,10 @@ def _model(m: dict) -> ModelSpec:
     hf_config = load_model_config_for(pretrained, config_ref)
     family = get_family(hf_config).model_type
     template = m["chat_template"]
+    try:
+        device_map, max_memory = parse_device_map(m.get("device_map"), m.get("max_memory"))
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
     return ModelSpec(
         name=name,
         pretrained=pretrained,
@@ -255,6 +261,8 @@ def _model(m: dict) -> ModelSpec:
         max_new_tokens=_int(m["max_new_tokens"], "model.max_new_tokens", 1),
         chat_template=None if template in (None, "") else str(template),
         max_frames_num=_int(m["max_frames_num"], "model.max_frames_num", 1),
+        device_map=device_map,
+        max_memory=max_memory,
     )
 
 
@@ -433,6 +441,7 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
     device = data["device"]
     if not isinstance(device, str) or not _DEVICE.match(device):
         raise ValueError(f"device={device!r} is not allowed; allowed: auto, cpu, cuda, cuda:N")
+    _check_parallel(mode, model)
     return RunSpec(
         mode=mode,
         model=model,
@@ -454,6 +463,26 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
         budget_limit=_int(vtw["budget_limit"], "vtw.budget_limit", 1),
         analyze_limit=_int(data["analyze"]["limit"], "analyze.limit", 1),
     )
+
+
+def _check_parallel(mode: str, model: ModelSpec) -> None:
+    """Data parallel (``WORLD_SIZE > 1``: torchrun, accelerate launch, a SLURM job with several tasks) evaluates;
+    it does not combine with ``model.device_map`` (model parallel in one process), nor with the other modes."""
+    from ..lmms.distributed import world
+
+    size = world().size
+    if size <= 1:
+        return
+    if model.device_map is not None:
+        raise ValueError(
+            f"model.device_map={model.device_map!r} (model parallel) cannot be combined with data parallel "
+            f"(WORLD_SIZE={size}); run one process with model.device_map, or {size} processes without it"
+        )
+    if mode != "eval":
+        raise ValueError(
+            f"mode={mode} runs in one process; data parallel (WORLD_SIZE={size}) is for mode=eval (launch "
+            f"mode={mode} with plain `python run.py`)"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ identity

@@ -14,6 +14,7 @@ from numbers import Number
 from pathlib import Path
 from types import SimpleNamespace
 
+from ..lmms import distributed
 from ..lmms.records import sum_records
 from .config import DatasetSpec, RunSpec
 from .memory import PeakMemory
@@ -72,6 +73,8 @@ def make_model(spec: RunSpec, layer=None):
         max_new_tokens=m.max_new_tokens,
         chat_template=m.chat_template,
         max_frames_num=m.max_frames_num,
+        device_map=m.device_map,
+        max_memory=m.max_memory,
         progress=spec.progress,
     )
 
@@ -153,7 +156,8 @@ def evaluate_variant(
     :class:`vtw.flops.budget.BudgetMatch` that chose it, if any.
 
     Returns:
-        ``(VariantResult, sample rows, primary metric name)``.
+        ``(VariantResult, sample rows, primary metric name)`` on rank 0 (the whole evaluation's, gathered from every
+        data-parallel rank); ``None`` on the other ranks.
     """
     from lmms_eval.evaluator import simple_evaluate
 
@@ -182,16 +186,27 @@ def evaluate_variant(
     )
     wall = time.perf_counter() - t0
     peak = mem.peak_gb()
+    # data parallel: every rank's records, wall time, model time and peak memory, on rank 0 (lmms-eval gathered the
+    # scores and samples there); the other ranks stop here
     records = lm.pop_records()
+    ranks = distributed.gather((records, wall, sum(r.latency_s for r in records), peak))
+    if ranks is None:
+        return None
+    records = [r for rank_records, *_ in ranks for r in rank_records]
+    wall = max(w for _, w, _, _ in ranks)
+    busiest = max(t for _, _, t, _ in ranks)  # model time of the slowest rank: the replicas run side by side
+    peaks = [p for *_, p in ranks if p is not None]
+    peak = max(peaks) if peaks else None
     if results is None:
-        raise RuntimeError("lmms-eval returned no results (not rank 0?)")
+        raise RuntimeError("lmms-eval returned no results on rank 0")
+    if len(ranks) > 1:
+        _document_order(results)
     rows = sample_rows(results, records, label=label, layer=layer)
     metrics = flatten_metrics(results)
     primary = primary_metric_name(results, tasks, spec.dataset.primary_metric)
     costs = list(sum_records(records).values())
     flops, full = sum(c.flops for c in costs), sum(c.flops_full for c in costs)
     pflops, pfull = sum(c.paper_flops for c in costs), sum(c.paper_flops_full for c in costs)
-    model_time = sum(c.latency_s for c in costs)
     result = VariantResult(
         label=label,
         layer=layer,
@@ -210,12 +225,23 @@ def evaluate_variant(
         paper_tflops_full=_mean(c.paper_flops_full for c in costs) / 1e12,
         paper_tflops_saved_pct=100.0 * (1.0 - pflops / pfull) if pfull else 0.0,
         latency_s=_mean(c.latency_s for c in costs),
-        samples_per_s=len(costs) / model_time if model_time > 0 else 0.0,
+        samples_per_s=len(costs) / busiest if busiest > 0 else 0.0,
         generated_tokens=_mean(c.generated_tokens for c in costs),
         vision_tokens=_mean(c.vision_tokens for c in costs),
         text_tokens=_mean(c.text_tokens for c in costs),
         peak_mem_gb=peak,
         peak_mem_kind=mem.kind,
         wall_s=wall,
+        processes=len(ranks),
     )
     return result, rows, primary
+
+
+def _document_order(results: dict) -> None:
+    """Put each task's gathered samples (rank 0's documents, then rank 1's, ...) back in the order one process logs
+    them: by filter (first appearance), then document id."""
+    for task, samples in (results.get("samples") or {}).items():
+        filters: dict = {}
+        for s in samples:
+            filters.setdefault(s.get("filter"), len(filters))
+        results["samples"][task] = sorted(samples, key=lambda s: (filters[s.get("filter")], int(s["doc_id"])))

@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ..io import atomic_write_bytes, atomic_write_json
+from ..lmms import distributed
 from .config import RunSpec, config_hash, resolved_config, validate_config
 from .envinfo import git_info, lock_status, package_versions
 from .layer import resolve_layer
@@ -116,7 +117,9 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
     """Run one job; see the module docstring. Failures are recorded in ``job.json`` and re-raised."""
     out = Path(ctx.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    status = JobStatus(out, overrides=ctx.overrides, job_num=ctx.job_num)
+    distributed.init()  # data parallel (WORLD_SIZE > 1): join the process group; one process: nothing
+    rank = distributed.world().rank
+    status = JobStatus(out, overrides=ctx.overrides, job_num=ctx.job_num, rank=rank)
     status.start()
     try:
         resolved = resolved_config(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
@@ -130,9 +133,10 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
         )
         spec = validate_config(resolved)
         if spec.resume and spec.mode == "eval":
-            found = find_finished(resolved, out, spec.resume_root)
+            found = distributed.broadcast(find_finished(resolved, out, spec.resume_root) if rank == 0 else None)
             if found is not None:
-                _adopt(found, out)
+                if rank == 0:
+                    _adopt(found, out)
                 log.info("resume: %s already has results for this config; skipping", found)
                 status.finish("skipped", resumed_from=str(found))
                 return JobOutcome("skipped", out, resumed_from=found)
@@ -154,7 +158,11 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
                                 "migration.png, attention_map.png")  # fmt: skip
             status.finish("ok", wandb=wandb_info)
             return JobOutcome("ok", out)
-        result, samples = _run_eval(spec, resolved, ctx)
+        evaluated = _run_eval(spec, resolved, ctx)
+        if evaluated is None:  # a data-parallel rank > 0: rank 0 writes the results, W&B and the summary
+            status.finish("ok")
+            return JobOutcome("ok", out)
+        result, samples = evaluated
         write_results(out, result, samples)
         from .wandb_logger import default_group, log_job
 
@@ -170,7 +178,9 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
         raise
 
 
-def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult, list[dict]]:
+def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult, list[dict]] | None:
+    """Evaluate the job (and the baseline when it compares): ``(result, sample rows)``; ``None`` on a
+    data-parallel rank > 0 (it evaluated its share of the documents; rank 0 holds the whole)."""
     from ..flops import PAPER_CONVENTION
     from ..flops.plan import EXACT_CONVENTION
     from .evaluate import build_task_manager, check_tasks, evaluate_variant, make_model
@@ -179,12 +189,15 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
     tm = build_task_manager(spec.dataset)
     check_tasks(tm, spec.dataset.tasks)  # unknown task: ValueError before the weights load
     lm = make_model(spec)
-    layer = resolve_layer(spec, lm=lm, task_manager=tm, out_dir=ctx.output_dir)
+    main_rank = distributed.world().main
+    # the layer search and the budget match run once, on rank 0; every rank evaluates what rank 0 chose
+    layer = resolve_layer(spec, lm=lm, task_manager=tm, out_dir=ctx.output_dir) if main_rank else None
+    layer = distributed.broadcast(layer)
     method, match = spec.reduction(layer).resolve(spec.model.num_layers), None
     if spec.budget is not None and layer is not None:
         from .budget import match_job_budget
 
-        match = match_job_budget(spec, lm, tm, method)
+        match = distributed.broadcast(match_job_budget(spec, lm, tm, method) if main_rank else None)
         method = match.method
     reduces = any(k < spec.model.num_layers for k in method.stages())
     samples: list[dict] = []
@@ -193,19 +206,22 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
     if _compare_baseline(spec, ctx, reduces):
         lm.first_token_store = {}  # the full model's first-token distributions, the reference of the next variant
         try:
-            baseline, base_rows, _ = evaluate_variant(
+            evaluated = evaluate_variant(
                 lm, spec, tm, method=spec.reduction(None), label="baseline", out_dir=ctx.output_dir
             )
-        finally:
+        finally:  # each rank keeps the reference of its own documents (the same split in both evaluations)
             lm.first_token_reference, lm.first_token_store = lm.first_token_store, None
-        samples += base_rows
+        if evaluated is not None:
+            baseline, base_rows, _ = evaluated
+            samples += base_rows
     label = spec.method if reduces else "baseline"
     try:
-        main, rows, primary = evaluate_variant(
-            lm, spec, tm, method=method, label=label, out_dir=ctx.output_dir, budget=match
-        )
+        evaluated = evaluate_variant(lm, spec, tm, method=method, label=label, out_dir=ctx.output_dir, budget=match)
     finally:
         lm.first_token_reference = None
+    if evaluated is None:
+        return None
+    main, rows, primary = evaluated
     samples += rows
     if base_rows is not None:  # loyalty to the full model, on the same samples
         self_loyal = loyalty(base_rows, base_rows)
@@ -239,6 +255,8 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
             "started": started,
             "finished": now_iso(),
             "device": str(lm.device),
+            "device_map": lm.device_map,
+            "processes": main.processes,
             "dtype": str(lm.dtype).replace("torch.", ""),
         },
         conventions={"tflops": EXACT_CONVENTION, "paper_tflops": PAPER_CONVENTION},

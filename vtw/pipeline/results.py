@@ -48,11 +48,13 @@ class VariantResult:
         tflops_saved_pct: ``100 * (1 - sum(flops) / sum(flops_full))`` over the samples.
         paper_tflops / paper_tflops_full / paper_tflops_saved_pct: the same in the FastV/VTW paper convention.
         latency_s: mean model-call seconds per sample (batch time shared by its samples; input processing excluded).
-        samples_per_s: samples / total model-call seconds.
+        samples_per_s: samples / model-call seconds (data parallel: of the busiest rank, the replicas running side
+            by side).
         generated_tokens / vision_tokens / text_tokens: per-sample means.
         peak_mem_gb: peak memory (GiB): CUDA max allocated during this variant, or the process's peak RSS on CPU.
         peak_mem_kind: ``"cuda_max_allocated"`` or ``"cpu_max_rss"``.
-        wall_s: wall time of the whole evaluation of this variant (lmms-eval included).
+        wall_s: wall time of the whole evaluation of this variant (lmms-eval included; data parallel: the slowest rank).
+        processes: data-parallel processes (ranks) that evaluated it, one model replica each.
     """
 
     label: str
@@ -82,6 +84,7 @@ class VariantResult:
     loyalty: float | None = None  # vtw.pipeline.loyalty: share of samples answered as the full model does
     first_token_agreement: float | None = None  # generation: first token's top-1 equal to the full model's
     first_token_kl: float | None = None  # generation: mean KL(P_full || P) of the first token (nats; lone runs)
+    processes: int = 1  # data-parallel ranks
 
     def row(self) -> dict:
         """This variant's scalar fields as a dict (``label`` under ``variant``), then its ``<task>/<metric>`` values."""

@@ -8,7 +8,8 @@ composition, with Hydra's message naming the key and the value. What the types c
 :func:`vtw.pipeline.config.validate_config`, before any model loads.
 
 Values live in the YAML files; the defaults here are for keys a YAML file leaves out (none of the shipped ones do,
-except the ``none`` logger, which has only its name).
+except the ``none`` logger, which has only its name, and ``model.device_map`` / ``model.max_memory``, null unless
+given on the command line).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class ModelConf:
     max_frames_num: int = 8
     default_layer: int | None = None  # vtw.layer when none is given
     kl_eta: float = 0.003  # KL threshold of the layer search
+    device_map: Any = None  # model parallel in one process: null | auto | balanced | balanced_low_0 | sequential | dict
+    max_memory: Any = None  # with device_map: {device: size}, e.g. {0: 20GiB, 1: 20GiB, cpu: 64GiB}
 
 
 @dataclass

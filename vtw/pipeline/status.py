@@ -47,8 +47,11 @@ def now_iso() -> str:
 class JobStatus:
     """Writer of one job's ``job.json``; every call rewrites the whole file atomically."""
 
-    def __init__(self, output_dir: str | os.PathLike, *, name: str = "", overrides=(), job_num: int | None = None):
-        self.path = Path(output_dir) / JOB_FILE
+    def __init__(
+        self, output_dir: str | os.PathLike, *, name: str = "", overrides=(), job_num: int | None = None, rank: int = 0
+    ):
+        # data parallel: rank 0 writes job.json (the job's state); rank r > 0 its own job.rank<r>.json
+        self.path = Path(output_dir) / (JOB_FILE if rank == 0 else f"job.rank{rank}.json")
         self._t0 = time.perf_counter()
         self.data: dict = {
             "status": "running",
