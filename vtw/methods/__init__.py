@@ -17,6 +17,7 @@ from .fastv import FastV
 from .pdrop import PyramidDrop
 from .random_tokens import RandomTokens
 from .random_vision import RandomVision
+from .visionzip import VisionZip
 from .vtw import Withdrawal
 
 for _module in pkgutil.iter_modules(__path__):  # a new method file needs no line here
@@ -85,6 +86,7 @@ __all__ = [
     "RandomTokens",
     "Reduction",
     "StageContext",
+    "VisionZip",
     "Withdrawal",
     "check_int",
     "check_layer",
