@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_withdraw import _causal, _extend, _lm_inputs, _rotary
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from tiny_models import IMAGE_ID, VIDEO_ID, Sample, build_tiny_model, make_batch, make_singles
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -74,23 +75,64 @@ def _groups(attention, keys, dominant, contextual):
     return groups
 
 
+def _next_crops(model, inputs):
+    """LLaVA-NeXT: ``(tower inputs (N, C, H, W), [(tower input, patch) per image token, (-1, -1) at newlines])``,
+    from the model's own ``pack_image_features`` applied to features that carry each crop's and patch's index."""
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    crops = [image_size_to_num_patches(size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+             for size in inputs["image_sizes"]]  # fmt: skip
+    pixels = torch.cat([p[:k] for p, k in zip(inputs["pixel_values"], crops)])
+    start = torch.tensor([0, *crops]).cumsum(0)
+    index = [torch.stack(torch.meshgrid(torch.arange(a, a + k), torch.arange(side * side), indexing="ij"), -1).float()
+             for a, k in zip(start.tolist(), crops)]  # fmt: skip
+    packed, _ = model.model.pack_image_features(index, inputs["image_sizes"], "default", torch.tensor([-1.0, -1.0]))
+    return pixels, torch.cat(packed).long().tolist()
+
+
+def _tower_units(model, inputs):
+    """``[(tower, tower inputs, [(tower input, sequence positions of its patches, their patch indices)])]`` and the
+    positions of row newlines, for one sample."""
+    ids = inputs["input_ids"][0]
+    out, newlines = [], []
+    for _, tower, key, token_id, lead in _towers(model):
+        if key not in inputs:
+            continue
+        where = torch.nonzero(ids == token_id).flatten()
+        if "image_sizes" in inputs:  # LLaVA-NeXT: per crop, through its own packing
+            pixels, packed = _next_crops(model, inputs)
+            rows = {}
+            for position, (row, patch) in zip(where.tolist(), packed):
+                if row < 0:
+                    newlines.append(position)
+                else:
+                    rows.setdefault(row, ([], []))
+                    rows[row][0].append(position)
+                    rows[row][1].append(patch)
+            units = [(row, torch.tensor(cells), torch.tensor(patches)) for row, (cells, patches) in rows.items()]
+        else:
+            pixels = inputs[key].flatten(0, 1) if inputs[key].dim() == 5 else inputs[key]
+            where = where.view(len(pixels), lead + CELLS)[:, lead:]
+            units = [(row, cells, torch.arange(CELLS)) for row, cells in enumerate(where)]
+        out.append((tower, pixels, units))
+    return out, newlines
+
+
 def _naive_logits(model, inputs, dominant, contextual):
     """Logits ``(T_kept, V)`` of one sample under VisionZip, every layer by hand without a cache."""
     embeds, pos = _lm_inputs(model, inputs)
     embeds = embeds.clone()
-    ids = inputs["input_ids"][0]
-    keep = torch.ones(ids.shape[0], dtype=torch.bool)
-    for _, tower, key, token_id, lead in _towers(model):
-        if key not in inputs:
-            continue
-        pixels = inputs[key].flatten(0, 1) if inputs[key].dim() == 5 else inputs[key]
+    keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    towers, newlines = _tower_units(model, inputs)
+    for tower, pixels, units in towers:
         attention, keys = _scores(model, tower, pixels)
-        where = torch.nonzero(ids == token_id).flatten().view(len(pixels), lead + CELLS)[:, lead:]
-        for cells, a, k in zip(where, attention, keys):
+        for row, cells, patches in units:
             keep[cells] = False
-            for kept, members in _groups(a, k, dominant, contextual).items():
+            for kept, members in _groups(attention[row, patches], keys[row, patches], dominant, contextual).items():
                 embeds[0, cells[kept]] = embeds[0, cells[members]].mean(0)
                 keep[cells[kept]] = True
+    if any(len(cells) > dominant + contextual for _, cells, _ in towers[0][2][1:]):  # a crop of the grid reduced
+        keep[newlines] = False  # (the tiny samples here have one image each)
     lm = vtw.language_model(model)
     cos, sin, mpos = _rotary(lm, embeds, pos)
     index = torch.nonzero(keep).flatten()
@@ -117,8 +159,9 @@ def _generate(model, inputs, method, stale=False):
     (what the tower saw then is not this prompt's)."""
     with torch.no_grad(), withdraw(model, method=method) as handle:
         if stale:
-            key = _towers(model)[0][2]
-            model.model.get_image_features(make_batch(model, [Sample(images=3)], seed=7)[key])
+            other = make_batch(model, [Sample(images=3)], seed=7)
+            sizes = {"image_sizes": other["image_sizes"]} if "image_sizes" in other else {}
+            model.model.get_image_features(other[_towers(model)[0][2]], **sizes)
         out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)  # fmt: skip
     return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), handle
@@ -129,23 +172,30 @@ SETTINGS = [(4, 3), (0, 5), (6, 0), (2, 7), (54, 10)]
 
 @pytest.mark.parametrize(
     ("family", "sample"),
-    [("llava", Sample(images=2, prefix=3, suffix=4)), ("video_llava", Sample(images=1, videos=1, prefix=2))],
+    [
+        ("llava", Sample(images=2, prefix=3, suffix=4)),
+        ("video_llava", Sample(images=1, videos=1, prefix=2)),
+        ("llava_next", Sample(images=1, image_shape=(32, 32))),  # 2 crops: 8 patches of each survive unpadding
+        ("llava_next", Sample(images=1, image_shape=(64, 40))),  # 2 x 2 crops of 12 patches each
+    ],
 )
 def test_generate_with_cache_matches_naive_reference(family, sample):
     reference_model = _model(family, "eager")  # same seed: the same weights as the model under test
     model = _model(family, "sdpa")
     (inputs,) = make_singles(model, [sample])
-    for dominant, contextual in SETTINGS:
+    for dominant, contextual in SETTINGS[:3] if sample.videos else SETTINGS:
         ref_tokens, ref_logits = _naive_generate(reference_model, inputs, dominant, contextual)
         tokens, logits, _ = _generate(model, inputs, VisionZip(dominant, contextual))
         assert tokens[0].tolist() == ref_tokens, (dominant, contextual)
         torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0, msg=str((dominant, contextual)))
 
 
-@pytest.mark.parametrize("family", ["llava", "video_llava"])
+@pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
 def test_batch_with_different_image_counts_equals_each_sample_alone(family):
     model = _model(family)
     samples = [Sample(images=2, prefix=3, suffix=6), Sample(prefix=9, suffix=4), Sample(images=1, prefix=1, suffix=2)]
+    if family == "llava_next":  # different crop counts
+        samples += [Sample(images=1, image_shape=(64, 40)), Sample(images=2, image_shape=(32, 64))]
     if family == "video_llava":
         samples += [Sample(videos=1, prefix=2, suffix=3), Sample(images=1, videos=1, prefix=1, suffix=1)]
     batch = make_batch(model, samples)
@@ -213,16 +263,18 @@ class _Counted(VisionZip):
 COUNTED: list = []
 
 
-@pytest.mark.parametrize("family", ["llava", "video_llava"])
+@pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
 def test_scoring_flops_equal_flop_counter(family):
     model = _model(family)
     samples = [Sample(images=2), Sample(prefix=5)]
     if family == "video_llava":
         samples += [Sample(images=1, videos=1)]
+    if family == "llava_next":
+        samples += [Sample(images=1, image_shape=(64, 40))]
     batch = make_batch(model, samples)
     v = vtw.vision_token_mask(model, batch["input_ids"]).sum(1).tolist()
     t = batch["attention_mask"].sum(1) - torch.tensor(v)
-    for dominant, contextual in ((4, 3), (6, 0), (0, 9), (CELLS, 0)):
+    for dominant, contextual in ((4, 3), (6, 0), (0, 9), (9, 2), (CELLS, 0)):
         COUNTED.clear()
         method = _Counted(dominant, contextual)
         with torch.no_grad(), withdraw(model, method=method):
@@ -260,7 +312,6 @@ def test_budget_candidates_follow_the_papers_split_least_compute_first():
         ("llava_onevision", {}, "LLaVA-OneVision's tower (siglip_vision_model) has no class token"),
         ("qwen2_vl", {}, "Qwen2-VL's tower (qwen2_vl_vision) has no class token"),
         ("qwen2_5_vl", {}, "Qwen2.5-VL's tower (qwen2_5_vl_vision) has no class token"),
-        ("llava_next", {}, "visionzip on LLaVA-NeXT: its anyres crop grids are not mapped"),
     ],
 )
 def test_bad_parameters_and_towers_without_a_class_token_fail_before_any_forward(family, kwargs, needle):
@@ -271,3 +322,13 @@ def test_bad_parameters_and_towers_without_a_class_token_fail_before_any_forward
         withdraw(model, method="visionzip", **kwargs)
     assert needle in str(info.value), str(info.value)
     assert not calls and not model.model.__dict__.get("get_image_features")
+
+
+def test_llava_next_video_takes_images_and_refuses_its_pooled_video_frames():
+    model = _model("llava_next_video")
+    (image,) = make_singles(model, [Sample(images=1, image_shape=(64, 40))])
+    (video,) = make_singles(model, [Sample(videos=1)])
+    with torch.no_grad(), withdraw(model, method="visionzip", dominant=4, contextual=3):
+        assert model(**image).logits.shape[1] == image["input_ids"].shape[1] - (16 - 7) - 4 * (12 - 7) - 8
+        with pytest.raises(ValueError, match="LLaVA-NeXT-Video: its video frames are pooled before the projector"):
+            model(**video)

@@ -42,7 +42,10 @@ class VisionZip(BeforeDecoder):
 
     The attention and keys are recomputed from the feature layer's own norm and projections on its input, caught
     by a forward pre-hook (:func:`~vtw.methods.attention.class_token_attention`): the tower keeps SDPA. Towers
-    with a class token only: LLaVA-1.5 and Video-LLaVA (images and the frames of its video tower).
+    with a class token only: LLaVA-1.5, Video-LLaVA (images and the frames of its video tower) and LLaVA-NeXT(-Video)
+    images, per crop as the paper does: the base crop, and each crop of the unpadded crop grid on the patches the
+    unpadding left (a crop with at most ``dominant + contextual`` of them stays whole); a crop grid that is
+    reduced loses its row newlines (the reference keeps none). LLaVA-NeXT-Video's pooled video frames: an error.
     """
 
     name = "visionzip"
@@ -87,12 +90,8 @@ class VisionZip(BeforeDecoder):
             kind = getattr(config.vision_config, "model_type", "?")
             raise ValueError(
                 f"visionzip ranks patches by the vision tower's class-token (CLS) attention, and {spec.display}'s "
-                f"tower ({kind}) has no class token; visionzip supports CLIP towers (LLaVA-1.5, Video-LLaVA)"
-            )
-        if spec.anyres:
-            raise ValueError(
-                f"visionzip on {spec.display}: its anyres crop grids are not mapped to their crops' class-token "
-                "attention in vtw; visionzip supports LLaVA-1.5 and Video-LLaVA"
+                f"tower ({kind}) has no class token; visionzip supports the CLIP towers of LLaVA-1.5, LLaVA-NeXT "
+                "(images) and Video-LLaVA"
             )
         towers = {"image": spec.module(model, "vision_tower")}
         if spec.video_tower is not None:
@@ -100,31 +99,30 @@ class VisionZip(BeforeDecoder):
         return {kind: _feature_layer(tower, config.vision_feature_layer, spec.display) for kind, tower in towers.items()}
 
     def acts_on(self, model: nn.Module) -> bool:
-        """False where every image / frame keeps all its patches (``side² <= dominant + contextual``)."""
+        """False where every image / frame / crop keeps all its patches (``side² <= dominant + contextual``)."""
         self.vision_layers(model)
         vc = model.config.vision_config
         return (int(vc.image_size) // int(vc.patch_size)) ** 2 > self.tokens
 
     def grid_tokens(self, grid) -> int:
-        if grid.rows * grid.cols <= self.tokens:
+        sizes = [len(cells) for cells, _ in _units(grid)]
+        if all(n <= self.tokens for n in sizes):
             return grid.tokens
-        return grid.frames * (grid.lead + self.tokens) + grid.trail
+        return grid.frames * grid.lead + sum(min(n, self.tokens) for n in sizes) + grid.trail
 
     def scoring_flops(self, config, layout) -> int:
-        """Per image / frame reduced: :func:`~vtw.methods.attention.class_token_attention_flops` of its tower
-        input (``side² + 1`` tokens) and the cosine similarities of the ``n - dominant - contextual`` merged patches
-        with the ``contextual`` targets (``head_dim`` each)."""
+        """Per image / frame / crop reduced: :func:`~vtw.methods.attention.class_token_attention_flops` of its
+        tower input (``side² + 1`` tokens) and the cosine similarities of its ``n - dominant - contextual`` merged
+        patches with the ``contextual`` targets (``head_dim`` each)."""
         vc = config.vision_config
         hidden, heads = int(vc.hidden_size), int(vc.num_attention_heads)
         length = (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1
         total = 0
         for grid in layout.grids:
-            n = grid.rows * grid.cols
-            if n <= self.tokens:
-                continue
-            merged = n - self.tokens
-            per_frame = class_token_attention_flops(hidden, length) + 2 * merged * self.contextual * (hidden // heads)
-            total += grid.frames * per_frame
+            for cells, _ in _units(grid):
+                if len(cells) > self.tokens:
+                    merged = len(cells) - self.tokens
+                    total += class_token_attention_flops(hidden, length) + 2 * merged * self.contextual * (hidden // heads)
         return total
 
     # ------------------------------------------------------------------ the choice
@@ -133,29 +131,39 @@ class VisionZip(BeforeDecoder):
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise ValueError(f"{self.label} finds each image's grid from input_ids; the forward was given none")
-        config = ctx.model.config
+        config, spec = ctx.model.config, get_family(ctx.model)
         layouts = input_layouts(config, input_ids, inputs)
+        if spec.video == "pooled" and any(layout.videos for layout in layouts):
+            raise ValueError(
+                f"visionzip on {spec.display}: its video frames are pooled before the projector, so their tokens "
+                "are no tower patches with a class-token attention of their own; give it images only"
+            )
         placed = grid_positions(config, input_ids, layouts)
         keep = torch.ones_like(ctx.vision)
         hidden = ctx.hidden.clone()
-        # the tower inputs of the grids, in batch order: one per image, one per video frame
-        units = {"image": [], "video": []}  # kind -> [(sample, cells (rows, cols))]
+        # every tower input of the prompt, in batch order (an image, a crop, a video frame): kind -> [(sample, cells,
+        # sequence positions (n,) of its cells, patch index (n,) of each in the tower input)]
+        units = {"image": [], "video": []}
         for b, (layout, grids) in enumerate(zip(layouts, placed)):
             for i, p in enumerate(grids):
                 kind = "image" if i < len(layout.images) else "video"
-                units[kind].extend((b, cells) for cells in p.cells)
+                cells = p.cells.flatten().to(hidden.device)
+                parts = _units(p.grid)
+                units[kind].extend((b, cells[local], patch) for local, patch in parts)
+                if p.newlines is not None and any(len(local) > self.tokens for local, _ in parts):
+                    keep[b, p.newlines.flatten().to(hidden.device)] = False  # as the reference: no newlines left
         for kind, found in units.items():
             if not found:
                 continue
             layer, inputs_seen = self._tower_inputs(ctx, kind, len(found))
-            reduced = [j for j, (_, cells) in enumerate(found) if cells.numel() > self.tokens]
+            reduced = [j for j, (_, cells, _) in enumerate(found) if len(cells) > self.tokens]
             if not reduced:
                 continue
             attention, keys = class_token_attention(layer, inputs_seen[reduced].to(hidden.device))
             for row, j in enumerate(reduced):
-                b, cells = found[j]
-                self._zip(cells.flatten().to(hidden.device), attention[row, 1:], keys[row, 1:], ctx.hidden[b],
-                          hidden[b], keep[b])  # fmt: skip
+                b, cells, patch = found[j]
+                patch = 1 + patch.to(hidden.device)  # tower token 0 is the class token
+                self._zip(cells, attention[row, patch], keys[row, patch], ctx.hidden[b], hidden[b], keep[b])
         return Merge(keep, hidden)
 
     def _tower_inputs(self, ctx: StageContext, kind: str, count: int) -> tuple[nn.Module, torch.Tensor]:
@@ -170,10 +178,9 @@ class VisionZip(BeforeDecoder):
         return layer, hidden[hidden.shape[0] - count :]
 
     def _zip(self, cells, attention, keys, values, out, keep) -> None:
-        """One image / frame: ``cells`` ``(n,)`` sequence positions of its patches in grid order (patch ``i`` is
-        tower token ``i + 1``); ``attention`` ``(n,)`` and ``keys`` ``(n, hd)`` of those patches; ``values``
-        ``(T, D)`` the decoder inputs; writes the merged values into ``out`` ``(T, D)`` and the choice into ``keep``
-        ``(T,)``."""
+        """One tower input: ``cells`` ``(n,)`` sequence positions of its patches in grid order; ``attention``
+        ``(n,)`` and ``keys`` ``(n, hd)`` of those patches; ``values`` ``(T, D)`` the decoder inputs; writes the
+        merged values into ``out`` ``(T, D)`` and the choice into ``keep`` ``(T,)``."""
         n = cells.numel()
         order = torch.argsort(attention, descending=True, stable=True)
         dominant = order[: self.dominant]
@@ -197,6 +204,26 @@ class VisionZip(BeforeDecoder):
         counts = torch.bincount(group, minlength=targets.numel()).to(sums)
         out[cells[targets]] = (sums / counts[:, None]).to(out.dtype)
         keep[cells[targets]] = True
+
+
+def _units(grid) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The tower inputs behind a :class:`~vtw.grids.Grid`'s cells, in encoding order: one per frame, or one per
+    crop of an anyres crop grid (``grid.tiling``; a crop whose patches were all padding has no cells but was
+    encoded). Each is ``(cells (n,), patches (n,))``: the cells' indices in ``grid.cell_index().flatten()`` and
+    their patch index in that tower input (row-major over its ``side x side`` patches)."""
+    n = grid.rows * grid.cols
+    if grid.tiling is None:
+        return [(torch.arange(f * n, (f + 1) * n), torch.arange(n)) for f in range(grid.frames)]
+    crop_rows, crop_cols, side = grid.tiling
+    r = torch.arange(grid.rows) + (crop_rows * side - grid.rows) // 2  # rows / cols in the padded crop grid
+    c = torch.arange(grid.cols) + (crop_cols * side - grid.cols) // 2
+    crop = ((r // side)[:, None] * crop_cols + (c // side)[None, :]).flatten()
+    patch = ((r % side)[:, None] * side + (c % side)[None, :]).flatten()
+    out = []
+    for k in range(crop_rows * crop_cols):
+        local = torch.nonzero(crop == k).flatten()
+        out.append((local, patch[local]))
+    return out
 
 
 def _feature_layer(tower: nn.Module, feature_layer, display: str) -> nn.Module:
