@@ -176,7 +176,7 @@ SETTINGS = [(4, 3), (0, 5), (6, 0), (2, 7), (54, 10)]
         ("llava", Sample(images=2, prefix=3, suffix=4)),
         ("video_llava", Sample(images=1, videos=1, prefix=2)),
         ("llava_next", Sample(images=1, image_shape=(32, 32))),  # 2 crops: 8 patches of each survive unpadding
-        ("llava_next", Sample(images=1, image_shape=(64, 40))),  # 2 x 2 crops of 12 patches each
+        ("llava_next", Sample(images=1, image_shape=(40, 64))),  # 2 x 2 crops of 12 patches each (rows unpadded)
     ],
 )
 def test_generate_with_cache_matches_naive_reference(family, sample):
