@@ -13,9 +13,9 @@ from __future__ import annotations
 import pytest
 import torch
 from test_withdraw import _causal, _extend, _lm_inputs, _rotary
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from tiny_models import IMAGE_ID, VIDEO_ID, Sample, build_tiny_model, make_batch, make_singles
 from torch.utils.flop_counter import FlopCounterMode
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtw
 from vtw import withdraw

@@ -96,7 +96,9 @@ class VisionZip(BeforeDecoder):
         towers = {"image": spec.module(model, "vision_tower")}
         if spec.video_tower is not None:
             towers["video"] = spec.module(model, "video_tower")
-        return {kind: _feature_layer(tower, config.vision_feature_layer, spec.display) for kind, tower in towers.items()}
+        return {
+            kind: _feature_layer(tower, config.vision_feature_layer, spec.display) for kind, tower in towers.items()
+        }
 
     def acts_on(self, model: nn.Module) -> bool:
         """False where every image / frame / crop keeps all its patches (``side² <= dominant + contextual``)."""
@@ -121,8 +123,8 @@ class VisionZip(BeforeDecoder):
         for grid in layout.grids:
             for cells, _ in _units(grid):
                 if len(cells) > self.tokens:
-                    merged = len(cells) - self.tokens
-                    total += class_token_attention_flops(hidden, length) + 2 * merged * self.contextual * (hidden // heads)
+                    cosine = 2 * (len(cells) - self.tokens) * self.contextual * (hidden // heads)
+                    total += class_token_attention_flops(hidden, length) + cosine
         return total
 
     # ------------------------------------------------------------------ the choice
