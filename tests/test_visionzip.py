@@ -185,9 +185,10 @@ def test_generate_with_cache_matches_naive_reference(family, sample):
     (inputs,) = make_singles(model, [sample])
     for dominant, contextual in SETTINGS[:3] if sample.videos else SETTINGS:
         ref_tokens, ref_logits = _naive_generate(reference_model, inputs, dominant, contextual)
-        tokens, logits, _ = _generate(model, inputs, VisionZip(dominant, contextual))
-        assert tokens[0].tolist() == ref_tokens, (dominant, contextual)
-        torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0, msg=str((dominant, contextual)))
+        for under_test in (model, reference_model):  # SDPA and eager decoders alike
+            tokens, logits, _ = _generate(under_test, inputs, VisionZip(dominant, contextual))
+            assert tokens[0].tolist() == ref_tokens, (dominant, contextual)
+            torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0, msg=str((dominant, contextual)))
 
 
 @pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])

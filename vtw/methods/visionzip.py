@@ -37,8 +37,8 @@ class VisionZip(BeforeDecoder):
     (dominant and target tokens keep their position ids; nothing is renumbered); class tokens in the sequence
     (Video-LLaVA's video frames) stay. Two differences from the reference code, which works before the projector:
     there the class token itself is one of the ``dominant`` tokens fed to the decoder (LLaVA drops it here: vtw's
-    ``dominant`` are all patches), and a contextual token is ``target + mean(joined)`` where vtw (as the paper's
-    text) averages the target with the patches that joined it.
+    ``dominant`` are all patches), and a contextual token is ``target + mean(joined)`` where vtw averages the target
+    with the patches that joined it (a token of the same scale as the others).
 
     The attention and keys are recomputed from the feature layer's own norm and projections on its input, caught
     by a forward pre-hook (:func:`~vtw.methods.attention.class_token_attention`): the tower keeps SDPA. Towers
