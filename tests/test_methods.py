@@ -141,7 +141,8 @@ def test_registry_and_method_objects():
     assert make_method("vtw", layer=3) == Withdrawal(layer=3)
     assert make_method("random", layer=2, seed=5) == RandomTokens(layer=2, seed=5)
     with pytest.raises(
-        ValueError, match="unknown withdrawal method .fast.; allowed: vtw, fastv, pdrop, pool, random, random_vision"
+        ValueError,
+        match="unknown withdrawal method .fast.; allowed: vtw, fastv, pdrop, pool, random, random_vision, visionzip",
     ):
         make_method("fast")
     with pytest.raises(ValueError, match=r"method 'vtw' takes layer; got unknown keep"):

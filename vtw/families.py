@@ -54,6 +54,8 @@ class FamilySpec:
         image_layout: one of :data:`IMAGE_LAYOUTS`.
         video: one of :data:`VIDEO_LAYOUTS`, or ``None`` when the family takes no video.
         vision_tower: attribute path, from the top-level model, of the (image) vision tower.
+        video_tower: attribute path of a second tower that encodes the video frames (Video-LLaVA), else ``None``
+            (the image tower encodes them).
         projector: attribute path of the projector (LLaVA's ``multi_modal_projector``, Qwen's patch merger).
         image_key: processor output key of the image pixels (``video_key`` is ``pixel_values_videos``).
         video_frames: frames per video the family's checkpoints were trained on, where fixed (Video-LLaVA's video
@@ -76,6 +78,7 @@ class FamilySpec:
     image_key: str = "pixel_values"
     video_frames: int | None = None
     mrope: bool = False
+    video_tower: str | None = None
 
     def __post_init__(self):
         for value, allowed, what in (
@@ -118,8 +121,10 @@ class FamilySpec:
         return self.build_tiny(num_layers)
 
     def module(self, model: nn.Module, which: str) -> nn.Module:
-        """The ``"vision_tower"`` or ``"projector"`` submodule of a model instance of this family."""
-        path = {"vision_tower": self.vision_tower, "projector": self.projector}[which]
+        """The ``"vision_tower"``, ``"video_tower"`` (the tower that encodes video frames) or ``"projector"``
+        submodule of a model instance of this family."""
+        path = {"vision_tower": self.vision_tower, "video_tower": self.video_tower or self.vision_tower,
+                "projector": self.projector}[which]  # fmt: skip
         out = model
         for name in path.split("."):
             out = getattr(out, name)
@@ -319,7 +324,8 @@ _FAMILIES: dict[str, FamilySpec] = {
             encoder="fixed",
             image_layout="single",
             video="frames",
-            vision_tower="model.image_tower",  # its video_tower is a second tower of the same class
+            vision_tower="model.image_tower",
+            video_tower="model.video_tower",  # a second tower of the same class
             projector="model.multi_modal_projector",
             build_tiny=_tiny_video_llava,
             image_key="pixel_values_images",

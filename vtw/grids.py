@@ -39,6 +39,9 @@ class Grid:
     ``rows`` rows of ``cols`` grid tokens each followed by ``newline`` tokens], then ``trail`` tokens.
 
     ``lead`` (a class token), ``newline`` and ``trail`` tokens are not grid cells: grid methods keep them as they are.
+    ``tiling``: an anyres crop grid's ``(crop rows, crop cols, side)``: it was cut from that many ``side x side``
+    crops, then the padding was removed symmetrically (:func:`unpadded`); ``None`` for a grid of one encoder input
+    per frame (or a downscaled one, whose cells are no crop's patches).
     """
 
     rows: int
@@ -47,6 +50,7 @@ class Grid:
     lead: int = 0
     newline: int = 0
     trail: int = 0
+    tiling: tuple[int, int, int] | None = None
 
     @property
     def tokens(self) -> int:
@@ -61,7 +65,7 @@ class Grid:
     def pooled(self, stride: int) -> Grid:
         """The grid after ``stride x stride`` pooling of each frame (edge windows partial): ``ceil(rows / stride) x
         ceil(cols / stride)`` cells, one newline per pooled row, ``lead`` and ``trail`` unchanged."""
-        return replace(self, rows=math.ceil(self.rows / stride), cols=math.ceil(self.cols / stride))
+        return replace(self, rows=math.ceil(self.rows / stride), cols=math.ceil(self.cols / stride), tiling=None)
 
     def cell_index(self) -> torch.Tensor:
         """``(frames, rows, cols)`` long: each cell's offset from the grid's first token."""
@@ -155,12 +159,13 @@ def image_grids(config, image_size: tuple[int, int] | None = None, tiled: bool =
     tile, side = int(config.vision_config.image_size), base.rows
     ph, pw = best_resolution(height, width, config.image_grid_pinpoints)
     rows, cols = unpadded(height, width, (ph // tile) * side, (pw // tile) * side)
+    tiling = (ph // tile, pw // tile, side)
     if spec.image_layout == "anyres_max":
         max_crops = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
         ratio = math.sqrt(rows * cols / (max_crops * side**2))
         if ratio > 1.1:
-            rows, cols = int(rows // ratio), int(cols // ratio)
-    return base, Grid(rows, cols, newline=1)
+            rows, cols, tiling = int(rows // ratio), int(cols // ratio), None
+    return base, Grid(rows, cols, newline=1, tiling=tiling)
 
 
 def qwen_grid(config, thw: Sequence[int]) -> Grid:

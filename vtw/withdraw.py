@@ -97,6 +97,8 @@ class WithdrawalHandle:
         self.num_layers = num_decoder_layers(model)
         self.method = method.resolve(self.num_layers)
         self.stages = tuple(k for k in self.method.stages() if k < self.num_layers)
+        if self.stages and not self.method.acts_on(model):  # e.g. VisionZip keeping every patch of this tower
+            self.stages = ()
         self.layer = self.stages[0] if self.stages else None
         self._model_ref = weakref.ref(model)
         self._hooks: list = []
@@ -111,6 +113,8 @@ class WithdrawalHandle:
         self._inputs: dict | None = None  # keyword arguments of the current prefill forward
         self._encoder_inputs: dict = {}  # what the last vision-feature calls were given (methods before the decoder)
         self._wrapped: list[tuple[nn.Module, str, object]] = []
+        self._vision_layers: dict[str, nn.Module] = {}  # methods with uses_vision_layer: "image"/"video" -> layer
+        self._vision_layer_inputs: dict[str, list[torch.Tensor]] = {}  # what they received since the last forward
         self._decode_masks: dict[int, torch.Tensor | None] = {}  # segment -> (B, 1, q, kv_s), current decode step
         # across forwards of one generation: each segment's padding mask and the cache it belongs to
         self._deep_masks2d: list[torch.Tensor] | None = None  # [(B, kv_s)] per segment
@@ -133,6 +137,7 @@ class WithdrawalHandle:
             if owner.__dict__.get(name) is wrapper:
                 delattr(owner, name)  # the class's method shows through again
         self._wrapped.clear()
+        self._vision_layer_inputs = {}
         self._reset_generation()
 
     def __enter__(self) -> WithdrawalHandle:
@@ -172,6 +177,8 @@ class WithdrawalHandle:
                 "vtw supports full-attention decoders only"
             )
         layers = language_model(model).layers
+        if self.method.uses_vision_layer:  # before any hook: a tower the method cannot use raises here
+            self._capture_vision_layers(model)
         if self.method.before_decoder:
             self._record_encoder_inputs(getattr(model, "model", model))
         self._hooks.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
@@ -211,6 +218,20 @@ class WithdrawalHandle:
             functools.update_wrapper(wrapper, original)
             setattr(base, name, wrapper)
             self._wrapped.append((base, name, wrapper))
+
+    def _capture_vision_layers(self, model: nn.Module) -> None:
+        """Methods that read a vision tower layer (VisionZip: the class token's attention and the keys of the feature
+        layer) get its inputs from a forward pre-hook on that layer (of each tower, :meth:`Reduction.vision_layers`):
+        the tower keeps its attention implementation and nothing runs twice. The images may be encoded before the
+        prefill forward (``generate``), so inputs are collected until the end of the next model forward."""
+        self._vision_layers = self.method.vision_layers(model)
+        for kind, layer in self._vision_layers.items():
+
+            def hook(module, args, kwargs, _kind=kind):
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self._vision_layer_inputs.setdefault(_kind, []).append(hidden)
+
+            self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _stage_hook(self, s: int):
         def hook(module, args, kwargs):
@@ -308,6 +329,7 @@ class WithdrawalHandle:
         self._vision = None
         self._inputs = None
         self._encoder_inputs = {}
+        self._vision_layer_inputs = {}
         return None
 
     def _reduce(self, s: int, module, args, kwargs):
@@ -346,6 +368,7 @@ class WithdrawalHandle:
             previous=self._previous.get(s),
             input_vision=self._input_vision.to(hidden.device),
             inputs=self._inputs,
+            vision_layer={k: (self._vision_layers[k], torch.cat(v)) for k, v in self._vision_layer_inputs.items()},
         )
         picked = self.method.select(ctx)
         if isinstance(picked, Merge):  # kept tokens carry new values

@@ -18,6 +18,7 @@ from .pdrop import PyramidDrop
 from .pool import Pool
 from .random_tokens import RandomTokens
 from .random_vision import RandomVision
+from .visionzip import VisionZip
 from .vtw import Withdrawal
 
 for _module in pkgutil.iter_modules(__path__):  # a new method file needs no line here
@@ -151,6 +152,7 @@ __all__ = [
     "RandomTokens",
     "Reduction",
     "StageContext",
+    "VisionZip",
     "Withdrawal",
     "check_int",
     "check_layer",

@@ -1,4 +1,5 @@
-"""The attention one query gives every key in a decoder layer, recomputed from the layer's own weights.
+"""The attention one query gives every key in a decoder layer (or a CLIP vision tower layer: the class token's, for
+VisionZip, :func:`class_token_attention`), recomputed from the layer's own weights.
 
 FastV and PyramidDrop rank vision tokens by the attention probabilities of the *last prompt token*. Models run with
 SDPA (which never materialises probabilities), and running a layer a second time in eager mode would write a
@@ -78,3 +79,33 @@ def last_token_attention_flops(hidden_size: int, heads: int, kv_heads: int, head
         + 2 * tokens * hidden_size * kv_heads * head_dim
         + 2 * heads * tokens * head_dim
     )
+
+
+def class_token_attention(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The class token's attention and every token's keys in one layer of a CLIP vision tower, recomputed from the
+    layer's own ``layer_norm1``, ``q_proj``, ``k_proj`` and scale on the hidden states it received (the tower keeps
+    its SDPA; VisionZip's reference patches the attention to return them instead).
+
+    Args:
+        layer: a CLIP encoder layer (``layer_norm1``; ``self_attn`` with ``q_proj``, ``k_proj``, ``num_heads``,
+            ``head_dim``, ``scale``); hidden: ``(N, S, D)`` its input, token 0 the class token (no padding: every
+            tower input is a full image).
+
+    Returns:
+        ``(attention (N, S) float32, keys (N, S, head_dim))``: the class token's softmax attention over the ``S``
+        tokens, mean over heads (the eager attention weights ``[:, :, 0, :].mean(1)``), and the keys, mean over heads.
+    """
+    attn = layer.self_attn
+    count, length, _ = hidden.shape
+    normed = layer.layer_norm1(hidden)
+    q = attn.q_proj(normed[:, :1]).view(count, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+    k = attn.k_proj(normed).view(count, length, attn.num_heads, attn.head_dim).transpose(1, 2)  # (N, H, S, hd)
+    probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1, dtype=torch.float32)
+    return probs.mean(1)[:, 0], k.mean(1)
+
+
+def class_token_attention_flops(hidden_size: int, tokens: int) -> int:
+    """Matmul FLOPs of :func:`class_token_attention` for one tower input of ``tokens`` tokens (class token
+    included): the query projection of the class token, the key projection of every token, one row of ``q kᵀ``
+    over all heads (``heads · head_dim = hidden_size``)."""
+    return 2 * hidden_size * hidden_size + 2 * tokens * hidden_size * hidden_size + 2 * tokens * hidden_size

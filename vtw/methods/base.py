@@ -40,6 +40,9 @@ class StageContext:
         inputs: the keyword arguments of the model's prefill forward (``input_ids`` ``(B, T)``, ``image_sizes``,
             ``image_grid_thw``, ``pixel_values_videos``, ...): where the methods acting before the decoder read each
             image's and video's grid (:func:`vtw.grids.input_layouts`).
+        vision_layer: for methods with ``uses_vision_layer``, ``{"image" | "video": (layer, hidden)}``: the vision
+            tower layer :meth:`Reduction.vision_layers` named and ``hidden`` ``(N, S, D)``, what it received for the
+            ``N`` encoder inputs of this prefill (images, or video frames, in batch order).
     """
 
     stage: int
@@ -55,6 +58,7 @@ class StageContext:
     previous: LayerInput | None = None
     input_vision: torch.Tensor | None = None
     inputs: dict | None = None
+    vision_layer: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ class Reduction:
     registered: ClassVar[bool] = True
     #: whether :meth:`select` needs the input of the layer before each stage (``StageContext.previous``)
     uses_previous_layer: ClassVar[bool] = False
+    #: whether :meth:`select` needs the input of a vision tower layer (``StageContext.vision_layer``)
+    uses_vision_layer: ClassVar[bool] = False
 
     def resolve(self, num_layers: int) -> Reduction:
         """This method checked against a decoder of ``num_layers`` layers, with ``L``-dependent defaults filled in.
@@ -131,6 +137,21 @@ class Reduction:
         """``(B, T)`` bool: the tokens that go on past ``ctx.layer`` (or a :class:`Merge`: those tokens and their new
         values). The mechanism always keeps each sample's last token (it predicts the next one) and drops padding,
         whatever is returned."""
+        raise NotImplementedError
+
+    def acts_on(self, model: nn.Module) -> bool:
+        """Whether the method changes anything on ``model`` (``withdraw`` installs nothing where it does not, so the
+        model is untouched, bit for bit). Raises ``ValueError`` where the method cannot work on ``model``."""
+        return True
+
+    def vision_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        """For methods with ``uses_vision_layer``: ``{"image": layer, "video": layer}``, the vision tower layers of
+        ``model`` whose inputs :meth:`select` reads (``"video"`` only where a second tower encodes the videos).
+
+        Raises:
+            ValueError: the model's vision tower does not have what the method needs (called by ``withdraw``,
+                before any forward).
+        """
         raise NotImplementedError
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:

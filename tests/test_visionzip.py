@@ -1,0 +1,335 @@
+"""VisionZip: exact under KV-cache decoding and batching against an independent naive reference, bit-identical when
+nothing is reduced, SDPA throughout, exact scoring FLOPs, clear errors.
+
+The reference takes the class token's attention from the eager vision tower's own ``output_attentions`` (the
+feature layer's weights, mean over heads) and the keys from that layer's ``k_proj`` on its input
+(``hidden_states``), picks and merges in plain Python, and runs the decoder layers by hand without a cache on the
+reduced sequence at the kept positions, recomputing everything at every decode step. The method under test runs
+under SDPA with the KV cache (same weights).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_withdraw import _causal, _extend, _lm_inputs, _rotary
+from tiny_models import IMAGE_ID, VIDEO_ID, Sample, build_tiny_model, make_batch, make_singles
+from torch.utils.flop_counter import FlopCounterMode
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+import vtw
+from vtw import withdraw
+from vtw.grids import input_layouts
+from vtw.methods import VisionZip
+
+NUM_LAYERS = 4
+STEPS = 3
+ATOL = 1e-4
+CELLS = 16  # the tiny CLIP: 32 px images, 8 px patches
+
+
+def _model(family, attn="sdpa"):
+    model = build_tiny_model(family, attn_implementation=attn, num_layers=NUM_LAYERS)
+    model.generation_config.eos_token_id = None
+    return model
+
+
+def _towers(model):
+    """``(kind, tower, pixel key, placeholder id, class tokens per frame in the sequence)`` of the tiny families."""
+    if vtw.get_family(model).model_type == "video_llava":
+        return [("image", model.model.image_tower, "pixel_values_images", IMAGE_ID, 0),
+                ("video", model.model.video_tower, "pixel_values_videos", VIDEO_ID, 1)]  # fmt: skip
+    return [("image", model.model.vision_tower, "pixel_values", IMAGE_ID, 0)]
+
+
+def _scores(model, tower, pixels):
+    """Per tower input: the class token's attention to each patch ``(N, n)`` and the patches' keys ``(N, n, hd)``
+    in the layer whose output the projector reads (``hidden_states[vision_feature_layer]``)."""
+    out = tower(pixels, output_attentions=True, output_hidden_states=True)
+    layers = tower.encoder.layers
+    index = len(layers) + model.config.vision_feature_layer  # hidden_states[i + 1] is the output of layer i
+    assert torch.equal(out.hidden_states[index + 1], out.hidden_states[model.config.vision_feature_layer])
+    layer = layers[index]
+    attention = out.attentions[index][:, :, 0, 1:].mean(1)
+    k = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[index]))
+    keys = k.view(*k.shape[:2], layer.self_attn.num_heads, -1).mean(2)[:, 1:]
+    return attention, keys
+
+
+def _groups(attention, keys, dominant, contextual):
+    """``{kept patch: [patches averaged into it]}`` for one image or frame, in plain Python."""
+    n = len(attention)
+    if n <= dominant + contextual:
+        return {i: [i] for i in range(n)}
+    ranked = sorted(range(n), key=lambda i: -float(attention[i]))
+    groups = {i: [i] for i in ranked[:dominant]}
+    rest = [i for i in range(n) if i not in groups]
+    if contextual:
+        targets = rest[:: max(1, len(rest) // contextual)][:contextual]
+        for t in targets:
+            groups[t] = [t]
+        for i in rest:
+            if i not in targets:
+                sims = [float(torch.nn.functional.cosine_similarity(keys[i], keys[t], dim=0)) for t in targets]
+                groups[targets[sims.index(max(sims))]].append(i)
+    return groups
+
+
+def _next_crops(model, inputs):
+    """LLaVA-NeXT: ``(tower inputs (N, C, H, W), [(tower input, patch) per image token, (-1, -1) at newlines])``,
+    from the model's own ``pack_image_features`` applied to features that carry each crop's and patch's index."""
+    config = model.config
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    crops = [image_size_to_num_patches(size.tolist(), config.image_grid_pinpoints, config.vision_config.image_size)
+             for size in inputs["image_sizes"]]  # fmt: skip
+    pixels = torch.cat([p[:k] for p, k in zip(inputs["pixel_values"], crops)])
+    start = torch.tensor([0, *crops]).cumsum(0)
+    index = [torch.stack(torch.meshgrid(torch.arange(a, a + k), torch.arange(side * side), indexing="ij"), -1).float()
+             for a, k in zip(start.tolist(), crops)]  # fmt: skip
+    packed, _ = model.model.pack_image_features(index, inputs["image_sizes"], "default", torch.tensor([-1.0, -1.0]))
+    return pixels, torch.cat(packed).long().tolist()
+
+
+def _tower_units(model, inputs):
+    """``[(tower, tower inputs, [(tower input, sequence positions of its patches, their patch indices)])]`` and the
+    positions of row newlines, for one sample."""
+    ids = inputs["input_ids"][0]
+    out, newlines = [], []
+    for _, tower, key, token_id, lead in _towers(model):
+        if key not in inputs:
+            continue
+        where = torch.nonzero(ids == token_id).flatten()
+        if "image_sizes" in inputs:  # LLaVA-NeXT: per crop, through its own packing
+            pixels, packed = _next_crops(model, inputs)
+            rows = {}
+            for position, (row, patch) in zip(where.tolist(), packed):
+                if row < 0:
+                    newlines.append(position)
+                else:
+                    rows.setdefault(row, ([], []))
+                    rows[row][0].append(position)
+                    rows[row][1].append(patch)
+            units = [(row, torch.tensor(cells), torch.tensor(patches)) for row, (cells, patches) in rows.items()]
+        else:
+            pixels = inputs[key].flatten(0, 1) if inputs[key].dim() == 5 else inputs[key]
+            where = where.view(len(pixels), lead + CELLS)[:, lead:]
+            units = [(row, cells, torch.arange(CELLS)) for row, cells in enumerate(where)]
+        out.append((tower, pixels, units))
+    return out, newlines
+
+
+def _naive_logits(model, inputs, dominant, contextual):
+    """Logits ``(T_kept, V)`` of one sample under VisionZip, every layer by hand without a cache."""
+    embeds, pos = _lm_inputs(model, inputs)
+    embeds = embeds.clone()
+    keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
+    towers, newlines = _tower_units(model, inputs)
+    for tower, pixels, units in towers:
+        attention, keys = _scores(model, tower, pixels)
+        for row, cells, patches in units:
+            keep[cells] = False
+            for kept, members in _groups(attention[row, patches], keys[row, patches], dominant, contextual).items():
+                embeds[0, cells[kept]] = embeds[0, cells[members]].mean(0)
+                keep[cells[kept]] = True
+    if any(len(cells) > dominant + contextual for _, cells, _ in towers[0][2][1:]):  # a crop of the grid reduced
+        keep[newlines] = False  # (the tiny samples here have one image each)
+    lm = vtw.language_model(model)
+    cos, sin, mpos = _rotary(lm, embeds, pos)
+    index = torch.nonzero(keep).flatten()
+    h, cos, sin, mpos = embeds[:, index], cos[..., index, :], sin[..., index, :], mpos[..., index]
+    for layer in lm.layers:
+        h = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=(cos, sin), position_ids=mpos,
+                  past_key_values=None, use_cache=False)  # fmt: skip
+    return model.lm_head(lm.norm(h))[0]
+
+
+def _naive_generate(model, inputs, dominant, contextual):
+    tokens, logits, cur = [], [], inputs
+    with torch.no_grad():
+        for _ in range(STEPS):
+            out = _naive_logits(model, cur, dominant, contextual)[-1]
+            tokens.append(int(out.argmax()))
+            logits.append(out)
+            cur = _extend(cur, tokens[-1])
+    return tokens, torch.stack(logits)
+
+
+def _generate(model, inputs, method, stale=False):
+    """Greedy generation under ``method`` with the KV cache; ``stale``: first encode other images outside a forward
+    (what the tower saw then is not this prompt's)."""
+    with torch.no_grad(), withdraw(model, method=method) as handle:
+        if stale:
+            other = make_batch(model, [Sample(images=3)], seed=7)
+            sizes = {"image_sizes": other["image_sizes"]} if "image_sizes" in other else {}
+            model.model.get_image_features(other[_towers(model)[0][2]], **sizes)
+        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1), handle
+
+
+SETTINGS = [(4, 3), (0, 5), (6, 0), (2, 7), (54, 10)]
+
+
+@pytest.mark.parametrize(
+    ("family", "sample"),
+    [
+        ("llava", Sample(images=2, prefix=3, suffix=4)),
+        ("video_llava", Sample(images=1, videos=1, prefix=2)),
+        ("llava_next", Sample(images=1, image_shape=(32, 32))),  # 2 crops: 8 patches of each survive unpadding
+        ("llava_next", Sample(images=1, image_shape=(40, 64))),  # 2 x 2 crops of 12 patches each (rows unpadded)
+    ],
+)
+def test_generate_with_cache_matches_naive_reference(family, sample):
+    reference_model = _model(family, "eager")  # same seed: the same weights as the model under test
+    model = _model(family, "sdpa")
+    (inputs,) = make_singles(model, [sample])
+    for dominant, contextual in SETTINGS[:3] if sample.videos else SETTINGS:
+        ref_tokens, ref_logits = _naive_generate(reference_model, inputs, dominant, contextual)
+        for under_test in (model, reference_model):  # SDPA and eager decoders alike
+            tokens, logits, _ = _generate(under_test, inputs, VisionZip(dominant, contextual))
+            assert tokens[0].tolist() == ref_tokens, (dominant, contextual)
+            torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0, msg=str((dominant, contextual)))
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
+def test_batch_with_different_image_counts_equals_each_sample_alone(family):
+    model = _model(family)
+    samples = [Sample(images=2, prefix=3, suffix=6), Sample(prefix=9, suffix=4), Sample(images=1, prefix=1, suffix=2)]
+    if family == "llava_next":  # different crop counts
+        samples += [Sample(images=1, image_shape=(64, 40)), Sample(images=2, image_shape=(32, 64))]
+    if family == "video_llava":
+        samples += [Sample(videos=1, prefix=2, suffix=3), Sample(images=1, videos=1, prefix=1, suffix=1)]
+    batch = make_batch(model, samples)
+    assert (batch["attention_mask"] == 0).any()
+    method = VisionZip(5, 2)
+    tokens, logits, _ = _generate(model, batch, method, stale=True)
+    for i, single in enumerate(make_singles(model, samples)):
+        t, lg, _ = _generate(model, single, method)
+        assert tokens[i].tolist() == t[0].tolist(), i
+        torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)
+
+
+def _feature_layers(model):
+    return [tower.encoder.layers[len(tower.encoder.layers) + model.config.vision_feature_layer]
+            for _, tower, *_ in _towers(model)]  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+def test_nothing_to_reduce_is_the_baseline_bit_identical_and_remove_restores(family):
+    model = _model(family)
+    extra = [Sample(images=1, videos=1, prefix=1, suffix=2)] if family == "video_llava" else []
+    batch = make_batch(model, [Sample(images=1, prefix=3, suffix=5), Sample(prefix=6, suffix=2), *extra])
+    with torch.no_grad():
+        ref = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
+        ref_logits = model(**batch).logits
+        for dominant, contextual in ((CELLS, 0), (54, 10), (3, CELLS - 3)):
+            with withdraw(model, method="visionzip", dominant=dominant, contextual=contextual):
+                assert torch.equal(model(**batch).logits, ref_logits), (dominant, contextual)
+                assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
+        handle = withdraw(model, method="visionzip", dominant=4, contextual=3)
+        assert "get_image_features" in model.model.__dict__
+        assert all(layer._forward_pre_hooks for layer in _feature_layers(model))
+        assert model(**batch).logits.shape[1] < ref_logits.shape[1]  # something was reduced
+        handle.remove()
+        assert "get_image_features" not in model.model.__dict__ and "get_video_features" not in model.model.__dict__
+        assert not any(layer._forward_pre_hooks for layer in _feature_layers(model))
+        assert torch.equal(model(**batch).logits, ref_logits)
+        assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
+
+
+def test_the_vision_towers_keep_sdpa():
+    model = _model("video_llava")
+    batch = make_batch(model, [Sample(images=1, videos=1)])
+    weights = []
+    hooks = [m.register_forward_hook(lambda m, a, out: weights.append(out[1]))
+             for _, tower, *_ in _towers(model) for m in tower.modules() if type(m).__name__ == "CLIPAttention"]  # fmt: skip
+    with torch.no_grad(), withdraw(model, method="visionzip", dominant=4, contextual=3):
+        model(**batch)
+        assert {tower.config._attn_implementation for _, tower, *_ in _towers(model)} == {"sdpa"}
+    for h in hooks:
+        h.remove()
+    assert len(weights) == 4 and all(w is None for w in weights)  # SDPA returns no weights; eager would
+
+
+class _Counted(VisionZip):
+    """VisionZip that counts the matmul FLOPs of its own choice with FlopCounterMode (into :data:`COUNTED`)."""
+
+    def select(self, ctx):
+        with FlopCounterMode(display=False) as counter:
+            out = super().select(ctx)
+        COUNTED.append((counter.get_total_flops(), ctx.inputs))
+        return out
+
+
+COUNTED: list = []
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
+def test_scoring_flops_equal_flop_counter(family):
+    model = _model(family)
+    samples = [Sample(images=2), Sample(prefix=5)]
+    if family == "video_llava":
+        samples += [Sample(images=1, videos=1)]
+    if family == "llava_next":
+        samples += [Sample(images=1, image_shape=(64, 40))]
+    batch = make_batch(model, samples)
+    v = vtw.vision_token_mask(model, batch["input_ids"]).sum(1).tolist()
+    t = batch["attention_mask"].sum(1) - torch.tensor(v)
+    for dominant, contextual in ((4, 3), (6, 0), (0, 9), (9, 2), (CELLS, 0)):
+        COUNTED.clear()
+        method = _Counted(dominant, contextual)
+        with torch.no_grad(), withdraw(model, method=method):
+            cache = model(**batch, use_cache=True).past_key_values
+        layouts = input_layouts(model.config, batch["input_ids"], batch)
+        expected = sum(method.scoring_flops(model.config, layout) for layout in layouts)
+        if dominant + contextual >= CELLS:  # nothing to reduce: nothing installed, nothing spent
+            assert not COUNTED and expected == 0
+            continue
+        ((counted, inputs),) = COUNTED
+        assert input_layouts(model.config, batch["input_ids"], inputs) == layouts
+        assert counted == expected > 0
+        # the decoder's caches hold what the FLOPs model counts: the longest sample's tokens
+        counts = [method.layer_tokens(NUM_LAYERS, v[b], int(t[b]), layouts[b])[0] for b in range(len(samples))]
+        assert cache.layers[0].keys.shape[-2] == max(a + b for a, b in counts)
+
+
+def test_budget_candidates_follow_the_papers_split_least_compute_first():
+    cands = VisionZip().budget_candidates(NUM_LAYERS)
+    totals = [c.dominant + c.contextual for c in cands]
+    assert totals == sorted(totals) and totals[0] == 1 and totals[-1] == 576
+    for paper in (VisionZip(54, 10), VisionZip(108, 20), VisionZip(162, 30)):
+        assert paper in cands
+    assert VisionZip().label == "visionzip 54+10" and VisionZip.free_parameter in VisionZip().params()
+
+
+@pytest.mark.parametrize(
+    ("family", "kwargs", "needle"),
+    [
+        ("llava", dict(dominant=-1), "visionzip dominant must be an integer >= 0, got -1"),
+        ("llava", dict(contextual=2.5), "visionzip contextual must be an integer >= 0, got 2.5"),
+        ("llava", dict(dominant=True), "visionzip dominant must be an integer >= 0, got True"),
+        ("llava", dict(dominant=0, contextual=0), "got 0 + 0: at least one is needed"),
+        ("llava", dict(keep=0.5), "takes contextual, dominant; got unknown keep"),
+        ("llava_onevision", {}, "LLaVA-OneVision's tower (siglip_vision_model) has no class token"),
+        ("qwen2_vl", {}, "Qwen2-VL's tower (qwen2_vl_vision) has no class token"),
+        ("qwen2_5_vl", {}, "Qwen2.5-VL's tower (qwen2_5_vl_vision) has no class token"),
+    ],
+)
+def test_bad_parameters_and_towers_without_a_class_token_fail_before_any_forward(family, kwargs, needle):
+    model = _model(family)
+    calls = []
+    model.register_forward_pre_hook(lambda *a: calls.append(1))
+    with pytest.raises(ValueError) as info:
+        withdraw(model, method="visionzip", **kwargs)
+    assert needle in str(info.value), str(info.value)
+    assert not calls and not model.model.__dict__.get("get_image_features")
+
+
+def test_llava_next_video_takes_images_and_refuses_its_pooled_video_frames():
+    model = _model("llava_next_video")
+    (image,) = make_singles(model, [Sample(images=1, image_shape=(64, 40))])
+    (video,) = make_singles(model, [Sample(videos=1)])
+    with torch.no_grad(), withdraw(model, method="visionzip", dominant=4, contextual=3):
+        assert model(**image).logits.shape[1] == image["input_ids"].shape[1] - (16 - 7) - 4 * (12 - 7) - 8
+        with pytest.raises(ValueError, match="LLaVA-NeXT-Video: its video frames are pooled before the projector"):
+            model(**video)
