@@ -6,6 +6,7 @@ model, so that machine noise hits all alike. Printed, from one run:
 
 * prefill time, its speedup over the untouched model, the analytic FLOPs speedup, and realized / analytic (target
   >= 0.9);
+* the methods acting before the decoder (``pool``, ``visionzip``) at the same budget;
 * the scoring overhead of FastV and PyramidDrop as a share of their prefill time (target <= 3 %): each is timed
   again with a "replay" of the very tokens it kept (the same stages and packing, no scoring), and the difference is
   the scoring.
@@ -30,7 +31,7 @@ from bench_withdraw import describe, inputs_for, load, model_options, sync
 from vtw import get_family, withdraw
 from vtw.flops import count_flops
 from vtw.flops.budget import Prompt, match_budget
-from vtw.methods import FastV, Pool, PyramidDrop, RandomVision, Reduction, StageContext, Withdrawal
+from vtw.methods import FastV, Pool, PyramidDrop, RandomVision, Reduction, StageContext, VisionZip, Withdrawal
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def main() -> None:
     cfg, n_vision, n_text = model.config, int((inputs["input_ids"] == image_id).sum()), args.text_tokens
     prompt = [Prompt(n_vision, n_text, {"vision_inputs": 1})]
     methods = {}
-    for m in (Withdrawal(layer=args.layers // 2), FastV(layer=2), PyramidDrop(), RandomVision(layer=2), Pool()):
+    peers = (FastV(layer=2), PyramidDrop(), RandomVision(layer=2), Pool(), VisionZip())
+    for m in (Withdrawal(layer=args.layers // 2), *peers):
         match = match_budget(cfg, prompt, m, args.budget)
         methods[match.method.name] = (match.method, match.ratio)
     replays = {}

@@ -115,32 +115,33 @@ def _cells(model, inputs: dict, pos: torch.Tensor) -> list[tuple[torch.Tensor, d
     return out
 
 
-def _pool_reference(model, inputs: dict, embeds: torch.Tensor, pos: torch.Tensor, stride: int):
+def _pool_reference(model, inputs: dict, embeds: torch.Tensor, pos: torch.Tensor, window: tuple[int, int]):
     """``(pooled embeddings (1, n, D), kept input positions (n,))``, computed independently (module docstring)."""
     h = embeds[0].clone()
     keep = torch.ones(h.shape[0], dtype=torch.bool)
+    sr, sc = window
     for _, cells, newlines in _cells(model, inputs, pos):
         windows: dict[tuple, list[int]] = {}
         for p, (f, r, c) in cells.items():
-            windows.setdefault((f, r // stride, c // stride), []).append(p)
+            windows.setdefault((f, r // sr, c // sc), []).append(p)
         for members in windows.values():
             corner = min(members)  # the window's top-left cell comes first in the sequence
             h[corner] = embeds[0, members].mean(0)
             keep[members] = False
             keep[corner] = True
         for p, r in newlines.items():
-            keep[p] = r % stride == 0
+            keep[p] = r % sr == 0
     kept = torch.nonzero(keep).flatten()
     return h[kept][None], kept
 
 
-def _naive_logits(model, inputs: dict, stride: int, n_prompt: int) -> torch.Tensor:
+def _naive_logits(model, inputs: dict, window: tuple[int, int], n_prompt: int) -> torch.Tensor:
     """Logits of the last position: the prompt pooled, generated tokens appended, layers by hand without a cache."""
     lm = vtw.language_model(model)
     embeds, pos = _lm_inputs(model, inputs)
     prompt = {k: (v[:, :n_prompt] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v)
               for k, v in inputs.items()}  # fmt: skip
-    pooled, kept = _pool_reference(model, prompt, embeds[:, :n_prompt], pos[..., :n_prompt], stride)
+    pooled, kept = _pool_reference(model, prompt, embeds[:, :n_prompt], pos[..., :n_prompt], window)
     index = torch.cat([kept, torch.arange(n_prompt, embeds.shape[1])])
     h = torch.cat([pooled, embeds[:, n_prompt:]], dim=1)
     cos, sin, mpos = _rotary(lm, embeds, pos)
@@ -151,12 +152,12 @@ def _naive_logits(model, inputs: dict, stride: int, n_prompt: int) -> torch.Tens
     return model.lm_head(lm.norm(h))[0, -1]
 
 
-def _naive_generate(model, inputs: dict, stride: int):
+def _naive_generate(model, inputs: dict, window: tuple[int, int]):
     tokens, logits, cur = [], [], inputs
     n = inputs["input_ids"].shape[1]
     with torch.no_grad():
         for _ in range(STEPS):
-            out = _naive_logits(model, cur, stride, n)
+            out = _naive_logits(model, cur, window, n)
             tokens.append(int(out.argmax()))
             logits.append(out)
             cur = _extend(cur, tokens[-1])
@@ -176,10 +177,10 @@ def test_generate_with_cache_matches_naive_reference(family):
     shape = (32, 64) if family != "llava" else (32, 32)
     sample = Sample(images=1, videos=int(family in VIDEO_FAMILIES), prefix=3, suffix=4, image_shape=shape)
     (inputs,) = make_singles(model, [sample])
-    for stride in (2, 3):
-        ref_tokens, ref_logits = _naive_generate(model, inputs, stride)
-        tokens, logits, handle = _generate(model, inputs, stride=stride)
-        assert tokens[0].tolist() == ref_tokens, (family, stride)
+    for window in ((2, 2), (3, 3), (2, 1), (1, 3)):
+        ref_tokens, ref_logits = _naive_generate(model, inputs, window)
+        tokens, logits, handle = _generate(model, inputs, stride=window[0], stride_cols=window[1])
+        assert tokens[0].tolist() == ref_tokens, (family, window)
         torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0)
         assert handle.last_keep_index.shape[1] < inputs["input_ids"].shape[1]
 
@@ -227,6 +228,13 @@ def test_batch_equals_each_sample_alone(family):
         t, lg, _ = _generate(model, single, stride=2)
         assert tokens[i].tolist() == t[0].tolist(), (family, i)
         torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)
+
+
+def test_budget_windows_least_compute_first():
+    cands = Pool().budget_candidates(4)
+    shares = [1 / (c.window[0] * c.window[1]) for c in cands]
+    assert shares == sorted(shares) and cands[-1].window == (1, 1) and cands[-2].window == (1, 2)
+    assert [c.label for c in cands[-4:]] == ["pool 2x3", "pool 2x2", "pool 1x2", "pool 1x1"]
 
 
 def test_stride_one_is_the_baseline_bit_identical_and_remove_restores():
@@ -278,14 +286,15 @@ def test_flops_kv_and_layout_match_the_run(family):
 
 
 def test_hand_derived_counts():
-    """LLaVA-1.5-7B: 24 x 24 patches; 2x2 -> 144, 5x5 (partial edge windows) -> 5 x 5 = 25. LLaVA-NeXT, a 640x480
+    """LLaVA-1.5-7B: 24 x 24 patches; 2x2 -> 144, 5x5 (partial edge windows) -> 5 x 5 = 25, 1x2 -> 288,
+    2x3 -> 12 x 8 = 96. LLaVA-NeXT, a 640x480
     (WxH) photo: base 24x24 + unpadded 48 x 36 grid with 48 newlines = 2304 tokens; 2x2 -> 144 + 24 x (18 + 1)."""
     from vtw.flops import load_model_config
 
     cfg = load_model_config("llava-1.5-7b")
-    for stride, left in ((2, 144), (5, 25), (24, 1), (1, 576)):
-        rep = count_flops(cfg, vision_tokens=576, text_tokens=10, method=Pool(stride=stride))
-        assert rep.prefill_decoder_tokens[0] == left + 10, stride
+    for window, left in (((2, 2), 144), ((5, 5), 25), ((24, 24), 1), ((1, 1), 576), ((1, 2), 288), ((2, 3), 96)):
+        rep = count_flops(cfg, vision_tokens=576, text_tokens=10, method=Pool(*window))
+        assert rep.prefill_decoder_tokens[0] == left + 10, window
     nxt = load_model_config("llava-next-7b")
     grids = image_grids(nxt, (480, 640))
     assert [(g.rows, g.cols, g.newline) for g in grids] == [(24, 24, 0), (36, 48, 1)]
@@ -299,7 +308,9 @@ def test_hand_derived_counts():
 def test_errors_name_the_value():
     with pytest.raises(ValueError, match="pool stride must be an integer >= 1, got 0"):
         make_method("pool", stride=0)
-    with pytest.raises(ValueError, match="takes stride; got unknown keep"):
+    with pytest.raises(ValueError, match="pool stride_cols must be an integer >= 1, got -1"):
+        make_method("pool", stride=2, stride_cols=-1)
+    with pytest.raises(ValueError, match="takes stride, stride_cols; got unknown keep"):
         make_method("pool", keep=0.5)
     from vtw.flops import load_model_config
 

@@ -333,3 +333,28 @@ def test_llava_next_video_takes_images_and_refuses_its_pooled_video_frames():
         assert model(**image).logits.shape[1] == image["input_ids"].shape[1] - (16 - 7) - 4 * (12 - 7) - 8
         with pytest.raises(ValueError, match="LLaVA-NeXT-Video: its video frames are pooled before the projector"):
             model(**video)
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
+def test_count_flops_equals_flop_counter_over_generate(family):
+    """The whole run under visionzip: prefill (the tower, the projector, the scoring, the shorter decoder) and decode
+    steps, from ``count_flops`` with the sample's layout, against FlopCounterMode over ``generate``."""
+    from test_flops import _encoder_kwargs, _measure, _phase, _phase_with_reduction, _token_counts
+
+    from vtw.flops import count_flops
+
+    model = _model(family)
+    sample = Sample(images=1, videos=int(family == "video_llava"), prefix=3, suffix=5,
+                    image_shape=(40, 64) if family == "llava_next" else (32, 32))  # fmt: skip
+    batch = make_batch(model, [sample])
+    v, t = _token_counts(model, batch["input_ids"])
+    (layout,) = input_layouts(model.config, batch["input_ids"], batch)
+    method = VisionZip(4, 3)
+    one = _measure(model, batch, 1, None, method)
+    many = _measure(model, batch, 3, None, method)
+    rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method,
+                      vision_layout=layout, **_encoder_kwargs(model, batch))  # fmt: skip
+    assert rep.prefill.reduction == method.scoring_flops(model.config, layout) > 0
+    assert _phase_with_reduction(rep.prefill) == one
+    assert _phase(rep.decode) == {k: many[k] - one[k] for k in one}
+    assert rep.prefill_decoder_tokens[0] == sum(method.grid_tokens(g) for g in layout.grids) + t

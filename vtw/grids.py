@@ -62,10 +62,12 @@ class Grid:
         """Grid tokens (``frames * rows * cols``)."""
         return self.frames * self.rows * self.cols
 
-    def pooled(self, stride: int) -> Grid:
-        """The grid after ``stride x stride`` pooling of each frame (edge windows partial): ``ceil(rows / stride) x
-        ceil(cols / stride)`` cells, one newline per pooled row, ``lead`` and ``trail`` unchanged."""
-        return replace(self, rows=math.ceil(self.rows / stride), cols=math.ceil(self.cols / stride), tiling=None)
+    def pooled(self, stride: int, stride_cols: int | None = None) -> Grid:
+        """The grid after pooling each frame over windows of ``stride`` rows and ``stride_cols`` (default
+        ``stride``) columns, edge windows partial: ``ceil(rows / stride) x ceil(cols / stride_cols)`` cells, one
+        newline per pooled row, ``lead`` and ``trail`` unchanged."""
+        cols = stride if stride_cols is None else stride_cols
+        return replace(self, rows=math.ceil(self.rows / stride), cols=math.ceil(self.cols / cols), tiling=None)
 
     def cell_index(self) -> torch.Tensor:
         """``(frames, rows, cols)`` long: each cell's offset from the grid's first token."""

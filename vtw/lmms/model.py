@@ -10,7 +10,8 @@ Model args (``--model_args`` on lmms-eval's CLI, keyword arguments in Python):
 | ``keep`` | | share of vision tokens kept (``fastv``, ``random_vision``); ``pdrop``: one per stage, ``0.5;0.25;0.125`` |
 | ``layers`` | | ``pdrop`` stage layers, ``8;16;24`` (``;`` separates list items: lmms-eval splits args on ``,``) |
 | ``seed`` | | ``random_vision`` / ``random`` seed |
-| ``stride`` | | ``pool`` window side (``2``: 576 -> 144 tokens per LLaVA-1.5 image) |
+| ``stride``, ``stride_cols`` | | ``pool`` window rows and columns (``2``: 2x2, 576 -> 144 tokens per LLaVA-1.5 image) |
+| ``dominant``, ``contextual`` | | ``visionzip`` tokens kept per image / frame / crop (``54``, ``10``) |
 | ``device`` | ``auto`` | ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``; data parallel: ``cuda:LOCAL_RANK`` |
 | ``device_map`` | ``None`` | model parallel in one process: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a dict |
 | ``max_memory`` | ``None`` | with ``device_map``: per-device caps, ``0:20GiB;1:20GiB;cpu:64GiB`` or a dict |

@@ -65,7 +65,10 @@ class VtwConf:
     keep: Any = None  # fastv / random_vision: share of vision tokens kept; pdrop: one share per stage
     layers: Any = None  # pdrop: stage layers (null: the paper's 8, 16, 24 of 32 scaled to L)
     seed: int | None = None  # random_vision / random
-    stride: int | None = None  # pool: window side (2: 576 -> 144 tokens per LLaVA-1.5 image)
+    stride: int | None = None  # pool: window rows (2: 2x2, 576 -> 144 tokens per LLaVA-1.5 image)
+    stride_cols: int | None = None  # pool: window columns (null: = stride; stride=1 stride_cols=2 keeps half)
+    dominant: int | None = None  # visionzip: dominant tokens per image / frame / crop (54 of LLaVA-1.5's 54+10)
+    contextual: int | None = None  # visionzip: contextual (merged) tokens per image / frame / crop
     budget: float | None = None  # matched compute: the method's free parameter set for F x the full TFLOPs
     budget_limit: int = 32  # prompts per task the budget is matched on
     search: SearchConf = field(default_factory=SearchConf)
