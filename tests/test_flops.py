@@ -582,3 +582,36 @@ def test_plan_for_a_peer_method_lists_its_settings():
     kv = kv_cache_bytes(cfg, vision_tokens=576, text_tokens=60, generated_tokens=4, method=FastV(layer=2, keep=0.5))
     assert (rows[1].flops, rows[1].kv_bytes) == (rep.total, kv.total)
     assert "fastv K=2 keep=0.5" in console.file.getvalue()
+
+
+@pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-next-7b", "qwen2-vl-7b"])
+def test_plan_for_pool_counts_the_default_images_grids(name):
+    """mode=flops for ``pool``: the default image's grids (LLaVA-NeXT: base crop + unpadded grid of a 640x480 photo;
+    Qwen: its smart_resize grid), every decoder layer on the pooled count, hand-derived for 2x2."""
+    from vtw.methods import Pool
+
+    console = Console(file=io.StringIO(), width=200)
+    plan = plan_flops(name, text_tokens=60, generated_tokens=4, console=console, method=Pool(stride=2))
+    cfg = load_model_config(name)
+    pooled = {"llava-1.5-7b": 144, "llava-next-7b": 144 + 18 * 25, "qwen2-vl-7b": None}[name]
+    if pooled is None:  # Qwen: 640x480 -> smart_resize 644x476 -> 34 x 46 patches -> 17 x 23 merged -> 9 x 12
+        assert plan.workload.grids == ((1, 34, 46),)
+        pooled = 9 * 12
+    rep = count_flops(cfg, vision_tokens=plan.vision_tokens, text_tokens=60, generated_tokens=4,
+                      method=Pool(stride=2), **_plan_encoder(plan))  # fmt: skip
+    assert rep.prefill_decoder_tokens == (pooled + 60,) * rep.num_layers
+    assert plan.rows[1].label == "pool 2x2" and plan.rows[1].flops == rep.total
+    flops = [r.flops for r in plan.rows[1:]]
+    assert flops[1:] == sorted(flops[1:], reverse=True)
+
+
+def _plan_encoder(plan) -> dict:
+    from vtw.grids import SampleLayout, image_grids
+
+    cfg = load_model_config(plan.model)
+    if plan.workload.grids:
+        return {"vision_grids": plan.workload.grids}
+    out = {"vision_inputs": plan.workload.image_inputs}
+    if get_family(cfg).anyres:
+        out["vision_layout"] = SampleLayout(images=image_grids(cfg, (480, 640)))
+    return out
