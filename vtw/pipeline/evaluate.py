@@ -43,8 +43,10 @@ def build_task_manager(dataset: DatasetSpec, tasks=None):
     return TaskManager(include_path=include, verbosity="WARNING")
 
 
-def check_tasks(task_manager, tasks) -> None:
-    """``ValueError`` naming every unknown task, with the closest known names."""
+def check_tasks(task_manager, tasks, primary_metric: str | None = None) -> None:
+    """``ValueError`` naming every unknown task, with the closest known names; and, when ``primary_metric``
+    (``<task>/<metric>``) is given, naming it and the metrics its task reports (:func:`task_metrics`) when it is
+    not one of them."""
     known = set(task_manager.all_tasks)
     bad = [t for t in tasks if t not in known]
     if bad:
@@ -54,6 +56,28 @@ def check_tasks(task_manager, tasks) -> None:
             f"unknown lmms-eval task(s): {text}. List tasks with `python -m lmms_eval --tasks list`; local tasks need "
             "dataset.include_path"
         )
+    if primary_metric:
+        task, _, metric = primary_metric.partition("/")
+        allowed = task_metrics(task_manager, task)
+        if metric.split("@")[0] not in allowed:
+            raise ValueError(
+                f"dataset.primary_metric={primary_metric!r}: task {task!r} reports {list(allowed)} (lmms-eval's "
+                f"{'aggregate_metric_list' if task_manager.task_index[task]['type'] == 'group' else 'metric_list'})"
+            )
+
+
+def task_metrics(task_manager, name: str) -> tuple[str, ...]:
+    """The metric names lmms-eval reports for task ``name``: its YAML's ``metric_list`` (templates included); for
+    a group, its ``aggregate_metric_list`` (a group without one reports no score of its own). Read from the task
+    index without importing the task's code."""
+    from lmms_eval.utils import load_yaml_config
+
+    entry = task_manager.task_index[name]
+    config = load_yaml_config(entry["yaml_path"], mode="simple")
+    key = "aggregate_metric_list" if entry["type"] == "group" else "metric_list"
+    items = config.get(key) or []
+    items = [items] if isinstance(items, dict) else items
+    return tuple(m["metric"] for m in items if isinstance(m, dict) and m.get("metric"))
 
 
 def make_model(spec: RunSpec, layer=None):

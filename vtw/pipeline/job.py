@@ -177,7 +177,7 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
 
     started = now_iso()
     tm = build_task_manager(spec.dataset)
-    check_tasks(tm, spec.dataset.tasks)  # unknown task: ValueError before the weights load
+    check_tasks(tm, spec.dataset.tasks, spec.dataset.primary_metric)  # unknown task / metric: before the weights load
     lm = make_model(spec)
     layer = resolve_layer(spec, lm=lm, task_manager=tm, out_dir=ctx.output_dir)
     method, match = spec.reduction(layer).resolve(spec.model.num_layers), None

@@ -121,7 +121,7 @@ class Scene:
         image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), self.background)
         draw = ImageDraw.Draw(image)
         for obj in self.objects:
-            _draw_object(draw, obj, COLORS[obj.color])
+            draw_object(draw, obj, COLORS[obj.color])
         return image
 
     def object_map(self) -> Image.Image:
@@ -130,7 +130,7 @@ class Scene:
         image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
         draw = ImageDraw.Draw(image)
         for index, obj in enumerate(self.objects):
-            _draw_object(draw, obj, index + 1)
+            draw_object(draw, obj, index + 1)
         return image
 
 
@@ -164,7 +164,8 @@ class SynthItem:
         return buffer.getvalue()
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: tuple[int, int, int] | int) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: tuple[int, int, int] | int) -> None:
+    """Draw `obj` (one of `SHAPES`, inside its box) with `fill` (an RGB colour, or an index on an "L" image)."""
     left, top, right, bottom = obj.box
     if obj.shape == "circle":
         draw.ellipse((left, top, right, bottom), fill=fill)
