@@ -46,7 +46,8 @@ WORDS = (
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER : "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% endif %} {% else %}ASSISTANT : {% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{{ m['content'][0]['text'] }}{% endif %} </s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
@@ -115,6 +116,7 @@ QWEN_SPECIALS = {150: "<|image_pad|>", 151: "<|video_pad|>", 152: "<|vision_star
 QWEN_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
 )
@@ -123,17 +125,68 @@ QWEN_TEMPLATE = (
 def build_tiny_qwen2_vl(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS) -> Path:
     """Save a random tiny ``Qwen2VLForConditionalGeneration`` (the lead's ``tests/tiny_models.py`` config: vocab 160,
     image/video/vision-start/end ids 150-153) + a ``Qwen2VLProcessor`` (4 px patches, 2x2 merge: an image of
-    ``H x W`` px takes ``H/8 * W/8`` tokens after resizing to multiples of 8, between 16x16 and 64x64 pixels)."""
+    ``H x W`` px takes ``H/8 * W/8`` tokens after resizing to multiples of 8, between 16x16 and 64x64 pixels; video
+    frames are resized to at most 32 x 32 px: 16 tokens per 2 frames)."""
     import transformers as T
 
     kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
     processor = T.Qwen2VLProcessor(
         image_processor=T.Qwen2VLImageProcessor(**kw),
-        video_processor=T.Qwen2VLVideoProcessor(**kw),
+        video_processor=T.Qwen2VLVideoProcessor(**{**kw, "max_pixels": 32 * 32}),  # frames at most 32 x 32 px
         tokenizer=build_tokenizer(QWEN_SPECIALS),
         chat_template=QWEN_TEMPLATE,
     )
     return _save(path, "qwen2_vl", QWEN_SPECIALS, processor, num_layers, seed=0)
+
+
+VIDEO_SPECIALS = {150: "<image>", 151: "<video>"}  # tiny_models.IMAGE_ID, VIDEO_ID
+VIDEO_FAMILIES = ("video_llava", "llava_next_video", "llava_onevision", "qwen2_vl")
+
+
+def build_tiny_video_model(path: str | os.PathLike, family: str, *, num_layers: int = NUM_LAYERS) -> Path:
+    """Save a random tiny video model of ``family`` (one of :data:`VIDEO_FAMILIES`: ``tests/tiny_models.py``'s
+    config, 32 px CLIP / SigLIP towers with 8 px patches) with its processor built locally: Video-LLaVA (16 tokens
+    per image and per frame), LLaVA-NeXT-Video (anyres images; 2 x 2 pooled tokens per frame), LLaVA-OneVision
+    (anyres_max images; 3 x 3 tokens per frame + one newline per video), Qwen2-VL (:func:`build_tiny_qwen2_vl`)."""
+    import transformers as T
+    from tiny_models import tiny_config
+
+    if family == "qwen2_vl":
+        return build_tiny_qwen2_vl(path, num_layers=num_layers)
+    tok = build_tokenizer(VIDEO_SPECIALS)
+    square = {"size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    clip = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
+    pinpoints = tiny_config(family).image_grid_pinpoints if family != "video_llava" else None
+    common = {"tokenizer": tok, "chat_template": CHAT_TEMPLATE, "image_token": "<image>", "video_token": "<video>"}
+    if family == "video_llava":
+        processor = T.VideoLlavaProcessor(
+            image_processor=T.VideoLlavaImageProcessor(**clip),
+            video_processor=T.VideoLlavaVideoProcessor(**clip),
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            **common,
+        )
+    elif family == "llava_next_video":
+        processor = T.LlavaNextVideoProcessor(
+            image_processor=T.LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **clip),
+            video_processor=T.LlavaNextVideoVideoProcessor(**clip),
+            patch_size=PATCH,
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,
+            **common,
+        )
+    elif family == "llava_onevision":
+        processor = T.LlavaOnevisionProcessor(
+            image_processor=T.LlavaOnevisionImageProcessor(image_grid_pinpoints=pinpoints, **square),
+            video_processor=T.LlavaOnevisionVideoProcessor(**square),
+            num_image_tokens=VISION_TOKENS,
+            vision_feature_select_strategy="full",
+            **common,
+        )
+    else:
+        raise ValueError(f"unknown video family {family!r}; allowed: {VIDEO_FAMILIES}")
+    return _save(path, family, VIDEO_SPECIALS, processor, num_layers, seed=0)
 
 
 def _png(color: tuple[int, int, int], size: int = 40) -> bytes:
@@ -262,6 +315,55 @@ def test_tasks_index_offline(tiny_tasks):
     docs = list(gen.test_docs())
     assert len(docs) == 6 and docs[0]["answer"] == "red"
     assert gen.doc_to_visual(docs[0])[0].size == (40, 40)
+
+
+_VIDEO_UTILS = """
+def doc_to_visual(doc):
+    visuals = [doc["image"].convert("RGB")] if doc["with_image"] else []
+    return visuals + ([doc["video"]] if doc["video"] else [])
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+"""
+
+
+def build_tiny_video_tasks(root: str | os.PathLike, videos: list[str], *, prefix: str = "vtwvid") -> dict[str, str]:
+    """Write two local lmms-eval tasks over ``videos`` (file paths; one doc each) under ``root``; returns ``{"gen":
+    name, "mc": name}`` (as :func:`build_tiny_tasks`). Doc ``i`` has the video only (``i % 3 == 0``), an image of
+    ``36 + 4 i`` px and the video (``1``), or the image only (``2``)."""
+    from datasets import Dataset, Features, Value
+    from datasets import Image as HFImage
+
+    root = Path(root)
+    task_dir = root / prefix
+    task_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"id": [], "image": [], "with_image": [], "video": [], "question": [], "answer": [], "label": []}
+    for i, video in enumerate(videos):
+        color = COLORS[i % len(COLORS)]
+        rows["id"].append(i)
+        rows["image"].append({"bytes": _png(_RGB[color], size=36 + 4 * i), "path": None})
+        rows["with_image"].append(i % 3 != 0)
+        rows["video"].append(video if i % 3 != 2 else "")
+        rows["question"].append("what color is the image ?")
+        rows["answer"].append(color)
+        rows["label"].append(COLORS.index(color))
+    features = Features(
+        {"id": Value("int64"), "image": HFImage(), "with_image": Value("bool"), "video": Value("string"),
+         "question": Value("string"), "answer": Value("string"), "label": Value("int64")}
+    )  # fmt: skip
+    Dataset.from_dict(rows, features=features).to_parquet(str(task_dir / "data.parquet"))
+    (task_dir / "utils.py").write_text(_VIDEO_UTILS)
+    head = "dataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: data.parquet\ntest_split: test\n"
+    head += "doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\n"
+    gen = f"task: {prefix}_gen\noutput_type: generate_until\ndoc_to_target: answer\n"
+    gen += "generation_kwargs:\n  max_new_tokens: 3\n  until: [\".\"]\n"
+    gen += "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
+    mc = f"task: {prefix}_mc\noutput_type: multiple_choice\ndoc_to_target: label\ndoc_to_choice: {list(COLORS)}\n"
+    mc += "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    (task_dir / f"{prefix}_gen.yaml").write_text(head + gen)
+    (task_dir / f"{prefix}_mc.yaml").write_text(head + mc)
+    return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
 
 
 def pipeline_overrides(model_dir, task_root, tasks, *extra: str) -> list[str]:

@@ -140,15 +140,17 @@ def _response(filtered: list):
     return jsonable(filtered)
 
 
-def sample_rows(results: dict, records, *, label: str, layer) -> list[dict]:
-    """One row per logged sample: response, target, per-sample scores, and its summed cost."""
+def sample_rows(results: dict, records, *, label: str, layer, failures: dict | None = None) -> list[dict]:
+    """One row per logged sample: response, target, per-sample scores, and its summed cost; a sample the model could
+    not serve (``failures``: ``{(task, doc_id): message}``, e.g. an unreadable video) has its ``error`` instead."""
     costs = sum_records(records)
+    failures = failures or {}
     rows = []
     for task, samples in (results.get("samples") or {}).items():
         for s in samples:
             key = (task, int(s["doc_id"]))
             cost = costs.get(key)
-            if cost is None:
+            if cost is None and key not in failures:
                 raise RuntimeError(f"no model measurement for task {task} doc {key[1]} (was the response cached?)")
             scores = {k: v for k, v in s.items() if k not in _SAMPLE_KEYS}
             row = {
@@ -160,7 +162,10 @@ def sample_rows(results: dict, records, *, label: str, layer) -> list[dict]:
                 "response": _response(s.get("filtered_resps") or []),
                 "scores": scores,
             }
-            row.update({k: v for k, v in cost.to_dict().items() if k not in ("task", "doc_id")})
+            if cost is None:
+                row["error"] = failures[key]
+            else:
+                row.update({k: v for k, v in cost.to_dict().items() if k not in ("task", "doc_id")})
             rows.append(jsonable(row))
     return rows
 
@@ -209,7 +214,7 @@ def evaluate_variant(
     records = lm.pop_records()
     if results is None:
         raise RuntimeError("lmms-eval returned no results (not rank 0?)")
-    rows = sample_rows(results, records, label=label, layer=layer)
+    rows = sample_rows(results, records, label=label, layer=layer, failures=lm.failures)
     metrics = flatten_metrics(results)
     primary = primary_metric_name(results, tasks, spec.dataset.primary_metric)
     costs = list(sum_records(records).values())
