@@ -145,47 +145,15 @@ VIDEO_FAMILIES = ("video_llava", "llava_next_video", "llava_onevision", "qwen2_v
 
 def build_tiny_video_model(path: str | os.PathLike, family: str, *, num_layers: int = NUM_LAYERS) -> Path:
     """Save a random tiny video model of ``family`` (one of :data:`VIDEO_FAMILIES`: ``tests/tiny_models.py``'s
-    config, 32 px CLIP / SigLIP towers with 8 px patches) with its processor built locally: Video-LLaVA (16 tokens
-    per image and per frame), LLaVA-NeXT-Video (anyres images; 2 x 2 pooled tokens per frame), LLaVA-OneVision
-    (anyres_max images; 3 x 3 tokens per frame + one newline per video), Qwen2-VL (:func:`build_tiny_qwen2_vl`)."""
-    import transformers as T
-    from tiny_models import tiny_config
+    config, 32 px CLIP / SigLIP towers with 8 px patches) with its processor built locally
+    (:func:`vtw.synthvideo.tiny.build_processor`): Video-LLaVA (16 tokens per image, 17 per frame), LLaVA-NeXT-Video
+    (anyres images; 2 x 2 pooled tokens per frame), LLaVA-OneVision (anyres_max images; 2 x 2 tokens per frame + one
+    newline per video), Qwen2-VL (:func:`build_tiny_qwen2_vl`)."""
+    from vtw.synthvideo.tiny import build_processor
 
     if family == "qwen2_vl":
         return build_tiny_qwen2_vl(path, num_layers=num_layers)
-    tok = build_tokenizer(VIDEO_SPECIALS)
-    square = {"size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
-    clip = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
-    pinpoints = tiny_config(family).image_grid_pinpoints if family != "video_llava" else None
-    common = {"tokenizer": tok, "chat_template": CHAT_TEMPLATE, "image_token": "<image>", "video_token": "<video>"}
-    if family == "video_llava":
-        processor = T.VideoLlavaProcessor(
-            image_processor=T.VideoLlavaImageProcessor(**clip),
-            video_processor=T.VideoLlavaVideoProcessor(**clip),
-            patch_size=PATCH,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            **common,
-        )
-    elif family == "llava_next_video":
-        processor = T.LlavaNextVideoProcessor(
-            image_processor=T.LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **clip),
-            video_processor=T.LlavaNextVideoVideoProcessor(**clip),
-            patch_size=PATCH,
-            vision_feature_select_strategy="default",
-            num_additional_image_tokens=1,
-            **common,
-        )
-    elif family == "llava_onevision":
-        processor = T.LlavaOnevisionProcessor(
-            image_processor=T.LlavaOnevisionImageProcessor(image_grid_pinpoints=pinpoints, **square),
-            video_processor=T.LlavaOnevisionVideoProcessor(**square),
-            num_image_tokens=VISION_TOKENS,
-            vision_feature_select_strategy="full",
-            **common,
-        )
-    else:
-        raise ValueError(f"unknown video family {family!r}; allowed: {VIDEO_FAMILIES}")
+    processor = build_processor(family, build_tokenizer(VIDEO_SPECIALS), CHAT_TEMPLATE, size=IMAGE_SIZE, patch=PATCH)
     return _save(path, family, VIDEO_SPECIALS, processor, num_layers, seed=0)
 
 
@@ -357,7 +325,7 @@ def build_tiny_video_tasks(root: str | os.PathLike, videos: list[str], *, prefix
     head = "dataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: data.parquet\ntest_split: test\n"
     head += "doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\n"
     gen = f"task: {prefix}_gen\noutput_type: generate_until\ndoc_to_target: answer\n"
-    gen += "generation_kwargs:\n  max_new_tokens: 3\n  until: [\".\"]\n"
+    gen += 'generation_kwargs:\n  max_new_tokens: 3\n  until: ["."]\n'
     gen += "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
     mc = f"task: {prefix}_mc\noutput_type: multiple_choice\ndoc_to_target: label\ndoc_to_choice: {list(COLORS)}\n"
     mc += "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"

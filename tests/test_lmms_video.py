@@ -121,7 +121,9 @@ def test_max_frames_num_frames_reach_the_model(family, model_dir, video_tasks, f
     reqs = [r for r in tasks[names["gen"]].instances if r.args[3] % 3 == 0]  # the video-only docs
     lm = _model(model_dir, video_tasks, batch_size=2, layer=None, max_frames_num=frames)
     seen = []
-    hook = lm.model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("pixel_values_videos")), with_kwargs=True)
+    hook = lm.model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw.get("pixel_values_videos")), with_kwargs=True
+    )
     try:
         lm.generate_until(reqs)
     finally:

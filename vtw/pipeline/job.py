@@ -257,6 +257,7 @@ def _run_flops(spec: RunSpec, out: Path, console) -> None:
         text_tokens=int(f.get("text_tokens", 64)),
         generated_tokens=int(f.get("generated_tokens", 16)),
         image_size=tuple(size) if size else None,
+        video_frames=int(f.get("video_frames") or 0),
         console=console or make_console(),
         method=spec.reduction(spec.layer) if isinstance(spec.layer, int) else None,  # a peer: its settings
     )

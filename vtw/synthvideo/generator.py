@@ -199,3 +199,15 @@ def chance_accuracy() -> float:
     """Accuracy of the best answer given without the clip, short answer and multiple choice alike: every kind has four
     answers, drawn uniformly whatever the question's words."""
     return sum(1.0 / len(ANSWER_SETS[kind]) for kind in KINDS) / len(KINDS)  # kinds in equal shares
+
+
+def vocabulary() -> list[str]:
+    """Every word and punctuation mark the generator can write, in a fixed order (for a word-level tokenizer)."""
+    from vtw.synthvqa.generator import split_words
+
+    texts = [SHORT_SUFFIX, QUESTIONS["order"], *DIRECTIONS, *SHAPES, *FLASHES]
+    texts += [QUESTIONS["direction"].format(s) for s in SHAPES] + [QUESTIONS["flash"].format(c) for c in COLORS]
+    words: list[str] = []
+    for text in texts:
+        words += [w for w in split_words(text) if w not in words]
+    return words
