@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from vtw.pipeline.config import CONF_DIR, compose_config, validate_config
 
 DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
-VIDEO = {"videomme", "mvbench", "egoschema_subset", "nextqa", "synthvideo", "vtw_synthvideo"}
+VIDEO = {"videomme", "mvbench", "egoschema_subset", "nextqa", "vtw_synthvideo"}
 
 
 @pytest.fixture(scope="module")
