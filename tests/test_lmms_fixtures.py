@@ -177,37 +177,13 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 """
 
 
-def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwtest") -> dict[str, str]:
-    """Write two local lmms-eval tasks under ``root`` (the include path); returns ``{"gen": name, "mc": name}``.
+def _write_tasks(task_dir: Path, prefix: str, rows: dict, features, utils: str) -> None:
+    """Write ``rows`` (with ``features``) as ``data.parquet``, ``utils`` as ``utils.py`` and the tasks
+    ``<prefix>_gen`` (generate_until, exact_match) and ``<prefix>_mc`` (multiple choice over :data:`COLORS`, acc)."""
+    from datasets import Dataset
 
-    ``<prefix>_gen``: generate_until, exact_match. ``<prefix>_mc``: multiple_choice over the 4 colors, acc.
-    Each has ``n`` samples: an image of one flat color, question "what color is the image ?".
-    """
-    from datasets import Dataset, Features, Value
-    from datasets import Image as HFImage
-
-    root = Path(root)
-    task_dir = root / prefix
-    task_dir.mkdir(parents=True, exist_ok=True)
-    rows = {"id": [], "image": [], "question": [], "answer": [], "label": []}
-    for i in range(n):
-        color = COLORS[i % len(COLORS)]
-        rows["id"].append(i)
-        rows["image"].append({"bytes": _png(_RGB[color], size=40 + 4 * i), "path": None})
-        rows["question"].append("what color is the image ?" if i % 2 == 0 else "answer with one word : what color ?")
-        rows["answer"].append(color)
-        rows["label"].append(COLORS.index(color))
-    features = Features(
-        {
-            "id": Value("int64"),
-            "image": HFImage(),
-            "question": Value("string"),
-            "answer": Value("string"),
-            "label": Value("int64"),
-        }
-    )
     Dataset.from_dict(rows, features=features).to_parquet(str(task_dir / "data.parquet"))
-    (task_dir / "utils.py").write_text(_UTILS)
+    (task_dir / "utils.py").write_text(utils)
     common = textwrap.dedent(
         """\
         dataset_path: parquet
@@ -249,6 +225,31 @@ def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwt
     )
     (task_dir / f"{prefix}_gen.yaml").write_text(gen.format(prefix=prefix))
     (task_dir / f"{prefix}_mc.yaml").write_text(mc.format(prefix=prefix, choices=list(COLORS)))
+
+
+def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwtest") -> dict[str, str]:
+    """Write two local lmms-eval tasks under ``root`` (the include path); returns ``{"gen": name, "mc": name}``.
+
+    ``<prefix>_gen``: generate_until, exact_match. ``<prefix>_mc``: multiple_choice over the 4 colors, acc.
+    Each has ``n`` samples: an image of one flat color, question "what color is the image ?".
+    """
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+
+    root = Path(root)
+    task_dir = root / prefix
+    task_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"id": [], "image": [], "question": [], "answer": [], "label": []}
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        rows["id"].append(i)
+        rows["image"].append({"bytes": _png(_RGB[color], size=40 + 4 * i), "path": None})
+        rows["question"].append("what color is the image ?" if i % 2 == 0 else "answer with one word : what color ?")
+        rows["answer"].append(color)
+        rows["label"].append(COLORS.index(color))
+    features = {"id": Value("int64"), "image": HFImage(), "question": Value("string"), "answer": Value("string"),
+                "label": Value("int64")}  # fmt: skip
+    _write_tasks(task_dir, prefix, rows, Features(features), _UTILS)
     return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
 
 
@@ -300,7 +301,7 @@ def build_tiny_video_tasks(root: str | os.PathLike, videos: list[str], *, prefix
     """Write two local lmms-eval tasks over ``videos`` (file paths; one doc each) under ``root``; returns ``{"gen":
     name, "mc": name}`` (as :func:`build_tiny_tasks`). Doc ``i`` has the video only (``i % 3 == 0``), an image of
     ``36 + 4 i`` px and the video (``1``), or the image only (``2``)."""
-    from datasets import Dataset, Features, Value
+    from datasets import Features, Value
     from datasets import Image as HFImage
 
     root = Path(root)
@@ -316,21 +317,9 @@ def build_tiny_video_tasks(root: str | os.PathLike, videos: list[str], *, prefix
         rows["question"].append("what color is the image ?")
         rows["answer"].append(color)
         rows["label"].append(COLORS.index(color))
-    features = Features(
-        {"id": Value("int64"), "image": HFImage(), "with_image": Value("bool"), "video": Value("string"),
-         "question": Value("string"), "answer": Value("string"), "label": Value("int64")}
-    )  # fmt: skip
-    Dataset.from_dict(rows, features=features).to_parquet(str(task_dir / "data.parquet"))
-    (task_dir / "utils.py").write_text(_VIDEO_UTILS)
-    head = "dataset_path: parquet\ndataset_kwargs:\n  data_files:\n    test: data.parquet\ntest_split: test\n"
-    head += "doc_to_visual: !function utils.doc_to_visual\ndoc_to_text: !function utils.doc_to_text\n"
-    gen = f"task: {prefix}_gen\noutput_type: generate_until\ndoc_to_target: answer\n"
-    gen += 'generation_kwargs:\n  max_new_tokens: 3\n  until: ["."]\n'
-    gen += "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n"
-    mc = f"task: {prefix}_mc\noutput_type: multiple_choice\ndoc_to_target: label\ndoc_to_choice: {list(COLORS)}\n"
-    mc += "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
-    (task_dir / f"{prefix}_gen.yaml").write_text(head + gen)
-    (task_dir / f"{prefix}_mc.yaml").write_text(head + mc)
+    features = {"id": Value("int64"), "image": HFImage(), "with_image": Value("bool"), "video": Value("string"),
+                "question": Value("string"), "answer": Value("string"), "label": Value("int64")}  # fmt: skip
+    _write_tasks(task_dir, prefix, rows, Features(features), _VIDEO_UTILS)
     return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
 
 

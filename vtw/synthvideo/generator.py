@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vtw.synthvqa.generator import COLORS, SHAPES, SHORT_SUFFIX, SceneObject, draw_object
+from vtw.synthvqa.generator import COLORS, SHAPES, SHORT_SUFFIX, SceneObject, draw_object, item_seed, iterate
 
 CANVAS = 64
 """Side of a frame in pixels."""
@@ -50,7 +50,7 @@ QUESTIONS: dict[str, str] = {
     "flash": "How many times does the {} square flash?",
 }
 SPLIT_SEEDS: dict[str, int] = {"train": 2_000_000_000, "test": 3_000_000_000}
-SPLIT_CAPACITY = 1_000_000_000
+"""First seed of each split (ranges of `vtw.synthvqa.generator.SPLIT_CAPACITY` seeds, disjoint from synthvqa's)."""
 _MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
@@ -164,11 +164,7 @@ _BUILDERS = {"direction": _direction, "order": _order, "flash": _flash}
 
 def make_item(split: str, index: int) -> ClipItem:
     """Item `index` of `split` (a function of `SPLIT_SEEDS[split] + index` only)."""
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; allowed: {sorted(SPLIT_SEEDS)}")
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < SPLIT_CAPACITY:
-        raise ValueError(f"item index {index!r} out of range; allowed: integers 0 <= index < {SPLIT_CAPACITY}")
-    seed = SPLIT_SEEDS[split] + index
+    seed = item_seed(split, index, SPLIT_SEEDS)
     rng = random.Random(seed)
     kind = KINDS[index % len(KINDS)]  # the kinds in turn: equal shares in any prefix of a split
     answer = rng.choice(ANSWER_SETS[kind])
@@ -189,10 +185,7 @@ def make_item(split: str, index: int) -> ClipItem:
 
 def iter_items(split: str, count: int, start: int = 0) -> Iterator[ClipItem]:
     """Items `start .. start+count-1` of `split` (see `make_item`)."""
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    for index in range(start, start + count):
-        yield make_item(split, index)
+    return iterate(make_item, split, count, start)
 
 
 def chance_accuracy() -> float:
