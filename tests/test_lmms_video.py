@@ -14,7 +14,7 @@ import torch
 from test_flops import flop_counter
 from test_lmms_fixtures import VIDEO_FAMILIES, build_tiny_video_model, build_tiny_video_tasks
 
-from vtw import vision_token_mask, withdraw
+from vtw import withdraw
 from vtw.lmms.model import VTWModel
 
 CLIPS = Path(__file__).resolve().parent.parent / "vtw" / "assets" / "tasks" / "vtw_synthvideo" / "videos"
@@ -89,9 +89,14 @@ def test_mixed_batches_equal_each_request_alone_and_plain_transformers(model_dir
 
     names, tasks = video_tasks
     reqs = tasks[names["gen"]].instances[:4]  # video, image + video, image, video
-    batched = [r.text for r in _model(model_dir, video_tasks, batch_size=4, layer=layer).generate_until(reqs)]
+    lm4 = _model(model_dir, video_tasks, batch_size=4, layer=layer)
     lm1 = _model(model_dir, video_tasks, batch_size=1, layer=layer)
+    lm4.first_token_store, lm1.first_token_store = {}, {}  # each request's first-token log-distribution (V,)
+    batched = [r.text for r in lm4.generate_until(reqs)]
     assert batched == [r.text for r in lm1.generate_until(reqs)]
+    assert lm4.first_token_store.keys() == lm1.first_token_store.keys() and len(lm1.first_token_store) == 4
+    for key, logprobs in lm1.first_token_store.items():
+        torch.testing.assert_close(lm4.first_token_store[key], logprobs, atol=1e-4, rtol=1e-4)
     for i in (0, 1):  # video only; image + video: the processor on frames decoded here, generate under withdraw
         context, gen_kwargs, doc_to_visual, _, _, _ = reqs[i].args
         visuals = doc_to_visual(_doc(lm1, reqs[i]))
@@ -163,7 +168,7 @@ def test_vtw_withdraws_every_frame_from_the_deep_kv_cache(model_dir, video_tasks
     ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
     video = (ids == lm.config.video_token_id) & mask
     assert video[:2].sum(1).min() > 0 and video[2].sum() == 0
-    text = (mask & ~vision_token_mask(lm.config, ids)).sum(1)
+    text = (mask & (ids != lm.config.image_token_id) & ~video).sum(1)  # the ids from the config, not the registry
     with torch.no_grad():
         cache = lm.model(**inputs, use_cache=True).past_key_values
     lengths = [cache.layers[i].keys.shape[-2] for i in range(NUM_LAYERS)]

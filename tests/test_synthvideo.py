@@ -88,6 +88,7 @@ def test_every_shipped_answer_follows_from_the_decoded_pixels(reader):
     for row, item, frames in zip(table, items, clips):
         assert frames.shape == (FRAMES, CANVAS, CANVAS, 3)
         assert row["answer"] == item.answer == _answer_from_pixels(item, np.asarray(frames)), row["id"]
+        assert _answer_from_pixels(item, item.render()) == item.answer, row["id"]  # the generator's own frames
         assert row["prompt"] == f"{item.question}\n{SHORT_SUFFIX}"
         assert sorted(row["choices"].split("|")) == sorted(ANSWER_SETS[item.kind])
 

@@ -45,3 +45,19 @@ def _quiet():
     from rich.console import Console
 
     return Console(file=io.StringIO())
+
+
+def test_flops_mode_with_video_frames_plans_one_video(tmp_path):
+    """``python run.py mode=flops model=video-llava-7b flops.video_frames=8``: 8 frames x 257 tokens."""
+    from vtw.io import read_json
+    from vtw.pipeline.config import compose_config
+    from vtw.pipeline.job import JobContext, run_job
+
+    cfg = compose_config(["mode=flops", "model=video-llava-7b", "flops.video_frames=8", "logger=none"])
+    assert run_job(cfg, JobContext(output_dir=tmp_path)).status == "ok"
+    plan = read_json(tmp_path / "flops.json")
+    assert plan["vision_tokens"] == 8 * 257 and "8 frames" in plan["encoder"]
+    rows = {r["layer"]: r for r in plan["rows"]}
+    ref = count_flops(load_model_config("video-llava-7b"), vision_tokens=8 * 257, text_tokens=64, generated_tokens=16,
+                      layer=16, video_frames=8, vision_inputs=0)  # fmt: skip
+    assert rows[16]["flops"] == ref.total
