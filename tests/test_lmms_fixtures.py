@@ -46,7 +46,8 @@ WORDS = (
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}USER : "
     "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
-    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% if c['type'] == 'image' %}<image> {% elif c['type'] == 'video' %}<video> "
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
     "{% endif %} {% else %}ASSISTANT : {% if m['content'] is string %}{{ m['content'] }}{% else %}"
     "{{ m['content'][0]['text'] }}{% endif %} </s>{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
@@ -115,6 +116,7 @@ QWEN_SPECIALS = {150: "<|image_pad|>", 151: "<|video_pad|>", 152: "<|vision_star
 QWEN_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER : {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
     "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %} {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT :{% endif %}"
 )
@@ -123,17 +125,36 @@ QWEN_TEMPLATE = (
 def build_tiny_qwen2_vl(path: str | os.PathLike, *, num_layers: int = NUM_LAYERS) -> Path:
     """Save a random tiny ``Qwen2VLForConditionalGeneration`` (the lead's ``tests/tiny_models.py`` config: vocab 160,
     image/video/vision-start/end ids 150-153) + a ``Qwen2VLProcessor`` (4 px patches, 2x2 merge: an image of
-    ``H x W`` px takes ``H/8 * W/8`` tokens after resizing to multiples of 8, between 16x16 and 64x64 pixels)."""
+    ``H x W`` px takes ``H/8 * W/8`` tokens after resizing to multiples of 8, between 16x16 and 64x64 pixels; video
+    frames are resized to at most 32 x 32 px: 16 tokens per 2 frames)."""
     import transformers as T
 
     kw = {"patch_size": 4, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 16 * 16, "max_pixels": 64 * 64}
     processor = T.Qwen2VLProcessor(
         image_processor=T.Qwen2VLImageProcessor(**kw),
-        video_processor=T.Qwen2VLVideoProcessor(**kw),
+        video_processor=T.Qwen2VLVideoProcessor(**{**kw, "max_pixels": 32 * 32}),  # frames at most 32 x 32 px
         tokenizer=build_tokenizer(QWEN_SPECIALS),
         chat_template=QWEN_TEMPLATE,
     )
     return _save(path, "qwen2_vl", QWEN_SPECIALS, processor, num_layers, seed=0)
+
+
+VIDEO_SPECIALS = {150: "<image>", 151: "<video>"}  # tiny_models.IMAGE_ID, VIDEO_ID
+VIDEO_FAMILIES = ("video_llava", "llava_next_video", "llava_onevision", "qwen2_vl")
+
+
+def build_tiny_video_model(path: str | os.PathLike, family: str, *, num_layers: int = NUM_LAYERS) -> Path:
+    """Save a random tiny video model of ``family`` (one of :data:`VIDEO_FAMILIES`: ``tests/tiny_models.py``'s
+    config, 32 px CLIP / SigLIP towers with 8 px patches) with its processor built locally
+    (:func:`vtw.synthvideo.tiny.build_processor`): Video-LLaVA (16 tokens per image, 17 per frame), LLaVA-NeXT-Video
+    (anyres images; 2 x 2 pooled tokens per frame), LLaVA-OneVision (anyres_max images; 2 x 2 tokens per frame + one
+    newline per video), Qwen2-VL (:func:`build_tiny_qwen2_vl`)."""
+    from vtw.synthvideo.tiny import build_processor
+
+    if family == "qwen2_vl":
+        return build_tiny_qwen2_vl(path, num_layers=num_layers)
+    processor = build_processor(family, build_tokenizer(VIDEO_SPECIALS), CHAT_TEMPLATE, size=IMAGE_SIZE, patch=PATCH)
+    return _save(path, family, VIDEO_SPECIALS, processor, num_layers, seed=0)
 
 
 def _png(color: tuple[int, int, int], size: int = 40) -> bytes:
@@ -156,37 +177,13 @@ def doc_to_text(doc, lmms_eval_specific_kwargs=None):
 """
 
 
-def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwtest") -> dict[str, str]:
-    """Write two local lmms-eval tasks under ``root`` (the include path); returns ``{"gen": name, "mc": name}``.
+def _write_tasks(task_dir: Path, prefix: str, rows: dict, features, utils: str) -> None:
+    """Write ``rows`` (with ``features``) as ``data.parquet``, ``utils`` as ``utils.py`` and the tasks
+    ``<prefix>_gen`` (generate_until, exact_match) and ``<prefix>_mc`` (multiple choice over :data:`COLORS`, acc)."""
+    from datasets import Dataset
 
-    ``<prefix>_gen``: generate_until, exact_match. ``<prefix>_mc``: multiple_choice over the 4 colors, acc.
-    Each has ``n`` samples: an image of one flat color, question "what color is the image ?".
-    """
-    from datasets import Dataset, Features, Value
-    from datasets import Image as HFImage
-
-    root = Path(root)
-    task_dir = root / prefix
-    task_dir.mkdir(parents=True, exist_ok=True)
-    rows = {"id": [], "image": [], "question": [], "answer": [], "label": []}
-    for i in range(n):
-        color = COLORS[i % len(COLORS)]
-        rows["id"].append(i)
-        rows["image"].append({"bytes": _png(_RGB[color], size=40 + 4 * i), "path": None})
-        rows["question"].append("what color is the image ?" if i % 2 == 0 else "answer with one word : what color ?")
-        rows["answer"].append(color)
-        rows["label"].append(COLORS.index(color))
-    features = Features(
-        {
-            "id": Value("int64"),
-            "image": HFImage(),
-            "question": Value("string"),
-            "answer": Value("string"),
-            "label": Value("int64"),
-        }
-    )
     Dataset.from_dict(rows, features=features).to_parquet(str(task_dir / "data.parquet"))
-    (task_dir / "utils.py").write_text(_UTILS)
+    (task_dir / "utils.py").write_text(utils)
     common = textwrap.dedent(
         """\
         dataset_path: parquet
@@ -228,6 +225,31 @@ def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwt
     )
     (task_dir / f"{prefix}_gen.yaml").write_text(gen.format(prefix=prefix))
     (task_dir / f"{prefix}_mc.yaml").write_text(mc.format(prefix=prefix, choices=list(COLORS)))
+
+
+def build_tiny_tasks(root: str | os.PathLike, *, n: int = 6, prefix: str = "vtwtest") -> dict[str, str]:
+    """Write two local lmms-eval tasks under ``root`` (the include path); returns ``{"gen": name, "mc": name}``.
+
+    ``<prefix>_gen``: generate_until, exact_match. ``<prefix>_mc``: multiple_choice over the 4 colors, acc.
+    Each has ``n`` samples: an image of one flat color, question "what color is the image ?".
+    """
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+
+    root = Path(root)
+    task_dir = root / prefix
+    task_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"id": [], "image": [], "question": [], "answer": [], "label": []}
+    for i in range(n):
+        color = COLORS[i % len(COLORS)]
+        rows["id"].append(i)
+        rows["image"].append({"bytes": _png(_RGB[color], size=40 + 4 * i), "path": None})
+        rows["question"].append("what color is the image ?" if i % 2 == 0 else "answer with one word : what color ?")
+        rows["answer"].append(color)
+        rows["label"].append(COLORS.index(color))
+    features = {"id": Value("int64"), "image": HFImage(), "question": Value("string"), "answer": Value("string"),
+                "label": Value("int64")}  # fmt: skip
+    _write_tasks(task_dir, prefix, rows, Features(features), _UTILS)
     return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
 
 
@@ -262,6 +284,43 @@ def test_tasks_index_offline(tiny_tasks):
     docs = list(gen.test_docs())
     assert len(docs) == 6 and docs[0]["answer"] == "red"
     assert gen.doc_to_visual(docs[0])[0].size == (40, 40)
+
+
+_VIDEO_UTILS = """
+def doc_to_visual(doc):
+    visuals = [doc["image"].convert("RGB")] if doc["with_image"] else []
+    return visuals + ([doc["video"]] if doc["video"] else [])
+
+
+def doc_to_text(doc, lmms_eval_specific_kwargs=None):
+    return doc["question"]
+"""
+
+
+def build_tiny_video_tasks(root: str | os.PathLike, videos: list[str], *, prefix: str = "vtwvid") -> dict[str, str]:
+    """Write two local lmms-eval tasks over ``videos`` (file paths; one doc each) under ``root``; returns ``{"gen":
+    name, "mc": name}`` (as :func:`build_tiny_tasks`). Doc ``i`` has the video only (``i % 3 == 0``), an image of
+    ``36 + 4 i`` px and the video (``1``), or the image only (``2``)."""
+    from datasets import Features, Value
+    from datasets import Image as HFImage
+
+    root = Path(root)
+    task_dir = root / prefix
+    task_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"id": [], "image": [], "with_image": [], "video": [], "question": [], "answer": [], "label": []}
+    for i, video in enumerate(videos):
+        color = COLORS[i % len(COLORS)]
+        rows["id"].append(i)
+        rows["image"].append({"bytes": _png(_RGB[color], size=36 + 4 * i), "path": None})
+        rows["with_image"].append(i % 3 != 0)
+        rows["video"].append(video if i % 3 != 2 else "")
+        rows["question"].append("what color is the image ?")
+        rows["answer"].append(color)
+        rows["label"].append(COLORS.index(color))
+    features = {"id": Value("int64"), "image": HFImage(), "with_image": Value("bool"), "video": Value("string"),
+                "question": Value("string"), "answer": Value("string"), "label": Value("int64")}  # fmt: skip
+    _write_tasks(task_dir, prefix, rows, Features(features), _VIDEO_UTILS)
+    return {"gen": f"{prefix}_gen", "mc": f"{prefix}_mc"}
 
 
 def pipeline_overrides(model_dir, task_root, tasks, *extra: str) -> list[str]:

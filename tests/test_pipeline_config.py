@@ -17,15 +17,18 @@ from vtw.pipeline.resolvers import layer_tag, register_resolvers, slug
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_CONFIGS = ROOT / "vtw" / "assets" / "hf_configs"
-MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem != "tiny-llava")
+MODELS = sorted(
+    p.stem for p in (CONF_DIR / "model").glob("*.yaml") if not p.stem.startswith("tiny-")
+)  # shipped configs
 DATASETS = sorted(p.stem for p in (CONF_DIR / "dataset").glob("*.yaml"))
 
 
 def test_config_groups_hold_the_required_options():
     required_models = {"llava-1.5-7b", "llava-1.5-13b", "llava-next-7b", "llava-onevision-7b", "qwen2-vl-7b"}
-    required_models |= {"qwen2.5-vl-7b", "video-llava-7b", "llava-next-video-7b", "tiny-llava"}
+    required_models |= {"qwen2.5-vl-7b", "video-llava-7b", "llava-next-video-7b", "tiny-llava", "tiny-video-llava"}
     assert required_models <= {p.stem for p in (CONF_DIR / "model").glob("*.yaml")}
     required_data = {"mme", "scienceqa_img", "gqa", "pope", "textvqa_val", "mmmu_val", "mmbench_en_dev", "seedbench"}
+    required_data |= {"videomme", "mvbench", "egoschema_subset", "nextqa", "vtw_synthvideo"}
     assert required_data | {"synthvqa"} <= set(DATASETS)
     assert {p.stem for p in (CONF_DIR / "logger").glob("*.yaml")} >= {"wandb", "none"}
     assert (CONF_DIR / "launcher" / "local.yaml").is_file()

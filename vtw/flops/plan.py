@@ -163,9 +163,26 @@ def _square_grid(arch: Architecture, tokens: int) -> tuple[int, int, int]:
     return (1, rows * m, tokens // rows * m)
 
 
-def _plan_sample(config, vision_tokens: int | None, image_size) -> tuple[int, dict, VisionWorkload, str]:
-    """Decoder vision tokens, count_flops encoder kwargs, the workload and a note on how it was chosen."""
+def _video_sample(arch: Architecture, frames: int) -> tuple[int, dict, VisionWorkload, str]:
+    """:func:`_plan_sample` for one video of ``frames`` frames through a fixed-resolution family."""
+    frames = check_count(frames, "video_frames")
+    per = None if arch.is_qwen else arch.tokens.video_decoder_tokens
+    if per is None:
+        raise ValueError(
+            f"{arch.display}: video_frames={frames} needs a fixed-resolution video family (Video-LLaVA, "
+            "LLaVA-NeXT-Video, LLaVA-OneVision); for Qwen give vision_tokens"
+        )
+    work = VisionWorkload(video_frames=frames, videos=1)
+    tokens = frames * per + arch.tokens.video_extra_tokens
+    return tokens, _encoder_kwargs(arch, work), work, f"one video of {frames} frames, {per} tokens per frame"
+
+
+def _plan_sample(config, vision_tokens: int | None, image_size, video_frames: int = 0):
+    """Decoder vision tokens, count_flops encoder kwargs, the workload and a note on how it was chosen; with
+    ``video_frames``, one video of that many frames (and no image)."""
     arch = architecture(config)
+    if video_frames:
+        return _video_sample(arch, video_frames)
     layout = image_layout(config, image_size or DEFAULT_IMAGE_SIZE)
     h, w = layout.image_size
     if vision_tokens is None:
@@ -211,6 +228,7 @@ def plan_flops(
     generated_tokens: int,
     layers: Iterable[int] | None = None,
     image_size: tuple[int, int] | None = None,
+    video_frames: int = 0,
     dtype="bfloat16",
     console=None,
     method: Reduction | None = None,
@@ -228,6 +246,8 @@ def plan_flops(
         text_tokens, generated_tokens: the rest of the token budget (``generated_tokens >= 1`` for generation).
         layers: withdrawal layers to list (default every ``K`` from ``L`` down to 0).
         image_size: ``(height, width)`` in pixels of the default image.
+        video_frames: > 0: the sample is one video of that many frames instead (fixed-resolution video families:
+            ``frames x`` the family's tokens per frame, every frame through the video tower).
         dtype: KV-cache element type.
         console: a ``rich.console.Console`` (default: a new one on stdout).
 
@@ -236,7 +256,7 @@ def plan_flops(
     """
     config = load_model_config(model_config_path_or_name)
     arch = architecture(config)
-    v, encoder, work, note = _plan_sample(config, vision_tokens, image_size)
+    v, encoder, work, note = _plan_sample(config, vision_tokens, image_size, video_frames)
     methods = None
     if method is not None and method.name != "vtw":
         methods = [Withdrawal(), *method_settings(method, arch.decoder.num_layers)]

@@ -25,7 +25,8 @@ class Prepared:
     Attributes:
         index: position of the request in the call's list.
         prompt: chat-formatted prompt text (with the processor's vision placeholders).
-        images: RGB PIL images, in order. videos: video file paths, in order.
+        images: RGB PIL images, in order. videos: video file paths, in order (frame arrays once
+            :meth:`InputBuilder.read_videos` decoded them).
         continuation: ``loglikelihood``: the text scored after the prompt (``""`` for generation).
         gen_kwargs: ``generate_until``: the task's generation settings (``None`` for loglikelihood).
     """
@@ -125,15 +126,44 @@ class InputBuilder:
         kwargs = {"chat_template": self.chat_template} if self.chat_template is not None else {}
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
 
-    def load_videos(self, paths: list[str]) -> list:
-        """``max_frames_num`` frames of each video file."""
+    def load_videos(self, paths: list) -> list:
+        """``max_frames_num`` frames of each video file, ``(F, H, W, 3)`` uint8 RGB (transformers' ``load_video``,
+        PyAV backend); an entry that is already frames is passed through.
+
+        Raises:
+            ValueError: a file that is missing or cannot be decoded, naming it.
+        """
         from transformers.video_utils import load_video
 
         frames = []
         for p in paths:
-            out = load_video(p, num_frames=self.max_frames_num)
+            if not isinstance(p, str):
+                frames.append(p)
+                continue
+            if not os.path.isfile(p):
+                raise ValueError(f"video file {p!r} does not exist")
+            try:
+                out = load_video(p, num_frames=self.max_frames_num)
+            except Exception as e:  # PyAV / FFmpeg errors, empty or truncated files
+                raise ValueError(f"cannot read video file {p!r}: {type(e).__name__}: {e}") from e
             frames.append(out[0] if isinstance(out, tuple) else out)
         return frames
+
+    def read_videos(self, batch: list[Prepared]) -> dict[int, str]:
+        """Decode the video files of a batch's requests in place (``p.videos``: paths -> frames), before the batch
+        is encoded, so that one unreadable file fails its own request only.
+
+        Returns:
+            ``{request index: message}`` of the requests whose videos could not be read; the message names the file,
+            the task and the document.
+        """
+        failed = {}
+        for p in batch:
+            try:
+                p.videos = self.load_videos(p.videos)
+            except ValueError as e:
+                failed[p.index] = f"vtw model: {e} (task {p.task}, doc {p.doc_id})"
+        return failed
 
     def encode(self, texts: list[str], images: list, videos: list):
         """Run the processor on a batch (left padding); tensors on ``device``, floats in ``dtype``.

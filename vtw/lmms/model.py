@@ -272,6 +272,9 @@ class VTWModel(lmms):
         #: agreement with it and ``KL(P_reference || P)``
         self.first_token_reference: dict | None = None
         self.meter = FlopsMeter(self._model.config)
+        #: ``{(task, doc_id): message}`` of the requests that could not be served (an unreadable video file): they
+        #: get an empty answer (``loglikelihood``: an infinite loss) and no record
+        self.failures: dict[tuple[str, int], str] = {}
         self.warmed_up = False
         self.set_method(reduction)
 
@@ -381,9 +384,16 @@ class VTWModel(lmms):
         with Progress(len(prepared), label, enabled=self.progress and self.rank == 0) as bar:
             for idx in batches:
                 batch = [prepared[i] for i in idx]
-                for p, out in zip(batch, run_batch(batch)):
-                    results[p.index] = out
-                bar.update(len(batch))
+                failed = self.inputs.read_videos(batch)  # an unreadable video fails its own request only
+                for i, message in failed.items():
+                    log.error("%s; it is scored as an empty answer", message)
+                    self.failures[(prepared[i].task, prepared[i].doc_id)] = message
+                    results[i] = _failed_result(loglik)
+                batch = [p for p in batch if p.index not in failed]
+                if batch:
+                    for p, out in zip(batch, run_batch(batch)):
+                        results[p.index] = out
+                bar.update(len(idx))
         self.meter.log_throughput(self.records[start:], self.layer)
         return results
 
@@ -551,6 +561,11 @@ class VTWModel(lmms):
             eos = self._tokenizer.eos_token_id
         ids = eos if isinstance(eos, (list, tuple)) else [eos]
         return [int(i) for i in ids if i is not None]
+
+
+def _failed_result(loglik: bool) -> GenerationResult:
+    """The answer of a request that could not be served: empty text, or an infinite loss (never the chosen option)."""
+    return GenerationResult(text=(float("inf"), False) if loglik else "", token_counts=TokenCounts())
 
 
 def _stop_criteria(tokenizer, until: Sequence[str]):

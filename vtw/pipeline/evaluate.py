@@ -44,8 +44,10 @@ def build_task_manager(dataset: DatasetSpec, tasks=None):
     return TaskManager(include_path=include, verbosity="WARNING")
 
 
-def check_tasks(task_manager, tasks) -> None:
-    """``ValueError`` naming every unknown task, with the closest known names."""
+def check_tasks(task_manager, tasks, primary_metric: str | None = None) -> None:
+    """``ValueError`` naming every unknown task, with the closest known names; and, when ``primary_metric``
+    (``<task>/<metric>``) is given, naming it and the metrics its task reports (:func:`task_metrics`) when it is
+    not one of them."""
     known = set(task_manager.all_tasks)
     bad = [t for t in tasks if t not in known]
     if bad:
@@ -55,6 +57,28 @@ def check_tasks(task_manager, tasks) -> None:
             f"unknown lmms-eval task(s): {text}. List tasks with `python -m lmms_eval --tasks list`; local tasks need "
             "dataset.include_path"
         )
+    if primary_metric:
+        task, _, metric = primary_metric.partition("/")
+        allowed = task_metrics(task_manager, task)
+        if metric.split("@")[0] not in allowed:
+            raise ValueError(
+                f"dataset.primary_metric={primary_metric!r}: task {task!r} reports {list(allowed)} (lmms-eval's "
+                f"{'aggregate_metric_list' if task_manager.task_index[task]['type'] == 'group' else 'metric_list'})"
+            )
+
+
+def task_metrics(task_manager, name: str) -> tuple[str, ...]:
+    """The metric names lmms-eval reports for task ``name``: its YAML's ``metric_list`` (templates included); for
+    a group, its ``aggregate_metric_list`` (a group without one reports no score of its own). Read from the task
+    index without importing the task's code."""
+    from lmms_eval.utils import load_yaml_config
+
+    entry = task_manager.task_index[name]
+    config = load_yaml_config(entry["yaml_path"], mode="simple")
+    key = "aggregate_metric_list" if entry["type"] == "group" else "metric_list"
+    items = config.get(key) or []
+    items = [items] if isinstance(items, dict) else items
+    return tuple(m["metric"] for m in items if isinstance(m, dict) and m.get("metric"))
 
 
 def make_model(spec: RunSpec, layer=None):
@@ -119,15 +143,17 @@ def _response(filtered: list):
     return jsonable(filtered)
 
 
-def sample_rows(results: dict, records, *, label: str, layer) -> list[dict]:
-    """One row per logged sample: response, target, per-sample scores, and its summed cost."""
+def sample_rows(results: dict, records, *, label: str, layer, failures: dict | None = None) -> list[dict]:
+    """One row per logged sample: response, target, per-sample scores, and its summed cost; a sample the model could
+    not serve (``failures``: ``{(task, doc_id): message}``, e.g. an unreadable video) has its ``error`` instead."""
     costs = sum_records(records)
+    failures = failures or {}
     rows = []
     for task, samples in (results.get("samples") or {}).items():
         for s in samples:
             key = (task, int(s["doc_id"]))
             cost = costs.get(key)
-            if cost is None:
+            if cost is None and key not in failures:
                 raise RuntimeError(f"no model measurement for task {task} doc {key[1]} (was the response cached?)")
             scores = {k: v for k, v in s.items() if k not in _SAMPLE_KEYS}
             row = {
@@ -139,7 +165,10 @@ def sample_rows(results: dict, records, *, label: str, layer) -> list[dict]:
                 "response": _response(s.get("filtered_resps") or []),
                 "scores": scores,
             }
-            row.update({k: v for k, v in cost.to_dict().items() if k not in ("task", "doc_id")})
+            if cost is None:
+                row["error"] = failures[key]
+            else:
+                row.update({k: v for k, v in cost.to_dict().items() if k not in ("task", "doc_id")})
             rows.append(jsonable(row))
     return rows
 
@@ -189,19 +218,20 @@ def evaluate_variant(
     # data parallel: every rank's records, wall time, model time and peak memory, on rank 0 (lmms-eval gathered the
     # scores and samples there); the other ranks stop here
     records = lm.pop_records()
-    ranks = distributed.gather((records, wall, sum(r.latency_s for r in records), peak))
+    ranks = distributed.gather((records, wall, sum(r.latency_s for r in records), peak, dict(lm.failures)))
     if ranks is None:
         return None
     records = [r for rank_records, *_ in ranks for r in rank_records]
-    wall = max(w for _, w, _, _ in ranks)
-    busiest = max(t for _, _, t, _ in ranks)  # model time of the slowest rank: the replicas run side by side
-    peaks = [p for *_, p in ranks if p is not None]
+    wall = max(w for _, w, _, _, _ in ranks)
+    busiest = max(t for _, _, t, _, _ in ranks)  # model time of the slowest rank: the replicas run side by side
+    failures = {k: v for *_, rank_failures in ranks for k, v in rank_failures.items()}
+    peaks = [p for *_, p, _ in ranks if p is not None]
     peak = max(peaks) if peaks else None
     if results is None:
         raise RuntimeError("lmms-eval returned no results on rank 0")
     if len(ranks) > 1:
         _document_order(results)
-    rows = sample_rows(results, records, label=label, layer=layer)
+    rows = sample_rows(results, records, label=label, layer=layer, failures=failures)
     metrics = flatten_metrics(results)
     primary = primary_metric_name(results, tasks, spec.dataset.primary_metric)
     costs = list(sum_records(records).values())

@@ -187,7 +187,7 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
 
     started = now_iso()
     tm = build_task_manager(spec.dataset)
-    check_tasks(tm, spec.dataset.tasks)  # unknown task: ValueError before the weights load
+    check_tasks(tm, spec.dataset.tasks, spec.dataset.primary_metric)  # unknown task / metric: before the weights load
     lm = make_model(spec)
     main_rank = distributed.world().main
     # the layer search and the budget match run once, on rank 0; every rank evaluates what rank 0 chose
@@ -275,6 +275,7 @@ def _run_flops(spec: RunSpec, out: Path, console) -> None:
         text_tokens=int(f.get("text_tokens", 64)),
         generated_tokens=int(f.get("generated_tokens", 16)),
         image_size=tuple(size) if size else None,
+        video_frames=int(f.get("video_frames") or 0),
         console=console or make_console(),
         method=spec.reduction(spec.layer) if isinstance(spec.layer, int) else None,  # a peer: its settings
     )

@@ -95,6 +95,7 @@ class FlopsConf:
     image_size: list[int] | None = None
     text_tokens: int = 64
     generated_tokens: int = 16
+    video_frames: int = 0  # > 0: the sample is one video of that many frames instead of the image
 
 
 @dataclass

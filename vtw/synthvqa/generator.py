@@ -121,7 +121,7 @@ class Scene:
         image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), self.background)
         draw = ImageDraw.Draw(image)
         for obj in self.objects:
-            _draw_object(draw, obj, COLORS[obj.color])
+            draw_object(draw, obj, COLORS[obj.color])
         return image
 
     def object_map(self) -> Image.Image:
@@ -130,7 +130,7 @@ class Scene:
         image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
         draw = ImageDraw.Draw(image)
         for index, obj in enumerate(self.objects):
-            _draw_object(draw, obj, index + 1)
+            draw_object(draw, obj, index + 1)
         return image
 
 
@@ -164,7 +164,8 @@ class SynthItem:
         return buffer.getvalue()
 
 
-def _draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: tuple[int, int, int] | int) -> None:
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill: tuple[int, int, int] | int) -> None:
+    """Draw `obj` (one of `SHAPES`, inside its box) with `fill` (an RGB colour, or an index on an "L" image)."""
     left, top, right, bottom = obj.box
     if obj.shape == "circle":
         draw.ellipse((left, top, right, bottom), fill=fill)
@@ -354,13 +355,28 @@ def follow_up_turns(item: SynthItem, count: int) -> list[tuple[str, str]]:
     return [(q.question, q.answer_word) for q in rng.sample(others, min(count, len(others)))]
 
 
-def make_item(split: str, index: int) -> SynthItem:
-    """Item `index` of `split` (deterministic: a function of `SPLIT_SEEDS[split] + index` only)."""
-    if split not in SPLIT_SEEDS:
-        raise ValueError(f"unknown split {split!r}; allowed: {sorted(SPLIT_SEEDS)}")
+def item_seed(split: str, index: int, seeds: dict[str, int] | None = None) -> int:
+    """The seed of item `index` of `split`: `seeds[split] + index` (default seeds: `SPLIT_SEEDS`); a `ValueError` for
+    an unknown split or an index outside `[0, SPLIT_CAPACITY)`."""
+    seeds = SPLIT_SEEDS if seeds is None else seeds
+    if split not in seeds:
+        raise ValueError(f"unknown split {split!r}; allowed: {sorted(seeds)}")
     if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < SPLIT_CAPACITY:
         raise ValueError(f"item index {index!r} out of range; allowed: integers 0 <= index < {SPLIT_CAPACITY}")
-    seed = SPLIT_SEEDS[split] + index
+    return seeds[split] + index
+
+
+def iterate(make, split: str, count: int, start: int = 0) -> Iterator:
+    """`make(split, index)` for the indices `start .. start+count-1`."""
+    if count < 0:
+        raise ValueError(f"count must be >= 0, got {count}")
+    for index in range(start, start + count):
+        yield make(split, index)
+
+
+def make_item(split: str, index: int) -> SynthItem:
+    """Item `index` of `split` (deterministic: a function of `SPLIT_SEEDS[split] + index` only)."""
+    seed = item_seed(split, index)
     rng = random.Random(seed)
     kind: Kind = rng.choice(KINDS)
     choice_rng = random.Random(rng.getrandbits(64))
@@ -388,10 +404,7 @@ def make_item(split: str, index: int) -> SynthItem:
 
 def iter_items(split: str, count: int, start: int = 0) -> Iterator[SynthItem]:
     """Items `start .. start+count-1` of `split` (see `make_item`)."""
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    for index in range(start, start + count):
-        yield make_item(split, index)
+    return iterate(make_item, split, count, start)
 
 
 def chance_accuracy(items: list[SynthItem], multiple_choice: bool = False) -> float:
