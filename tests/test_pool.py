@@ -317,3 +317,18 @@ def test_errors_name_the_value():
     with pytest.raises(ValueError, match="each image's grid depends on its size"):
         count_flops(load_model_config("llava-next-7b"), vision_tokens=2340, text_tokens=10, vision_inputs=5,
                     method=Pool(stride=2))  # fmt: skip
+
+
+def test_images_encoded_outside_a_forward_do_not_set_the_grids():
+    """LLaVA-NeXT: images of other sizes encoded by hand before a forward are not this prompt's; the forward's own
+    ``image_sizes`` (a plain forward) or the encoding ``generate`` makes (a generation) set the grids."""
+    model = _model("llava_next")
+    (inputs,) = make_singles(model, [Sample(images=1, prefix=3, suffix=4, image_shape=(32, 64))])
+    other = make_batch(model, [Sample(images=2, image_shape=(64, 32))], seed=5)
+    with torch.no_grad(), withdraw(model, method="pool", stride=2):
+        clean = model(**inputs).logits
+        clean_gen = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False)
+        model.model.get_image_features(other["pixel_values"], image_sizes=other["image_sizes"])
+        assert torch.equal(model(**inputs).logits, clean)
+        model.model.get_image_features(other["pixel_values"], image_sizes=other["image_sizes"])
+        assert torch.equal(model.generate(**inputs, max_new_tokens=STEPS, do_sample=False), clean_gen)

@@ -123,7 +123,8 @@ def _side(config) -> int:
     return int(vc.image_size) // int(vc.patch_size)
 
 
-def _has_cls(config) -> bool:
+def has_class_token(config) -> bool:
+    """Whether the family's (fixed-resolution) vision tower puts a class token first (CLIP does, SigLIP does not)."""
     return getattr(config.vision_config, "model_type", None) == "clip_vision_model"
 
 
@@ -132,8 +133,8 @@ def _crop_grid(config) -> Grid:
     side, spec = _side(config), get_family(config)
     strategy = getattr(config, "vision_feature_select_strategy", "default")
     if strategy == "full":
-        return Grid(side, side, lead=1 if _has_cls(config) else 0)
-    if not _has_cls(config):
+        return Grid(side, side, lead=1 if has_class_token(config) else 0)
+    if not has_class_token(config):
         raise ValueError(
             f"{spec.display}: vision_feature_select_strategy='default' on a tower without a class token drops the "
             "first patch, so an image's tokens are not a grid"
@@ -182,7 +183,7 @@ def video_grid(config, frames: int) -> Grid:
     """One video of ``frames`` frames of a fixed-resolution family."""
     spec, side = get_family(config), _side(config)
     if spec.video == "frames":
-        return Grid(side, side, frames=frames, lead=1 if _has_cls(config) else 0)
+        return Grid(side, side, frames=frames, lead=1 if has_class_token(config) else 0)
     if spec.video == "pooled":
         n = side // int(config.spatial_pool_stride)
         return Grid(n, n, frames=frames)

@@ -111,7 +111,7 @@ class WithdrawalHandle:
         self._previous: dict[int, LayerInput] = {}  # stage -> input of layer k_s - 1 (methods that ask for it)
         self._input_vision: torch.Tensor | None = None  # (B,) vision tokens per sample of the current prefill
         self._inputs: dict | None = None  # keyword arguments of the current prefill forward
-        self._encoder_inputs: dict = {}  # what the last vision-feature calls were given (methods before the decoder)
+        self._encoder_inputs: dict[str, dict] = {}  # feature method -> the tensors its last call was given
         self._wrapped: list[tuple[nn.Module, str, object]] = []
         self._vision_layers: dict[str, nn.Module] = {}  # methods with uses_vision_layer: "image"/"video" -> layer
         self._vision_layer_inputs: dict[str, list[torch.Tensor]] = {}  # what they received since the last forward
@@ -208,11 +208,9 @@ class WithdrawalHandle:
                 continue
             signature = inspect.signature(original)
 
-            def wrapper(*args, _original=original, _signature=signature, **kwargs):
+            def wrapper(*args, _original=original, _signature=signature, _name=name, **kwargs):
                 bound = _signature.bind_partial(*args, **kwargs).arguments
-                for key, value in bound.items():
-                    if isinstance(value, torch.Tensor):
-                        self._encoder_inputs[key] = value
+                self._encoder_inputs[_name] = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
                 return _original(*args, **kwargs)
 
             functools.update_wrapper(wrapper, original)
@@ -296,7 +294,10 @@ class WithdrawalHandle:
         if past == 0:
             self._reset_generation()
             self._vision = vision
-            self._inputs = {**kwargs, **self._encoder_inputs, "input_ids": input_ids}
+            # the forward's own arguments first; what generate's encoding before the forward was given fills the rest
+            encoded = {k: v for call in self._encoder_inputs.values() for k, v in call.items()}
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            self._inputs = {**encoded, **given, "input_ids": input_ids}
             return None
         # decode / continuation step
         if self._deep_masks2d is None or self._cache_ref is None or self._cache_ref() is not cache:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..families import get_family
-from ..grids import _has_cls, grid_positions, input_layouts
+from ..grids import grid_positions, has_class_token, input_layouts
 from .attention import class_token_attention, class_token_attention_flops
 from .base import BeforeDecoder, Merge, StageContext, check_int
 
@@ -86,7 +86,7 @@ class VisionZip(BeforeDecoder):
     # ------------------------------------------------------------------ the model
     def vision_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         config, spec = model.config, get_family(model)
-        if not _has_cls(config):
+        if not has_class_token(config):
             kind = getattr(config.vision_config, "model_type", "?")
             raise ValueError(
                 f"visionzip ranks patches by the vision tower's class-token (CLS) attention, and {spec.display}'s "
