@@ -82,6 +82,10 @@ def test_every_dataset_validates(dataset):
         (["model=llava-1.5-7b", "model.pretrained=/no/such/model"], ["/no/such/model"]),
         (["model=llava-1.5-7b", "model.config=not-a-model"], ["not-a-model", "llava-1.5-7b"]),
         (["model=llava-1.5-7b", "vtw.layer=auto", "vtw.search.min_layer=40"], ["min_layer", "31"]),
+        (["model=llava-1.5-7b", "vtw.method=pool", "vtw.stride=0"], ["pool stride", ">= 1", "got 0"]),
+        (["model=llava-1.5-7b", "vtw.method=pool", "vtw.layer=null", "vtw.stride=0"], ["pool stride", "got 0"]),
+        (["model=llava-1.5-7b", "vtw.method=pool", "vtw.dominant=3"], ["vtw.dominant=3", "stride, stride_cols"]),
+        (["model=llava-1.5-7b", "vtw.method=visionzip", "vtw.dominant=-1"], ["visionzip", "-1"]),
     ],
 )
 def test_bad_values_name_the_value_and_the_allowed_ones(overrides, needles):

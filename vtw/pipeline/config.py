@@ -384,11 +384,12 @@ def _method(vtw: dict, layer, num_layers: int) -> tuple[str, dict, float | None]
         raise ValueError(f"vtw.layer=auto (the KL layer search) chooses VTW's K; vtw.method={name} needs a layer")
     if layer == "auto" and budget is not None:
         raise ValueError("vtw.layer=auto and vtw.budget both choose K: give one of them")
-    if isinstance(layer, int):
-        try:
+    try:
+        make_method(name, **params)  # the parameters, whatever the layer (vtw.layer=null runs the full model)
+        if isinstance(layer, int):
             build_method(name, layer, params).resolve(num_layers)
-        except ValueError as e:
-            raise ValueError(f"vtw.method={name}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"vtw.method={name}: {e}") from None
     return name, params, budget
 
 
