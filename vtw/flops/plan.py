@@ -270,6 +270,15 @@ def plan_flops(
         methods=methods,
         **encoder,
     )
+    if methods is not None:  # the method's settings: drop those that cost what an earlier row costs (e.g. a pool
+        # window wider than the grid, a VisionZip count above the tower's patches); vanilla and the given one stay
+        seen = {rows[0].flops, rows[1].flops}
+        kept = rows[:2]
+        for r in rows[2:]:
+            if r.flops not in seen:
+                seen.add(r.flops)
+                kept.append(r)
+        rows = kept
     name = str(model_config_path_or_name) if not hasattr(model_config_path_or_name, "to_dict") else arch.display
     hub = SHIPPED_CHECKPOINTS.get(name)
     result = PlanResult(
