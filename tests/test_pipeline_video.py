@@ -1,5 +1,5 @@
 """The video path through the pipeline on a CPU: ``python run.py model=tiny-video-llava dataset=vtw_synthvideo`` end
-to end (the shipped untrained tiny Video-LLaVA, the shipped clips), and a job whose task has an unreadable video:
+to end (the shipped trained tiny Video-LLaVA, the shipped clips), and a job whose task has an unreadable video:
 the others are evaluated, the bad sample's row names the file and the document."""
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ from vtw.pipeline.job import JobContext, run_job
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "vtw" / "assets" / "tiny-video-llava"
 CLIPS = ROOT / "vtw" / "assets" / "tasks" / "vtw_synthvideo" / "videos"
-CLIP_TOKENS = 8 * (16 + 1)  # 8 frames of 4 x 4 patches + CLS (tiny Video-LLaVA: 32 px frames, 8 px patches)
+CLIP_TOKENS = 8 * (
+    16 + 1
+)  # 8 frames of 4 x 4 patches + CLS (the shipped tiny Video-LLaVA: 64 px frames, 16 px patches)
 
 
 def test_run_py_video_family_on_the_synthetic_video_task(tmp_path):

@@ -1,11 +1,12 @@
-"""An untrained tiny video model with its processor, built from the family registry's tiny config, for runs of the
-video path on a CPU (``python run.py model=tiny-video-llava dataset=vtw_synthvideo``).
+"""Untrained tiny video models with their processors, built from the family registry's tiny configs, for runs of
+the video path on a CPU, and the one builder of the tiny video processors.
 
-``python -m vtw.synthvideo.tiny`` rewrites `vtw/assets/tiny-video-llava/` (seeded: identical bytes): a
-`VideoLlavaForConditionalGeneration` of ``families.family("video_llava").tiny_config(4)`` (CLIP towers on 32 px
-frames, 8 px patches: 16 tokens per image, 17 per frame, 136 per 8-frame clip; a 4-layer Llama decoder of width 32),
-randomly initialised, so its answers are at chance (0.25 on `vtw_synthvideo`): it checks that a video benchmark runs
-through the whole pipeline (processor, frame loading, batching, VTW, FLOPs records, results), not accuracy.
+``python -m vtw.synthvideo.tiny --output DIR`` writes (seeded: identical bytes) a `VideoLlavaForConditionalGeneration`
+of ``families.family("video_llava").tiny_config(4)`` (CLIP towers on 32 px frames, 8 px patches: 16 tokens per image,
+17 per frame, 136 per 8-frame clip; a 4-layer Llama decoder of width 32), randomly initialised, so its answers are at
+chance (0.25 on `vtw_synthvideo`). The shipped `vtw/assets/tiny-video-llava/` (`ASSET_DIR`) is the *trained* model
+of ``python -m vtw.synthvideo.train`` (64 px frames, 16 px patches, same token counts), so ``--output`` has no
+default here.
 
 :func:`build_processor` is the one place that builds the processors of the tiny LLaVA-style video families (the
 tests' tiny checkpoints use it too).
@@ -94,7 +95,7 @@ def build_processor(family_name: str, tokenizer, chat_template: str, *, size: in
     raise ValueError(f"no tiny processor for family {family_name!r}; allowed: {VIDEO_FAMILIES}")
 
 
-def build_checkpoint(out: str | Path = ASSET_DIR, family_name: str = "video_llava", *, seed: int = 0) -> Path:
+def build_checkpoint(out: str | Path, family_name: str = "video_llava", *, seed: int = 0) -> Path:
     """Save a seeded, randomly initialised tiny ``family_name`` model (float32) and its processor to ``out``."""
     tok = build_tokenizer()
     processor = build_processor(family_name, tok, VIDEO_CHAT_TEMPLATE)
@@ -115,7 +116,7 @@ def build_checkpoint(out: str | Path = ASSET_DIR, family_name: str = "video_llav
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m vtw.synthvideo.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=ASSET_DIR)
+    parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--family", default="video_llava", choices=VIDEO_FAMILIES)
     args = parser.parse_args(argv)
     path = build_checkpoint(args.output, args.family)

@@ -462,12 +462,25 @@ def masked_forward(
     features = torch.cat(list(features), dim=0).to(embeds.dtype)  # (B * NUM_IMAGE_TOKENS, D)
     vision = ids == config.image_token_id  # (B, T)
     embeds = embeds.masked_scatter(vision[..., None].expand_as(embeds), features)
+    return withdrawn_decoder_forward(decoder, embeds, vision, batch.attention_mask, withdraw_layer, layer_inputs)
 
-    batch_size, length = ids.shape
-    positions = torch.arange(length, device=ids.device)[None].expand(batch_size, -1)
+
+def withdrawn_decoder_forward(
+    decoder: nn.Module,
+    embeds: torch.Tensor,
+    vision: torch.Tensor,
+    attention_mask: torch.Tensor,
+    withdraw_layer: torch.Tensor,
+    layer_inputs: dict | None = None,
+) -> torch.Tensor:
+    """The decoder part of :func:`masked_forward` (shared with `vtw.synthvideo.train`): a Llama decoder over
+    `embeds` (B, T, D) whose vision positions `vision` (B, T) bool are already filled in; attention_mask (B, T);
+    withdraw_layer (B,) long. Returns the hidden states after the final norm, (B, T, D)."""
+    batch_size, length = vision.shape
+    positions = torch.arange(length, device=embeds.device)[None].expand(batch_size, -1)
     rotary = decoder.rotary_emb(embeds, positions)
-    causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-    full = causal[None] & batch.attention_mask.bool()[:, None, :]  # (B, T_q, T_k)
+    causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()
+    full = causal[None] & attention_mask.bool()[:, None, :]  # (B, T_q, T_k)
     withdrawn = full & ~((~vision)[:, :, None] & vision[:, None, :])
     if layer_inputs is not None:
         layer_inputs.update(mask=full, rotary=rotary)
@@ -543,6 +556,20 @@ def sample_withdraw_layers(config: TrainConfig, generator: torch.Generator) -> t
     return torch.where(draw, layers, torch.full_like(layers, num_layers))
 
 
+def stage_two_optimizer(model: nn.Module, lr: float, weight_decay: float):
+    """(AdamW over the parameters that require grad, [(name, parameter)] of those): weight decay on matrices except
+    embeddings, none on the rest (shared with `vtw.synthvideo.train`)."""
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in trainable if p.ndim < 2 or "embed" in n]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    return optimizer, trainable
+
+
 def train(
     config: TrainConfig, progress: bool = True
 ) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, TrainReport]:
@@ -555,14 +582,7 @@ def train(
     if config.vision_steps:
         pretrain_vision(model, processor, config, progress)
     model.model.vision_tower.requires_grad_(False)  # stage 2 keeps the vision tower frozen, as LLaVA does
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in trainable if p.ndim < 2 or "embed" in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=(0.9, 0.98),
-    )
+    optimizer, trainable = stage_two_optimizer(model, config.lr, config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed)
     recent: list[float] = []
     loss_value = float("nan")
@@ -610,20 +630,28 @@ def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProces
             shutil.rmtree(tmp)
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, int]:
-    """CLI -> (TrainConfig, output directory, torch thread count)."""
-    defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="python -m vtw.synthvqa.train", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="checkpoint directory (replaced)")
+def training_arguments(prog: str, doc: str, defaults, output: Path) -> argparse.ArgumentParser:
+    """The CLI options both trainers share (`defaults`: a config with steps, batch_size, lr, vision_steps, seed,
+    withdraw_prob, guide_weight), with `output` as the default checkpoint directory (shared with
+    `vtw.synthvideo.train`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    parser.add_argument("--output", type=Path, default=output, help="checkpoint directory (replaced)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--withdraw-prob", type=float, default=defaults.withdraw_prob)
-    parser.add_argument("--withdraw-min-layer", type=int, default=defaults.withdraw_min_layer)
     parser.add_argument("--guide-weight", type=float, default=defaults.guide_weight, help="0 turns guidance off")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it slightly)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, int]:
+    """CLI -> (TrainConfig, output directory, torch thread count)."""
+    defaults = TrainConfig()
+    parser = training_arguments("python -m vtw.synthvqa.train", __doc__, defaults, DEFAULT_OUTPUT)
+    parser.add_argument("--withdraw-min-layer", type=int, default=defaults.withdraw_min_layer)
     args = parser.parse_args(argv)
     config = TrainConfig(
         steps=args.steps,
