@@ -57,11 +57,6 @@ class Grid:
         """Decoder tokens of this grid."""
         return self.frames * (self.lead + self.rows * (self.cols + self.newline)) + self.trail
 
-    @property
-    def cells(self) -> int:
-        """Grid tokens (``frames * rows * cols``)."""
-        return self.frames * self.rows * self.cols
-
     def pooled(self, stride: int, stride_cols: int | None = None) -> Grid:
         """The grid after pooling each frame over windows of ``stride`` rows and ``stride_cols`` (default
         ``stride``) columns, edge windows partial: ``ceil(rows / stride) x ceil(cols / stride_cols)`` cells, one

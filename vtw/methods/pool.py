@@ -21,8 +21,8 @@ WINDOWS: tuple[tuple[int, int], ...] = tuple(
 class Pool(BeforeDecoder):
     """2-D average pooling of the projected vision features, per image (per crop grid of the anyres families, per
     ``t`` slice of a Qwen grid) and per video frame: each window of ``stride`` rows by ``stride_cols`` (default
-    ``stride``) columns of grid cells (partial windows at the right and bottom edges) becomes one token, the mean of its cells, at the sequence position of the window's
-    top-left cell. Positions are not renumbered: a pooled token keeps that cell's position ids (its ``(t, h, w)``
+    ``stride``) columns of grid cells (partial windows at the right and bottom edges) becomes one token, the mean
+    of its cells, at the sequence position of the window's top-left cell. Positions are not renumbered: a pooled token keeps that cell's position ids (its ``(t, h, w)``
     M-RoPE position on Qwen, so the pooled grid spans the image's original extent) and the text keeps its own, as
     every in-decoder method here keeps the positions of what it keeps. Class tokens and the trailing newline of a
     video stay; of a grid's row newlines, those of rows starting a window (one per pooled row) stay.
