@@ -46,6 +46,7 @@ from vtw.synthvideo import generator as G
 from vtw.synthvideo.tiny import ASSET_DIR, VIDEO_CHAT_TEMPLATE, build_processor, build_tokenizer
 from vtw.synthvqa.generator import COLORS, SHAPES, SceneObject
 from vtw.synthvqa.train import (
+    check_schedule,
     head_attention,
     learning_rate,
     save_checkpoint,
@@ -104,12 +105,7 @@ class VideoTrainConfig:
             raise ValueError(f"VideoTrainConfig.vision_layers must be >= 2, got {self.vision_layers!r}")
         if self.text_width % 4 or self.vision_width % 4:
             raise ValueError(f"widths must be multiples of the 4 heads, got {self.text_width}, {self.vision_width}")
-        if not 0.0 <= self.withdraw_prob <= 1.0:
-            raise ValueError(f"VideoTrainConfig.withdraw_prob must be in [0, 1], got {self.withdraw_prob!r}")
-        if self.guide_weight < 0:
-            raise ValueError(f"VideoTrainConfig.guide_weight must be >= 0, got {self.guide_weight!r}")
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"VideoTrainConfig.warmup_steps must be in [0, steps), got {self.warmup_steps!r}")
+        check_schedule(self)
 
 
 def build_model(config: VideoTrainConfig, tokenizer) -> T.VideoLlavaForConditionalGeneration:

@@ -89,6 +89,18 @@ WORD_TARGETS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHA
 """Stage 1 targets scored against the decoder's embeddings of these words (class 0, background, by a learnt vector)."""
 
 
+def check_schedule(config) -> None:
+    """The checks every trainer's config shares (``withdraw_prob``, ``guide_weight``, ``warmup_steps`` against
+    ``steps``): ``ValueError`` naming the config class, the field and the value."""
+    name = type(config).__name__
+    if not 0.0 <= config.withdraw_prob <= 1.0:
+        raise ValueError(f"{name}.withdraw_prob must be in [0, 1], got {config.withdraw_prob!r}")
+    if config.guide_weight < 0:
+        raise ValueError(f"{name}.guide_weight must be >= 0, got {config.guide_weight!r}")
+    if not 0 <= config.warmup_steps < config.steps:
+        raise ValueError(f"{name}.warmup_steps must be in [0, steps), got {config.warmup_steps!r}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one training run (all of them; the run is a function of this and the thread count)."""
@@ -116,23 +128,18 @@ class TrainConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {value!r}")
-        if not 0.0 <= self.withdraw_prob <= 1.0:
-            raise ValueError(f"TrainConfig.withdraw_prob must be in [0, 1], got {self.withdraw_prob!r}")
+        check_schedule(self)
         if not 0 <= self.withdraw_min_layer < self.spec.text_layers:
             raise ValueError(
                 f"TrainConfig.withdraw_min_layer must be in [0, {self.spec.text_layers - 1}], "
                 f"got {self.withdraw_min_layer!r}"
             )
-        if self.guide_weight < 0:
-            raise ValueError(f"TrainConfig.guide_weight must be >= 0, got {self.guide_weight!r}")
         find, relay = self.guide_layers
         if not 0 <= find < relay < self.spec.text_layers:
             raise ValueError(
                 f"TrainConfig.guide_layers must be (find, relay) with 0 <= find < relay < {self.spec.text_layers}, "
                 f"got {self.guide_layers!r}"
             )
-        if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"TrainConfig.warmup_steps must be in [0, steps), got {self.warmup_steps!r}")
 
 
 @dataclass(frozen=True)
