@@ -136,7 +136,10 @@ def test_two_stages_batch_equals_each_sample_alone_and_cache_lengths(family):
 
 
 def test_registry_and_method_objects():
-    assert set(METHODS) >= {"vtw", "random"} and vtw.method_names() == tuple(METHODS)
+    assert set(METHODS) >= {"vtw", "random"}
+    for name in vtw.method_names():  # every name the config and withdraw() accept builds from its defaults alone
+        method = make_method(name).resolve(8)
+        assert type(method) is METHODS[name] and isinstance(method.label, str) and method.label.startswith(name)
     assert method_params("vtw") == ("layer",) and method_params("random") == ("layer", "seed")
     assert make_method("vtw", layer=3) == Withdrawal(layer=3)
     assert make_method("random", layer=2, seed=5) == RandomTokens(layer=2, seed=5)
@@ -193,3 +196,30 @@ def test_every_method_file_is_in_the_registry():
                         names.add(stmt.value.value)
     names -= {"", "custom"}
     assert set(METHODS) == names and next(iter(METHODS)) == "vtw"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_random_ablation_draws_per_sample_so_a_batch_equals_each_sample_alone(family):
+    """The paper's ``random`` ablation in a left-padded batch (two image prompts of different lengths, a text-only
+    prompt): each sample drops exactly what the test's own draw for it alone drops (a generator seeded ``seed``,
+    ``randperm`` over its real tokens but the last, the first ``V`` of them), and generates what it generates alone."""
+    model = _model(family, "sdpa")
+    samples = [Sample(images=1, prefix=3, suffix=6), Sample(prefix=9, suffix=4), Sample(images=1, prefix=1, suffix=2)]
+    batch = make_batch(model, samples)
+    assert (batch["attention_mask"] == 0).any()
+    seed = 3
+    with torch.no_grad(), withdraw(model, 1, method="random", seed=seed) as handle:
+        model(**batch)
+        kept_in_batch = handle.last_keep_index.clone()
+    tokens, logits = _generate(model, batch, RandomTokens(layer=1, seed=seed))
+    for i, single in enumerate(make_singles(model, samples)):
+        n = single["input_ids"].shape[1]
+        v = int(vtw.vision_token_mask(model, single["input_ids"]).sum())
+        drop = torch.randperm(n - 1, generator=torch.Generator().manual_seed(seed))[:v]
+        expected = torch.tensor([p for p in range(n) if p not in set(drop.tolist())])
+        offset = batch["input_ids"].shape[1] - n  # left padding
+        row = kept_in_batch[i][kept_in_batch[i] >= 0]
+        assert torch.equal(row - offset, expected), i
+        t, lg = _generate(model, single, RandomTokens(layer=1, seed=seed))
+        assert tokens[i].tolist() == t[0].tolist(), f"sample {i}"
+        torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)

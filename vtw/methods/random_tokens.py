@@ -12,7 +12,8 @@ from .base import OneLayer, StageContext, check_int
 @dataclass(frozen=True)
 class RandomTokens(OneLayer):
     """Drop as many random non-padding tokens (vision or text; never the last) as the sample has vision tokens, at
-    layer ``layer``. Seeded (``seed``), so runs repeat; the draw is made on the CPU, sample after sample."""
+    layer ``layer``. Seeded (``seed``), so runs repeat: each sample draws with its own CPU generator, over its own real
+    tokens, so a left-padded batch gives each sample what it gets alone."""
 
     name = "random"
     free_parameter = "layer"
@@ -22,9 +23,11 @@ class RandomTokens(OneLayer):
         check_int(self.seed, "random seed")
 
     def select(self, ctx: StageContext) -> torch.Tensor:
-        g = torch.Generator(device="cpu").manual_seed(self.seed)
         keep = torch.ones_like(ctx.vision)
         for b in range(ctx.vision.shape[0]):
+            # The sample's own generator, over its own real tokens in order (left padding only shifts them), so a
+            # sample draws in a batch exactly what it draws alone.
+            g = torch.Generator(device="cpu").manual_seed(self.seed)
             candidates = torch.nonzero(ctx.attention_mask[b, :-1].bool().cpu()).flatten()
             n_drop = min(int(ctx.vision[b].sum()), candidates.numel())
             drop = candidates[torch.randperm(candidates.numel(), generator=g)[:n_drop]]
