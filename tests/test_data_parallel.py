@@ -28,7 +28,12 @@ TIMED = {"latency_s", "samples_per_s", "wall_s", "peak_mem_gb"}  # measured, not
 
 
 def _run(cmd: list[str], cwd: Path, cache: Path) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VTW_CACHE_DIR": str(cache)}
+    # One CPU thread in every process, the one-process run included: torchrun gives each worker OMP_NUM_THREADS=1
+    # when it is unset, and CPU kernels reduce in another order with another thread count (the first-token KL then
+    # differs in its fourth digit). With the same count both runs do the same arithmetic, so the figures compare
+    # exactly.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VTW_CACHE_DIR": str(cache),
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
     for k in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "VTW_LAUNCH_UID", "VTW_LAUNCH_TIME"):
         env.pop(k, None)
     t0 = time.perf_counter()
