@@ -359,15 +359,39 @@ def _squeue(*job_ids: str) -> list[str] | None:
 
 
 def _wait_gone(job_ids: list[str], timeout: float, what: str, sweep_dir: Path) -> None:
-    """Wait until none of the jobs is pending or running; on timeout cancel them and show the logs."""
-    deadline = time.monotonic() + timeout
+    """Wait until none of the jobs is pending or running; on timeout cancel them and show the states last seen and
+    the logs."""
+    deadline, seen = time.monotonic() + timeout, None
     while time.monotonic() < deadline:
-        if _squeue(*job_ids) == []:
+        seen = _squeue(*job_ids)
+        if seen == []:
             return
         time.sleep(1)
     subprocess.run(["scancel", *job_ids])
     logs = "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in sorted((sweep_dir / "logs").glob("*.out")))
-    pytest.fail(f"{what}: jobs {job_ids} still queued after {timeout:.0f} s\n{logs}")
+    pytest.fail(f"{what}: jobs {job_ids} still queued after {timeout:.0f} s, last seen {seen}\n{logs}")
+
+
+def _job_fields(job: str) -> dict[str, str]:
+    """``scontrol show job``'s ``Key=Value`` fields of one job (``{}`` when the controller does not answer)."""
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True, timeout=30)
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv) if r.returncode == 0 else {}
+
+
+def _state(fields: dict[str, str]) -> str:
+    return " ".join(f"{k}={fields.get(k)}" for k in ("JobState", "Reason", "Restarts", "BeginTime", "ExitCode"))
+
+
+def _wait_job(job: str, until, timeout: float, what: str) -> dict[str, str]:
+    """Poll ``scontrol show job`` until ``until(fields)`` holds; fail naming the state last seen at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = _job_fields(job)
+        if fields and until(fields):
+            return fields
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: job {job} after {timeout:.0f} s: {_state(fields) if fields else 'no answer'}")
+        time.sleep(0.3)
 
 
 def _job(d: Path) -> dict:
@@ -537,10 +561,8 @@ def test_sbatch_array_cancel_resubmit_resumes_and_marks_failures(cluster, small_
     assert [d.name for d in dirs] == names
     try:
         # Cancel point 2 while its python runs (it starts once point 0 or 1 has finished: array_parallelism=2).
-        deadline = time.monotonic() + 180
-        while not ((dirs[2] / "job.json").is_file() and _job(dirs[2])["status"] == "running"):
-            assert time.monotonic() < deadline, "point 2 never started"
-            time.sleep(0.3)
+        _wait_job(f"{array}_2", lambda f: (dirs[2] / "job.json").is_file() and _job(dirs[2])["status"] == "running",
+                  180, "point 2's python running")  # fmt: skip
         assert subprocess.run(["scancel", f"{array}_2"]).returncode == 0
         _wait_gone([array, summary], 180, "first submission", sweep)
     finally:
@@ -617,34 +639,35 @@ def test_requeued_task_runs_again_in_the_same_dir(cluster, tmp_path):
               *CPU], env=env, cwd=app, timeout=120)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     array = _kv(r.stdout)["VTW_ARRAY_JOB"]
+    task, starts = f"{array}_1", sweep / "1_layer=2" / "starts.txt"
     try:
-        deadline = time.monotonic() + 60
-        while not (sweep / "1_layer=2" / "starts.txt").is_file():
-            assert time.monotonic() < deadline, "task 1 never started"
-            time.sleep(0.3)
-        assert subprocess.run(["scontrol", "requeue", f"{array}_1"]).returncode == 0
-        # SLURM holds a requeued job back for about two minutes; once it is pending again, let it go now.
-        deadline = time.monotonic() + 30
-        while "JobState=PENDING" not in _run(["scontrol", "show", "job", f"{array}_1"]).stdout:
-            assert time.monotonic() < deadline, "task 1 was not requeued"
-            time.sleep(0.3)
-        # Wait for what the test is about (the second start), not only for the queue to look empty. The release is
-        # repeated while the task is pending: slurmctld may set the requeue hold after a first release was taken.
-        starts = sweep / "1_layer=2" / "starts.txt"
-        deadline, released = time.monotonic() + 150, 0.0
-        while starts.read_text().count("\n") < 2 and time.monotonic() < deadline:
-            if time.monotonic() - released > 5:
-                if "JobState=PENDING" in _run(["scontrol", "show", "job", f"{array}_1"]).stdout:
-                    _run(["scontrol", "update", f"JobId={array}_1", "StartTime=now"])
+        _wait_job(task, lambda f: f["JobState"] == "RUNNING" and starts.is_file(), 120, "task 1's first start")
+        assert subprocess.run(["scontrol", "requeue", task]).returncode == 0
+        requeued_at = time.time()  # the controller revoked the killed run's credential before this
+        # SLURM holds a requeued job back (BeginTime about two minutes ahead) because the node refuses a credential
+        # issued in the same second as the one it revoked for the killed run ("Job credential revoked": the task then
+        # ends FAILED without starting). Release it once it is pending again and that second is over.
+        _wait_job(task, lambda f: f["JobState"] == "PENDING" and time.time() >= int(requeued_at) + 2, 60,
+                  "task 1 pending again after the requeue")  # fmt: skip
+        # The release is repeated while the task is still pending: slurmctld may set the hold after a release.
+        released = 0.0
+
+        def restarted(fields: dict[str, str]) -> bool:
+            nonlocal released
+            if fields["JobState"] == "PENDING" and time.monotonic() - released > 5:
+                _run(["scontrol", "update", f"JobId={task}", "StartTime=now"])
                 released = time.monotonic()
-            time.sleep(0.3)
-        state = _run(["scontrol", "show", "job", f"{array}_1"]).stdout  # for the message, if it did not restart
+            assert fields["JobState"] in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED"), _state(fields)
+            return starts.read_text().count("\n") >= 2
+
+        _wait_job(task, restarted, 150, "task 1's second start")
         _wait_gone([array], 60, "requeued array", sweep)
+        state = _state(_job_fields(task))
     finally:
         subprocess.run(["scancel", f"--name={name}"])
     assert (sweep / "0_layer=1" / "starts.txt").read_text() == "0 0\n"
     log = (sweep / "logs" / f"{array}_1.out").read_text()  # one log, appended to by the second start
-    assert (sweep / "1_layer=2" / "starts.txt").read_text() == "1 0\n1 1\n", log + state
+    assert starts.read_text() == "1 0\n1 1\n", log + state
     assert "restart=0" in log and "DUE TO JOB REQUEUE" in log and "restart=1" in log
 
 
