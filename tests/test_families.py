@@ -24,7 +24,6 @@ def test_registry_facts_match_transformers(name):
     forward = inspect.signature(cls.forward).parameters
     assert spec.image_key in forward
     assert ("pixel_values_videos" in forward) == (spec.video is not None)
-    assert spec.video_key == ("pixel_values_videos" if spec.video is not None else None)
     defaults = type(config)()  # the family's config class with its own defaults
     assert spec.anyres == hasattr(defaults, "image_grid_pinpoints")
     assert (spec.image_layout == "anyres_max") == hasattr(defaults, "vision_aspect_ratio")
@@ -53,6 +52,24 @@ def test_pixel_key_and_layout_match_the_familys_image_processor(name):
     assert spec.image_key in keys
     assert ("image_sizes" in keys) == spec.anyres
     assert ("image_grid_thw" in keys) == (spec.image_layout == "grid")
+
+
+@pytest.mark.parametrize("name", SUPPORTED_FAMILIES)
+def test_video_key_is_the_pixel_key_of_the_familys_video_processor(name):
+    """What the family's own video processor (transformers' auto mapping, default settings) returns for a clip: its
+    one pixel key is the video key the FLOPs meter reads; a family without a video processor has no video key."""
+    from transformers.models.auto.video_processing_auto import VIDEO_PROCESSOR_MAPPING_NAMES
+
+    spec = family(name)
+    classes = VIDEO_PROCESSOR_MAPPING_NAMES.get(name)
+    assert (classes is None) == (spec.video is None)
+    if classes is None:
+        assert spec.video_key is None
+        return
+    processor = getattr(T, classes.get("pil") or classes["torchvision"])()
+    clip = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    keys = set(processor(videos=[clip], return_tensors="pt").keys())
+    assert {k for k in keys if k.startswith("pixel_values")} == {spec.video_key}
 
 
 @pytest.mark.parametrize("name", SUPPORTED_FAMILIES)

@@ -106,7 +106,7 @@ def test_missing_model_dir_is_a_value_error(tmp_path):
 def test_parse_layer_and_text_helpers():
     assert parse_layer(None) is None and parse_layer("null") is None and parse_layer("None") is None
     assert parse_layer("12") == 12 and parse_layer(3) == 3 and parse_layer(4.0) == 4
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="layer must be an integer or None, got True"):
         parse_layer(True)
     assert _cut_at_stop("red. blue", ["."]) == "red"
     assert _cut_at_stop("a\nb ASSISTANT: c", ["ASSISTANT:", "\n"]) == "a"

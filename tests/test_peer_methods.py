@@ -16,7 +16,7 @@ import math
 
 import pytest
 import torch
-from test_withdraw import _causal, _extend, _lm_inputs, _prompt, _rotary
+from test_withdraw import _causal, _extend, _lm_inputs, _prompt, _rotary, _vision
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
 
 import vtw
@@ -102,7 +102,7 @@ def _naive_generate(model, inputs, method):
     with torch.no_grad():
         for _ in range(STEPS):
             embeds, pos = _lm_inputs(model, cur)
-            vision = vtw.vision_token_mask(model, cur["input_ids"])
+            vision = _vision(model, cur["input_ids"])
             out, chosen = _naive_logits(model, embeds, pos, vision, method, n_prompt, chosen)
             tokens.append(int(out[-1].argmax()))
             logits.append(out[-1])
@@ -132,7 +132,7 @@ def test_generate_with_cache_matches_naive_reference(name, family, attn):
     reference_model = _model(family, "eager")  # same seed: the same weights as the model under test
     model = reference_model if attn == "eager" else _model(family, attn)
     (inputs,) = make_singles(model, _prompt(family))
-    assert vtw.vision_token_mask(model, inputs["input_ids"]).sum() > 4
+    assert _vision(model, inputs["input_ids"]).sum() > 4
     for params in SETTINGS[name]:
         ref_tokens, ref_logits = _naive_generate(reference_model, inputs, _CLASSES[name](**params))
         tokens, logits, _ = _generate(model, inputs, method=name, **params)

@@ -20,7 +20,6 @@ from vtw.synthvqa.generator import (
     IMAGE_SIZE,
     NUM_CHOICES,
     SHAPES,
-    SHORT_SUFFIX,
     SPLIT_SEEDS,
     chance_accuracy,
     follow_up_turns,
@@ -44,7 +43,8 @@ def test_same_seed_gives_identical_items_and_png_bytes():
 
 def test_prompt_choices_and_follow_ups():
     for item in iter_items("test", 40):
-        assert item.prompt == f"{item.question}\n{SHORT_SUFFIX}"
+        # the short-answer instruction written out, not the generator's own constant
+        assert item.prompt == f"{item.question}\nAnswer the question using a single word."
         assert len(set(item.choices)) == NUM_CHOICES and item.answer in item.choices
         # the item's own question is among the scene's unambiguous questions, with the same answer
         assert (item.question, item.answer) in {(q.question, q.answer_word) for q in scene_questions(item.scene)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
+from tiny_models import FAMILIES, IMAGE_ID, VIDEO_FAMILIES, VIDEO_ID, Sample, build_tiny_model, make_batch, make_singles
 
 import vtw
 from vtw import withdraw
@@ -45,6 +45,14 @@ def _lm_inputs(model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if pos is None:
         pos = torch.arange(embeds.shape[1])[None]
     return embeds, pos
+
+
+def _vision(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """The reference's vision mask ``(B, T)``: the tiny configs' image placeholder id, and the video one where the
+    family takes video (elsewhere it is an ordinary token the model may generate), not ``vtw.vision_token_mask``
+    (which the method under test uses itself)."""
+    ids = [IMAGE_ID] + ([VIDEO_ID] if model.config.model_type in VIDEO_FAMILIES else [])
+    return torch.isin(input_ids, torch.tensor(ids))
 
 
 def _causal(n: int, dtype) -> torch.Tensor:
@@ -102,7 +110,7 @@ def _naive_generate(model, inputs: dict, k: int, steps: int) -> tuple[list[int],
     with torch.no_grad():
         for _ in range(steps):
             embeds, pos = _lm_inputs(model, cur)
-            vision = vtw.vision_token_mask(model, cur["input_ids"])
+            vision = _vision(model, cur["input_ids"])
             logits = _naive_logits(model, embeds, pos, vision, k)[-1]
             token = int(logits.argmax())
             tokens.append(token)
@@ -146,7 +154,7 @@ def test_none_and_L_are_the_untouched_model_and_remove_restores(family, attn):
 def test_generate_with_cache_matches_naive_reference(family, attn):
     model = _model(family, attn)
     (inputs,) = make_singles(model, _prompt(family))
-    vision = vtw.vision_token_mask(model, inputs["input_ids"])
+    vision = _vision(model, inputs["input_ids"])
     assert vision.sum() > 0
     for k in (0, 1, 2, NUM_LAYERS - 1, NUM_LAYERS):
         ref_tokens, ref_logits = _naive_generate(model, inputs, k, NEW_TOKENS)
@@ -159,7 +167,7 @@ def test_generate_with_cache_matches_naive_reference(family, attn):
 def test_prefill_logits_cover_text_positions(family):
     model = _model(family, "sdpa")
     (inputs,) = make_singles(model, _prompt(family))
-    vision = vtw.vision_token_mask(model, inputs["input_ids"])
+    vision = _vision(model, inputs["input_ids"])
     embeds, pos = _lm_inputs(model, inputs)
     with torch.no_grad():
         ref = _naive_logits(model, embeds, pos, vision, 2)
