@@ -1,7 +1,8 @@
 """vtw experiment entry point: ``python run.py [overrides]``, ``python run.py -m key=a,b`` for a sweep.
 
 Thin on purpose: Hydra composes ``conf/``; :func:`vtw.pipeline.job.run_job` does the work (README: "Experiment
-pipeline"). In a sweep a failing job is recorded (``job.json``) and the sweep goes on; the sweep summary marks it.
+pipeline"). A bad config value is one line on stderr (exit status 1); in a sweep a failing job is recorded
+(``job.json``) and the sweep goes on; the sweep summary marks it.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ log = logging.getLogger("vtw")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> str:
+    from vtw.pipeline.config import ConfigError
     from vtw.pipeline.job import JobContext, run_job
 
     ctx = JobContext.from_hydra()
     try:
         return run_job(cfg, ctx).status
-    except Exception:
+    except Exception as e:
         if not ctx.multirun:
+            if isinstance(e, ConfigError):  # a bad value: its one line (recorded in job.json too), exit status 1
+                raise SystemExit(f"error: {e}") from None
             raise
         log.exception("job %s failed (recorded in %s/job.json); the sweep goes on", ctx.job_num, ctx.output_dir)
         return "failed"

@@ -96,6 +96,7 @@ class WithdrawalHandle:
         self.family = get_family(model)  # unsupported model: ValueError listing the supported ones
         self.num_layers = num_decoder_layers(model)
         self.method = method.resolve(self.num_layers)
+        self.method.check_supported(model.config)  # a family the method cannot act on: its one-line refusal
         self.stages = tuple(k for k in self.method.stages() if k < self.num_layers)
         if self.stages and not self.method.acts_on(model):  # e.g. VisionZip keeping every patch of this tower
             self.stages = ()
@@ -443,7 +444,8 @@ def withdraw(
 
     Raises:
         ValueError: unsupported model, a layer not ``None`` or an int in ``[0, L]``, unknown method or parameter,
-            unsupported attention implementation — before anything runs.
+            a family the method cannot act on (:meth:`~vtw.methods.Reduction.check_supported`), unsupported
+            attention implementation — before anything runs.
     """
     if layer is not None:
         if isinstance(method, Reduction):

@@ -360,7 +360,8 @@ def count_flops(
             outputs, ``V + T``, or ``T`` under withdrawal).
 
     Raises:
-        ValueError: unsupported family, negative or non-integer counts, ``layer`` out of range, or an encoder
+        ValueError: unsupported family, negative or non-integer counts, ``layer`` out of range, a family (or
+            videos) the method cannot act on (:meth:`~vtw.methods.Reduction.check_supported`), or an encoder
             workload inconsistent with ``vision_tokens``.
     """
     arch = architecture(config)
@@ -370,6 +371,9 @@ def count_flops(
     generated_tokens = check_count(generated_tokens, "generated_tokens")
     method, layer = resolved_method(layer, method, dec.num_layers)
     work = resolve_workload(arch, vision_tokens, vision_inputs, video_frames, vision_grids)
+    # a model the method cannot act on has no count: the refusal withdraw() gives
+    videos = work.video_frames or (vision_layout is not None and vision_layout.videos)
+    method.check_supported(config, video=bool(videos))
 
     full = vision_tokens + text_tokens
     layout = sample_layout(

@@ -139,9 +139,16 @@ class Reduction:
         whatever is returned."""
         raise NotImplementedError
 
+    def check_supported(self, config, *, video: bool = False) -> None:
+        """Raise ``ValueError`` where the method cannot act on a model of ``config`` (a transformers config of a
+        supported family; ``video``: on that model's videos as well): one line naming the method, the family and
+        why. The one place each method declares what it needs of a model: it reads the config only (no weights),
+        and :func:`~vtw.withdraw.withdraw` (before any hook), the pipeline's config check (before any weights load)
+        and the FLOPs model (:func:`~vtw.flops.count_flops`, so ``mode=flops``) all ask it. Default: every family."""
+
     def acts_on(self, model: nn.Module) -> bool:
         """Whether the method changes anything on ``model`` (``withdraw`` installs nothing where it does not, so the
-        model is untouched, bit for bit). Raises ``ValueError`` where the method cannot work on ``model``."""
+        model is untouched, bit for bit), on a model :meth:`check_supported` accepted."""
         return True
 
     def vision_layers(self, model: nn.Module) -> dict[str, nn.Module]:

@@ -84,15 +84,25 @@ class VisionZip(BeforeDecoder):
         return out
 
     # ------------------------------------------------------------------ the model
-    def vision_layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        config, spec = model.config, get_family(model)
+    def check_supported(self, config, *, video: bool = False) -> None:
+        """Towers with a class token only (CLIP; not SigLIP, not the Qwen ViTs), and no pooled video frames."""
+        spec = get_family(config)
         if not has_class_token(config):
             kind = getattr(config.vision_config, "model_type", "?")
             raise ValueError(
-                f"visionzip ranks patches by the vision tower's class-token (CLS) attention, and {spec.display}'s "
-                f"tower ({kind}) has no class token; visionzip supports the CLIP towers of LLaVA-1.5, LLaVA-NeXT "
-                "(images) and Video-LLaVA"
+                f"visionzip cannot act on {spec.display}: it ranks patches by the vision tower's class-token (CLS) "
+                f"attention, and {spec.display}'s tower ({kind}) has no class token; visionzip supports the CLIP "
+                "towers of LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video (images) and Video-LLaVA"
             )
+        if video and spec.video == "pooled":
+            raise ValueError(
+                f"visionzip on {spec.display}: its video frames are pooled before the projector, so their tokens "
+                "are no tower patches with a class-token attention of their own; give it images only"
+            )
+
+    def vision_layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        config, spec = model.config, get_family(model)
+        self.check_supported(config)
         towers = {"image": spec.module(model, "vision_tower")}
         if spec.video_tower is not None:
             towers["video"] = spec.module(model, "video_tower")
@@ -133,13 +143,10 @@ class VisionZip(BeforeDecoder):
         input_ids = inputs.get("input_ids")
         if input_ids is None:
             raise ValueError(f"{self.label} finds each image's grid from input_ids; the forward was given none")
-        config, spec = ctx.model.config, get_family(ctx.model)
+        config = ctx.model.config
         layouts = input_layouts(config, input_ids, inputs)
-        if spec.video == "pooled" and any(layout.videos for layout in layouts):
-            raise ValueError(
-                f"visionzip on {spec.display}: its video frames are pooled before the projector, so their tokens "
-                "are no tower patches with a class-token attention of their own; give it images only"
-            )
+        if any(layout.videos for layout in layouts):
+            self.check_supported(config, video=True)
         placed = grid_positions(config, input_ids, layouts)
         keep = torch.ones_like(ctx.vision)
         hidden = ctx.hidden.clone()

@@ -1,9 +1,10 @@
 """Composed Hydra config → validated, typed :class:`RunSpec`, before anything heavy happens.
 
-:func:`validate_config` checks every value the pipeline uses and raises ``ValueError`` naming the bad value and the
-allowed ones. It reads the model's config (a small JSON, never the weights) to check ``vtw.layer`` against the
-model's number of decoder layers. Task names are checked later against lmms-eval's task index, still before the model
-loads (:func:`vtw.pipeline.evaluate.check_tasks`).
+:func:`validate_config` checks every value the pipeline uses and raises :class:`ConfigError` (a ``ValueError``; one
+line, which ``run.py`` prints without a traceback) naming the bad value and the allowed ones. It reads the model's
+config (a small JSON, never the weights) to check ``vtw.layer`` against the model's number of decoder layers, and the
+method against the model's family (the refusal ``withdraw`` gives, from the same method's check). Task names are
+checked later against lmms-eval's task index, still before the model loads (:func:`vtw.pipeline.evaluate.check_tasks`).
 
 :func:`compose_config` composes ``conf/`` the way ``run.py`` does (tests and notebooks use it), turning Hydra's
 "could not find model/foo" into a ``ValueError`` that lists the available options.
@@ -234,7 +235,8 @@ def load_model_config_for(spec_pretrained: str, config_ref: str):
         ) from None
 
 
-def _model(m: dict) -> ModelSpec:
+def _model(m: dict) -> tuple[ModelSpec, object]:
+    """The model's spec and its transformers config (read offline, no weights)."""
     from ..families import get_family, num_decoder_layers
 
     name = _str(m["name"], "model.name")
@@ -249,7 +251,7 @@ def _model(m: dict) -> ModelSpec:
         device_map, max_memory = parse_device_map(m.get("device_map"), m.get("max_memory"))
     except ValueError as e:
         raise ValueError(f"model.{e}") from None
-    return ModelSpec(
+    spec = ModelSpec(
         name=name,
         pretrained=pretrained,
         config=str(config_ref),
@@ -264,6 +266,7 @@ def _model(m: dict) -> ModelSpec:
         device_map=device_map,
         max_memory=max_memory,
     )
+    return spec, hf_config
 
 
 def _limit(value):
@@ -356,9 +359,10 @@ def build_method(name: str, layer: int | None, params: dict) -> Reduction:
     return make_method(name, **kw)
 
 
-def _method(vtw: dict, layer, num_layers: int) -> tuple[str, dict, float | None]:
-    """``(method name, its parameters given, budget)``, the method built and checked against ``L`` (the budget's
-    matching needs prompts, so only its range is checked here)."""
+def _method(vtw: dict, layer, model: ModelSpec, hf_config, video: bool = False) -> tuple[str, dict, float | None]:
+    """``(method name, its parameters given, budget)``, the method built and checked against ``L`` and against the
+    model's family (``video``: and its videos; :meth:`~vtw.methods.Reduction.check_supported`, the refusal
+    ``withdraw`` gives); the budget's matching needs prompts, so only its range is checked here."""
     from ..flops.budget import check_budget
 
     name = _choice(vtw["method"], method_names(), "vtw.method")
@@ -386,10 +390,14 @@ def _method(vtw: dict, layer, num_layers: int) -> tuple[str, dict, float | None]
         raise ValueError("vtw.layer=auto and vtw.budget both choose K: give one of them")
     try:
         make_method(name, **params)  # the parameters, whatever the layer (vtw.layer=null runs the full model)
-        if isinstance(layer, int):
-            build_method(name, layer, params).resolve(num_layers)
+        method = build_method(name, layer, params).resolve(model.num_layers) if isinstance(layer, int) else None
     except ValueError as e:
         raise ValueError(f"vtw.method={name}: {e}") from None
+    if method is not None:
+        try:
+            method.check_supported(hf_config, video=video)
+        except ValueError as e:
+            raise ValueError(f"vtw.method={name} with model={model.name}: {e}") from None
     return name, params, budget
 
 
@@ -411,11 +419,27 @@ def logger_spec(lg: dict | None) -> LoggerSpec:
     )
 
 
-def validate_config(cfg: DictConfig | dict) -> RunSpec:
-    """Check every value the pipeline uses; ``ValueError`` naming the bad value and the allowed ones.
+class ConfigError(ValueError):
+    """A config value the pipeline refuses (:func:`validate_config`): one line naming the bad value and the allowed
+    ones, which ``run.py`` prints as is (no traceback) before exiting with status 1."""
 
-    Reads the model's config (no weights) for ``L``. Does not import lmms-eval or load any model.
+
+def validate_config(cfg: DictConfig | dict) -> RunSpec:
+    """Check every value the pipeline uses; :class:`ConfigError` (a ``ValueError``) naming the bad value and the
+    allowed ones.
+
+    Reads the model's config (no weights) for ``L`` and for what the method needs of the model's family. Does not
+    import lmms-eval or load any model.
     """
+    try:
+        return _validate(cfg)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _validate(cfg: DictConfig | dict) -> RunSpec:
     if isinstance(cfg, DictConfig):
         try:
             data = resolved_config(cfg)
@@ -432,10 +456,11 @@ def validate_config(cfg: DictConfig | dict) -> RunSpec:
             )
     data = _schema_merged(data, Config)
     mode = _choice(data["mode"], MODES, "mode")
-    model = _model(data["model"])
+    model, hf_config = _model(data["model"])
     vtw = data["vtw"]
     layer = _layer(vtw["layer"], model.num_layers, model.name)
-    method, params, budget = _method(vtw, layer, model.num_layers)
+    video = mode == "flops" and bool(data["flops"].get("video_frames"))  # the sample mode=flops plans is a video
+    method, params, budget = _method(vtw, layer, model, hf_config, video)
     compare = data["compare_baseline"]
     if compare not in COMPARE:
         raise ValueError(f"compare_baseline={compare!r} is not allowed; allowed: auto, true, false")
