@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 from test_lmms_fixtures import COLORS, VISION_TOKENS
+from test_peer_methods import _naive_logits
+from test_withdraw import _lm_inputs, _vision
 
 from vtw.lmms.model import VTWModel, _cut_at_stop, _generated_length, parse_layer
 
@@ -165,12 +167,79 @@ def test_loglikelihood_batched_matches_per_sample_reference(model_dir, task_objs
         assert r.vision_tokens == _vision_tokens(lm, doc["image"].convert("RGB"))[0]
 
 
-def test_loglikelihood_random_method_refuses_missing_continuation(model_dir, task_objs):
+@pytest.fixture(scope="module")
+def eager_ref_model(model_dir):
+    """A plain copy with eager attention: the naive reference reads the layers' own attention weights."""
+    import transformers
+    from transformers import AutoConfig
+
+    from vtw import get_family
+
+    cls = getattr(transformers, get_family(AutoConfig.from_pretrained(model_dir)).model_class)
+    return cls.from_pretrained(model_dir, attn_implementation="eager").eval()
+
+
+def _naive_context_nll(model, lm, prompt: str, continuation: str, image) -> float:
+    """Mean NLL of the continuation under ``lm.method``, by the naive reference of ``test_peer_methods`` (layers by
+    hand, no cache): the context alone (the first ``T - n`` tokens of context + continuation) picks the kept tokens,
+    then those plus every continuation token run."""
+    tok = lm.processor.tokenizer
+    n = len(tok(prompt + continuation, add_special_tokens=False)["input_ids"]) - len(
+        tok(prompt, add_special_tokens=False)["input_ids"]
+    )
+    full = lm.processor(text=[prompt + continuation], images=[image], return_tensors="pt")
+    length = full["input_ids"].shape[1]
+    alone = {k: v[:, : length - n] if v.dim() >= 2 and v.shape[:2] == (1, length) else v for k, v in full.items()}
+    with torch.no_grad():
+        _, chosen = _naive_logits(model, *_lm_inputs(model, alone), _vision(model, alone["input_ids"]), lm.method,
+                                  length - n)  # fmt: skip
+        logits, _ = _naive_logits(model, *_lm_inputs(model, full), _vision(model, full["input_ids"]), lm.method,
+                                  length - n, chosen)  # fmt: skip
+    logp = torch.log_softmax(logits[-n - 1 : -1].float(), -1)
+    return -float(logp.gather(-1, full["input_ids"][0, length - n :, None]).mean())
+
+
+@pytest.mark.parametrize(
+    ("method", "params"), [("fastv", {"layer": 3, "keep": 0.5}), ("pdrop", {"layers": "1;2;3", "keep": "0.5;0.3;0.1"})]
+)
+def test_loglikelihood_reduction_decides_from_the_context_alone(model_dir, task_objs, eager_ref_model, method, params):
+    """Every option of a question is scored on the tokens the context alone keeps (FastV and PyramidDrop rank by
+    the last *context* token, not by each option's last token), batched with left padding, == the naive
+    reference."""
+    names, tasks = task_objs
+    reqs = tasks[names["mc"]].instances[: 2 * len(COLORS)]  # two questions, every option
+    lm = _model(model_dir, task_objs, batch_size=3, method=method, **params)  # batches mix questions: padding
+    out = lm.loglikelihood(reqs)
+    for req, res in zip(reqs, out):
+        context, cont, doc_to_visual, doc_id, _, split = req.args
+        image = doc_to_visual(lm.task_dict[names["mc"]][split][doc_id])[0]
+        nll = _naive_context_nll(eager_ref_model, lm, lm.inputs.prompt(context, 1, 0), cont, image)
+        assert res.text[0] == pytest.approx(nll, rel=1e-4, abs=1e-5), (doc_id, cont)
+
+
+def test_loglikelihood_random_method_never_drops_the_continuation(model_dir, task_objs):
+    """``random`` drops any token, but in a loglikelihood request it draws over the context only: every option is
+    scored (the continuation's log-probs exist) on the context tokens the context alone keeps; batched == one by
+    one."""
     names, tasks = task_objs
     reqs = tasks[names["mc"]].instances
-    lm = _model(model_dir, task_objs, batch_size=4, layer=1, method="random")
-    with pytest.raises(ValueError, match="continuation"):
-        lm.loglikelihood(reqs)  # random withdrawal drops text tokens too (16 of ~30 per sample)
+    batched = [r.text for r in _model(model_dir, task_objs, batch_size=4, layer=1, method="random").loglikelihood(reqs)]
+    lm = _model(model_dir, task_objs, batch_size=1, layer=1, method="random")
+    single = [r.text for r in lm.loglikelihood(reqs)]
+    assert all(0 < nll < float("inf") for nll, _ in batched)
+    assert [nll for nll, _ in batched] == pytest.approx([nll for nll, _ in single], rel=1e-4, abs=1e-5)
+    context, _, doc_to_visual, doc_id, _, split = reqs[0].args
+    alone = lm.inputs.sample(context, doc_to_visual, lm.task_dict[names["mc"]][split][doc_id])
+    with torch.no_grad():
+        lm.model(**alone)
+    n_context = alone["input_ids"].shape[1]
+    kept_alone = lm.handle.last_keep_index[0]
+    assert kept_alone.numel() < n_context  # tokens were dropped
+    for req in reqs[: len(COLORS)]:  # every option of that question, one by one
+        lm.loglikelihood([req])
+        kept = lm.handle.last_keep_index[0]
+        assert torch.equal(kept[kept < n_context], kept_alone), req.args[1]
+        assert kept[kept >= n_context].numel() >= 1  # its continuation tokens, all of them (else the call raised)
 
 
 # ---------------------------------------------------------------------------------------------- generation

@@ -256,3 +256,71 @@ def test_bad_parameters_fail_before_any_forward(kwargs, needle):
         withdraw(model, **kwargs)
     assert needle in str(info.value), str(info.value)
     assert not calls
+
+
+#: two continuations of one prompt (text ids), scored as lmms-eval's loglikelihood requests score them
+CONTINUATIONS = ([7], [93, 8, 41])
+
+
+def _with_continuation(inputs: dict, tokens: list[int]) -> dict:
+    for t in tokens:
+        inputs = _extend(inputs, t)
+    return inputs
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "video_llava"])
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "random"])
+def test_continuations_of_a_prompt_keep_what_the_prompt_alone_keeps(name, family):
+    """A forward on prompt + continuation under ``handle.prompt_only`` (a loglikelihood request): the method decides
+    from the prompt alone, so two continuations of one prompt keep the same prompt tokens, those of the prompt run
+    alone, and every continuation token; FastV's and PyramidDrop's continuation logits == the naive reference (the
+    prompt alone ranks, then its kept tokens plus every continuation token run without cache)."""
+    reference_model = _model(family, "eager")
+    model = _model(family, "sdpa")
+    (prompt,) = make_singles(model, _prompt(family))
+    n_prompt = prompt["input_ids"].shape[1]
+    params = dict(layer=2, seed=0) if name == "random" else SETTINGS[name][0]
+    with torch.no_grad(), withdraw(model, method=name, **params) as handle:
+        model(**prompt, use_cache=False)
+        alone = handle.last_keep_index[0]
+        vision = _vision(model, prompt["input_ids"])[0]
+        assert 0 < int(vision[alone].sum()) < int(vision.sum())  # some vision tokens go, some stay
+        for cont in CONTINUATIONS:
+            full = _with_continuation(prompt, cont)
+            with handle.prompt_only(torch.tensor([n_prompt - 1])):
+                logits = model(**full, use_cache=False).logits[0]
+            kept = handle.last_keep_index[0]
+            assert torch.equal(kept[kept < n_prompt], alone), cont
+            assert kept[kept >= n_prompt].tolist() == list(range(n_prompt, n_prompt + len(cont)))
+            if name == "random":
+                continue
+            method = handle.method
+            _, chosen = _naive_logits(reference_model, *_lm_inputs(reference_model, prompt),
+                                      _vision(model, prompt["input_ids"]), method, n_prompt)  # fmt: skip
+            embeds, pos = _lm_inputs(reference_model, full)
+            ref, _ = _naive_logits(reference_model, embeds, pos, _vision(model, full["input_ids"]), method, n_prompt,
+                                   chosen)  # fmt: skip
+            n = len(cont) + 1  # the last prompt token predicts the first continuation token
+            torch.testing.assert_close(logits[-n:], ref[-n:], atol=ATOL, rtol=0, msg=str(cont))
+    assert handle._prompt_end is None  # nothing of the forward stays on the handle
+
+
+def test_prompt_only_refuses_positions_that_are_not_real_input_tokens_and_keeps_the_continuation():
+    """Bad positions are refused; the last prompt token and the continuation go on whatever a method returns (a
+    custom rule that keeps nothing)."""
+    model = _model("llava", "sdpa")
+    batch = make_batch(model, [Sample(images=1, prefix=3, suffix=5), Sample(prefix=2, suffix=2)])
+    length = batch["input_ids"].shape[1]
+    assert batch["attention_mask"][1, 0] == 0  # the second sample is left-padded
+    with torch.no_grad(), withdraw(model, method="fastv", layer=2, keep=0.5) as handle:
+        for bad, needle in [([length - 1], "one position per sample"), ([length - 1, 0], "not real tokens"),
+                            ([length, length - 1], "not real tokens")]:  # fmt: skip
+            with pytest.raises(ValueError, match=needle), handle.prompt_only(torch.tensor(bad)):
+                model(**batch, use_cache=False)
+        with handle.prompt_only(torch.tensor([length - 1, length - 1])):  # the default, given explicitly
+            explicit = model(**batch, use_cache=False).logits
+        torch.testing.assert_close(explicit, model(**batch, use_cache=False).logits, atol=1e-5, rtol=0)
+    with torch.no_grad(), withdraw(model, 2, method=lambda h, v, m: torch.zeros_like(v)) as handle:
+        with handle.prompt_only(torch.tensor([length - 3, length - 2])):
+            model(**batch, use_cache=False)
+    assert handle.last_keep_index.tolist() == [list(range(length - 3, length)), [-1, length - 2, length - 1]]

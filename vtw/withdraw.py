@@ -20,6 +20,9 @@ Because of the left padding the last output position is every sample's last inpu
 sampling, ``logits_to_keep``) works unchanged. :attr:`WithdrawalHandle.last_keep_index` maps output positions back
 to input positions.
 
+Scoring a continuation (``with handle.prompt_only(last_prompt): model(prompt + continuation)``): the methods see
+where each prompt ends (``StageContext.query``) and decide from the prompt alone; the continuation is always kept.
+
 Hooks are registered on this instance's modules only (no class is patched); several models in one process can use
 different methods. A method without stages (``layer=None``, or ``K = L``) registers nothing: the model is untouched.
 """
@@ -104,6 +107,7 @@ class WithdrawalHandle:
         self._model_ref = weakref.ref(model)
         self._hooks: list = []
         self._explicit_vision_mask: torch.Tensor | None = None
+        self._prompt_end: torch.Tensor | None = None  # (B,) input position of each sample's last prompt token
         self.last_keep_index: torch.Tensor | None = None
         # per-forward state
         self._vision: torch.Tensor | None = None  # (B, T) vision mask of the current prefill
@@ -159,6 +163,24 @@ class WithdrawalHandle:
             yield
         finally:
             self._explicit_vision_mask = None
+
+    @contextlib.contextmanager
+    def prompt_only(self, last_prompt: torch.Tensor) -> Iterator[None]:
+        """Forwards whose input is prompt + continuation, where the continuation's log-probs are read (an lmms-eval
+        ``loglikelihood`` request): the methods decide from the prompt alone, so every continuation of one prompt
+        sees the same kept tokens, those the prompt alone gets. Methods that rank (FastV, PyramidDrop) rank by the
+        last prompt token's attention (keys after it masked out); ``random`` draws over the prompt; the last prompt
+        token and every token after it always go on. Prefill forwards only (decode steps are unaffected).
+
+        Args:
+            last_prompt: ``(B,)`` long, the input position (in the left-padded ``T`` of the forward's ``input_ids``)
+                of each sample's last prompt token; ``T - 1`` for a sample without continuation.
+        """
+        self._prompt_end = torch.as_tensor(last_prompt, dtype=torch.long)
+        try:
+            yield
+        finally:
+            self._prompt_end = None
 
     def __repr__(self) -> str:
         return (
@@ -334,28 +356,48 @@ class WithdrawalHandle:
         self._vision_layer_inputs = {}
         return None
 
+    def _stage_input(self, s: int, hidden: torch.Tensor, kwargs) -> tuple[_Segment, tuple | None, object]:
+        """What stage ``s`` acts on: the tokens present (a :class:`_Segment`), their position embeddings and ids.
+
+        Args:
+            hidden: ``(B, T, D)`` the input hidden states of layer ``k_s``; kwargs: that layer's keyword arguments.
+        """
+        batch, length, _ = hidden.shape
+        if s:  # a later stage continues from the previous segment's packed tokens (on this layer's device)
+            prev = _to_device(self._segments[s - 1], hidden.device)
+            return prev, prev.position_embeddings, prev.position_ids
+        vision = self._vision  # the first stage sees the model's own inputs
+        if vision.shape != (batch, length):
+            raise RuntimeError(f"vtw: vision mask {tuple(vision.shape)} does not match hidden states {(batch, length)}")
+        attn2d = self._attn2d
+        if attn2d is None:
+            attn2d = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+        attn2d = attn2d[:, -length:].to(hidden.device)
+        positions = torch.arange(length, device=hidden.device).expand(batch, length)
+        prev = _Segment(keep_index=positions, mask2d=attn2d, vision=vision.to(hidden.device))
+        self._segments = []
+        self._input_vision = (prev.vision & attn2d.bool()).sum(1)
+        return prev, kwargs.get("position_embeddings"), kwargs.get("position_ids")
+
+    def _query_columns(self, seg: _Segment) -> torch.Tensor | None:
+        """``(B,)`` long: the column of each sample's last prompt token among the tokens ``seg`` holds, or ``None``
+        outside :meth:`prompt_only` (the last column: the default)."""
+        if self._prompt_end is None:
+            return None
+        end = self._prompt_end.to(seg.keep_index.device)
+        if end.shape != (seg.keep_index.shape[0],):
+            raise ValueError(f"vtw: prompt_only needs one position per sample, got shape {tuple(end.shape)}")
+        hit = (seg.keep_index == end[:, None]) & seg.mask2d.bool()
+        if not bool(hit.any(1).all()):  # only at stage 0: later stages keep the query token
+            raise ValueError(f"vtw: prompt_only positions {end.tolist()} are not real tokens of this forward's input")
+        return hit.int().argmax(1)
+
     def _reduce(self, s: int, module, args, kwargs):
         """Stage ``s`` of a prefill: ask the method what to keep, pack it, and build segment ``s``'s tensors."""
         hidden = args[0] if args else kwargs["hidden_states"]
-        batch, length, _ = hidden.shape
-        if s == 0:  # the first stage sees the model's own inputs
-            vision = self._vision
-            if vision.shape != (batch, length):
-                raise RuntimeError(
-                    f"vtw: vision mask {tuple(vision.shape)} does not match hidden states {(batch, length)}"
-                )
-            attn2d = self._attn2d
-            if attn2d is None:
-                attn2d = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
-            attn2d = attn2d[:, -length:].to(hidden.device)
-            positions = torch.arange(length, device=hidden.device).expand(batch, length)
-            prev = _Segment(keep_index=positions, mask2d=attn2d, vision=vision.to(hidden.device))
-            pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
-            self._segments = []
-            self._input_vision = (prev.vision & attn2d.bool()).sum(1)
-        else:  # a later stage continues from the previous segment's packed tokens (on this layer's device)
-            prev = _to_device(self._segments[s - 1], hidden.device)
-            pe, pos = prev.position_embeddings, prev.position_ids
+        length = hidden.shape[1]
+        prev, pe, pos = self._stage_input(s, hidden, kwargs)
+        query = self._query_columns(prev)
         ctx = StageContext(
             stage=s,
             layer=self.stages[s],
@@ -371,11 +413,15 @@ class WithdrawalHandle:
             input_vision=self._input_vision.to(hidden.device),
             inputs=self._inputs,
             vision_layer={k: (self._vision_layers[k], torch.cat(v)) for k, v in self._vision_layer_inputs.items()},
+            query=query,
         )
         picked = self.method.select(ctx)
         if isinstance(picked, Merge):  # kept tokens carry new values
             picked, hidden = picked.keep, picked.hidden.to(hidden.device, hidden.dtype)
-        local, mask2d = pack_kept(picked.to(hidden.device), prev.mask2d)
+        picked = picked.to(hidden.device)
+        if query is not None:  # the last prompt token and the continuation after it (what is scored) all go on
+            picked = picked.bool() | (torch.arange(length, device=hidden.device)[None, :] >= query[:, None])
+        local, mask2d = pack_kept(picked, prev.mask2d)
         gather_index = local.clamp(min=0)
         valid = local >= 0
         seg = _Segment(

@@ -36,7 +36,8 @@ ranks (``metadata["__padding_only__"]``) are served but not recorded, so the rec
 Requests are batched per task (and per generation settings), sorted by length, left-padded. ``generate_until``
 stops each sample at its task's ``until`` strings (and cuts the text there); ``loglikelihood`` returns lmms-eval's
 convention, ``(mean negative log-likelihood of the continuation tokens, is_greedy)`` (lower is better: lmms-eval's
-multiple-choice scoring takes the argmin, as its HF wrappers return the token loss). Each request's cost is recorded
+multiple-choice scoring takes the argmin, as its HF wrappers return the token loss); the reduction decides from the
+context alone, so the options of a question are scored on the same kept tokens. Each request's cost is recorded
 (:class:`~vtw.lmms.records.RequestRecord`: tokens, FLOPs in two conventions at ``layer`` and at ``K = L``, model-call
 latency) in ``model.records``; the pipeline reads them with :meth:`VTWModel.pop_records`.
 
@@ -510,7 +511,9 @@ class VTWModel(lmms):
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """Per request ``(loss, is_greedy)``: the mean negative log-likelihood of the continuation tokens given the
         context (lmms-eval's convention: lower is better) and whether greedy decoding would produce them. Batched
-        per task, left-padded; under withdrawal the logits are mapped back with ``handle.last_keep_index``."""
+        per task, left-padded; under withdrawal the logits are mapped back with ``handle.last_keep_index``. The
+        reduction decides from the context alone (``handle.prompt_only``): every continuation of one context is
+        scored with the same kept tokens, those the context alone keeps, and continuation tokens are never dropped."""
         return self._serve(requests, "loglikelihood")
 
     def _loglikelihood_batch(self, batch: list[Prepared]) -> list[GenerationResult]:
@@ -518,7 +521,10 @@ class VTWModel(lmms):
         wanted = max(n_cont) + 1
 
         def call(inputs):
-            return self._model(**inputs, use_cache=False, logits_to_keep=wanted).logits  # (B, keep, V)
+            # left padding: each sample's prompt ends n_cont[b] tokens before the end; the methods decide from there
+            last_prompt = inputs["input_ids"].shape[1] - 1 - torch.tensor(n_cont, dtype=torch.long)
+            with self._handle.prompt_only(last_prompt):
+                return self._model(**inputs, use_cache=False, logits_to_keep=wanted).logits  # (B, keep, V)
 
         texts = [p.prompt + p.continuation for p in batch]
         inputs, logits, latency, costs = self._timed(batch, texts, call)

@@ -1,7 +1,8 @@
 """The attention one query gives every key in a decoder layer (or a CLIP vision tower layer: the class token's, for
 VisionZip, :func:`class_token_attention`), recomputed from the layer's own weights.
 
-FastV and PyramidDrop rank vision tokens by the attention probabilities of the *last prompt token*. Models run with
+FastV and PyramidDrop rank vision tokens by the attention probabilities of the *last prompt token* (the last input
+token, or where a continuation follows and is scored, the token before it). Models run with
 SDPA (which never materialises probabilities), and running a layer a second time in eager mode would write a
 duplicate KV-cache entry; so the probabilities are recomputed here from what the layer itself uses: its input norm,
 its query/key projections, its rotary embedding function (the one its attention module calls, M-RoPE included: in
@@ -18,40 +19,66 @@ import torch
 from torch import nn
 
 
-def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, queries: slice):
-    """``(q (B, H, Tq, hd), k (B, H, T, hd))`` of ``layer`` on ``hidden``, rotary applied with the layer's own function,
-    key/value heads repeated to the query heads (GQA); ``queries`` selects the query positions."""
+def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, queries: slice | torch.Tensor):
+    """``(q (B, H, Tq, hd), k (B, H, T, hd))`` of ``layer`` on ``hidden`` ``(B, T, D)``, rotary applied with the layer's
+    own function, key/value heads repeated to the query heads (GQA); ``queries`` selects the query positions: a slice
+    of ``T``, or a ``(B,)`` long tensor, one position per sample (``Tq = 1``)."""
     attn = layer.self_attn
     batch, length, _ = hidden.shape
     normed = layer.input_layernorm(hidden)
     head_dim = attn.head_dim
-    qn = normed[:, queries]
+    cos, sin = position_embeddings
+    if isinstance(queries, torch.Tensor):
+        qn, q_cos, q_sin = (_row(t, queries) for t in (normed, cos, sin))
+    else:
+        qn, q_cos, q_sin = normed[:, queries], cos[..., queries, :], sin[..., queries, :]
     q = attn.q_proj(qn).view(batch, qn.shape[1], -1, head_dim).transpose(1, 2)
     k = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q, _ = rotary(q, q, cos[..., queries, :], sin[..., queries, :])
+    q, _ = rotary(q, q, q_cos, q_sin)
     _, k = rotary(k, k, cos, sin)
     return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
 
 
+def _row(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Row ``index[b]`` of sample ``b`` of ``t`` ``(..., B or 1, T, D)``: ``(..., B, 1, D)``."""
+    lead, batch = t.shape[:-3], index.shape[0]
+    t = t.expand(*lead, batch, *t.shape[-2:])
+    idx = index.to(t.device).view(*([1] * len(lead)), batch, 1, 1).expand(*lead, batch, 1, t.shape[-1])
+    return t.gather(-2, idx)
+
+
 def last_token_attention(
-    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, attention_mask: torch.Tensor
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple,
+    attention_mask: torch.Tensor,
+    query: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Softmax attention probabilities of each sample's last token over every key, mean over the query heads.
+    """Softmax attention probabilities of each sample's last token (or its ``query`` token) over every key, mean over
+    the query heads.
 
     Args:
         layer: a decoder layer (``input_layernorm``, ``self_attn`` with ``q_proj``/``k_proj``, ``head_dim``,
             ``scaling``); hidden: ``(B, T, D)`` its input hidden states; position_embeddings: ``(cos, sin)`` of these
             ``T`` tokens as the layer receives them; attention_mask: ``(B, T)``, 1 at real tokens, 0 at padding.
+        query: ``(B,)`` long, the position of each sample's querying token (its last prompt token where a
+            continuation follows; keys after it are masked out, as causal attention does); ``None``: the last one.
 
     Returns:
-        ``(B, T)`` float32, rows summing to 1 over the real tokens (0 at padding). The same numbers as the layer's
-        eager attention weights ``[:, :, -1, :].mean(1)`` (GQA: each query head attends with its key/value group).
+        ``(B, T)`` float32, rows summing to 1 over the real tokens up to the query (0 elsewhere). The same numbers as
+        the layer's eager attention weights ``[:, :, -1, :].mean(1)`` (``query``: that row of each sample; GQA: each
+        query head attends with its key/value group).
     """
-    q, k = _query_key(layer, hidden, position_embeddings, slice(-1, None))
+    allowed = attention_mask.bool()
+    if query is None:
+        q, k = _query_key(layer, hidden, position_embeddings, slice(-1, None))
+    else:
+        q, k = _query_key(layer, hidden, position_embeddings, query)
+        keys = torch.arange(hidden.shape[1], device=allowed.device)
+        allowed = allowed & (keys[None, :] <= query.to(allowed.device)[:, None])
     scores = torch.matmul(q, k.transpose(2, 3)) * layer.self_attn.scaling  # (B, H, 1, T)
-    scores = scores.masked_fill(~attention_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+    scores = scores.masked_fill(~allowed[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     return probs.mean(1)[:, 0]
 

@@ -43,6 +43,12 @@ class StageContext:
         vision_layer: for methods with ``uses_vision_layer``, ``{"image" | "video": (layer, hidden)}``: the vision
             tower layer :meth:`Reduction.vision_layers` named and ``hidden`` ``(N, S, D)``, what it received for the
             ``N`` encoder inputs of this prefill (images, or video frames, in batch order).
+        query: ``(B,)`` long, the column in ``T`` of each sample's last *prompt* token, where the input is prompt +
+            continuation and the continuation is scored (:meth:`vtw.WithdrawalHandle.prompt_only`); ``None``: the
+            last column, the last input token (:meth:`query_or_last` gives either as a tensor). A method that looks
+            at text decides from columns ``<= query`` only (FastV and PyramidDrop rank by the query's attention,
+            ``random`` draws before it), so every continuation of a prompt gets what the prompt alone gets; the
+            columns from ``query`` on are kept whatever :meth:`Reduction.select` returns.
     """
 
     stage: int
@@ -59,6 +65,14 @@ class StageContext:
     input_vision: torch.Tensor | None = None
     inputs: dict | None = None
     vision_layer: dict | None = None
+    query: torch.Tensor | None = None
+
+    def query_or_last(self) -> torch.Tensor:
+        """``(B,)`` long: :attr:`query`, or ``T - 1`` for every sample where it is ``None``."""
+        if self.query is not None:
+            return self.query
+        batch, length = self.vision.shape
+        return torch.full((batch,), length - 1, dtype=torch.long, device=self.vision.device)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,9 @@ class FastV(Reduction):
 
     def select(self, ctx: StageContext) -> torch.Tensor:
         prev = ctx.previous
-        scores = last_token_attention(prev.module, prev.hidden, prev.position_embeddings, ctx.attention_mask)
+        scores = last_token_attention(
+            prev.module, prev.hidden, prev.position_embeddings, ctx.attention_mask, query=ctx.query
+        )
         counts = [kept_count(self.keep, int(n)) for n in ctx.vision.sum(1).tolist()]
         return keep_top_vision(scores, ctx.vision, counts)
 

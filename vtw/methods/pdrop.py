@@ -78,7 +78,9 @@ class PyramidDrop(Reduction):
 
     def select(self, ctx: StageContext) -> torch.Tensor:
         share = self.keep[self._active()[ctx.stage]]
-        scores = last_token_attention(ctx.module, ctx.hidden, ctx.position_embeddings, ctx.attention_mask)
+        scores = last_token_attention(
+            ctx.module, ctx.hidden, ctx.position_embeddings, ctx.attention_mask, query=ctx.query
+        )
         counts = [kept_count(share, int(v)) for v in ctx.input_vision.tolist()]
         return keep_top_vision(scores, ctx.vision, counts)
 

@@ -13,7 +13,9 @@ from .base import OneLayer, StageContext, check_int
 class RandomTokens(OneLayer):
     """Drop as many random non-padding tokens (vision or text; never the last) as the sample has vision tokens, at
     layer ``layer``. Seeded (``seed``), so runs repeat: each sample draws with its own CPU generator, over its own real
-    tokens, so a left-padded batch gives each sample what it gets alone."""
+    tokens, so a left-padded batch gives each sample what it gets alone. Where a continuation is scored
+    (``StageContext.query``), the draw is over the prompt (never its last token): the continuation is never dropped,
+    and each continuation of a prompt sees what the prompt alone keeps."""
 
     name = "random"
     free_parameter = "layer"
@@ -24,11 +26,12 @@ class RandomTokens(OneLayer):
 
     def select(self, ctx: StageContext) -> torch.Tensor:
         keep = torch.ones_like(ctx.vision)
+        ends = ctx.query_or_last().tolist()  # the last prompt token (the last token unless a continuation follows)
         for b in range(ctx.vision.shape[0]):
-            # The sample's own generator, over its own real tokens in order (left padding only shifts them), so a
-            # sample draws in a batch exactly what it draws alone.
+            # The sample's own generator, over its own real prompt tokens before the last, in order (left padding only
+            # shifts them), so a sample draws in a batch, or followed by a continuation, exactly what it draws alone.
             g = torch.Generator(device="cpu").manual_seed(self.seed)
-            candidates = torch.nonzero(ctx.attention_mask[b, :-1].bool().cpu()).flatten()
+            candidates = torch.nonzero(ctx.attention_mask[b, : ends[b]].bool().cpu()).flatten()
             n_drop = min(int(ctx.vision[b].sum()), candidates.numel())
             drop = candidates[torch.randperm(candidates.numel(), generator=g)[:n_drop]]
             keep[b, drop.to(keep.device)] = False
