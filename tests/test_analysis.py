@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from test_withdraw import _vision
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
 
 import vtw
@@ -54,7 +55,7 @@ def test_shares_and_migration_against_references(family):
     model = build_tiny_model(family, attn_implementation="eager", num_layers=NUM_LAYERS)
     (inputs,) = make_singles(model, [Sample(images=1, prefix=3, suffix=5)])
     got = analyze_sample(model, inputs)
-    vision = vtw.vision_token_mask(model, inputs["input_ids"])[0]
+    vision = _vision(model, inputs["input_ids"])[0]
     text_q = ~vision
     text_q[0] = False  # the sink's own row
     for i, w in enumerate(_eager(model, inputs)[1]):

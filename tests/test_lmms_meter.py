@@ -4,9 +4,10 @@ sample processed alone (the reference: ``vtw.flops.workload_from_inputs`` on an 
 from __future__ import annotations
 
 import pytest
+from test_withdraw import _vision
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
 
-from vtw import get_family, vision_token_mask
+from vtw import get_family
 from vtw.flops import workload_from_inputs
 from vtw.lmms.inputs import Prepared
 from vtw.lmms.meter import FlopsMeter
@@ -36,7 +37,7 @@ def test_batched_costs_equal_each_sample_alone(family):
     costs = FlopsMeter(model.config).costs(batch, prepared)
     for cost, single in zip(costs, make_singles(model, samples)):
         assert cost.work == _alone(model, single)
-        n_vision = int(vision_token_mask(model, single["input_ids"]).sum())
+        n_vision = int(_vision(model, single["input_ids"]).sum())
         assert (cost.vision_tokens, cost.input_tokens) == (n_vision, single["input_ids"].shape[1])
     assert costs[1].work.empty and costs[1].vision_tokens == 0
     assert not costs[0].work.empty

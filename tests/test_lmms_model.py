@@ -122,7 +122,7 @@ def test_parse_layer_and_text_helpers():
 # ---------------------------------------------------------------------------------------------- loglikelihood
 def _reference_nll(model, processor, prompt: str, continuation: str, image, layer):
     """Mean NLL of the continuation tokens, one unpadded sample, positions found from the vision mask."""
-    from vtw import vision_token_mask, withdraw
+    from vtw import withdraw
 
     tok = processor.tokenizer
     n = len(tok(prompt + continuation, add_special_tokens=False)["input_ids"]) - len(
@@ -135,7 +135,7 @@ def _reference_nll(model, processor, prompt: str, continuation: str, image, laye
     if layer is None:
         out_pos = torch.arange(len(ids))
     else:  # output positions are the text positions, in order (batch of one, no padding)
-        out_pos = torch.nonzero(~vision_token_mask(model, batch["input_ids"])[0]).flatten()
+        out_pos = torch.nonzero(ids != model.config.image_token_id).flatten()  # the config's own placeholder id
     index = {int(p): i for i, p in enumerate(out_pos)}
     T = len(ids)
     rows = torch.stack([logits[index[t - 1]] for t in range(T - n, T)])
