@@ -8,6 +8,7 @@ container); W&B's own ``DataStore`` reads the container.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,14 +62,32 @@ def _key(item) -> str:
     return ".".join(item.nested_key) if item.nested_key else item.key
 
 
-def read_offline_run(run_dir: str | Path) -> OfflineRun:
-    """Parse one ``offline-run-*`` directory."""
+def _finished_records(wandb_file: Path, timeout: float) -> list:
+    """Every record of the run once W&B has written its last one (``exit``). ``run.finish()`` can return before W&B's
+    writer has flushed the run's tail (its history, summary and exit records; seen once in a full suite run), so
+    the file is read again until the exit record is there, or ``TimeoutError`` naming what was read."""
+    deadline, records = time.monotonic() + timeout, []
+    while True:
+        try:
+            records = list(_records(wandb_file))
+        except Exception:  # noqa: BLE001 - a block being written reads as damaged: read again
+            records = []
+        if any(rec.WhichOneof("record_type") == "exit" for rec in records):
+            return records
+        if time.monotonic() > deadline:
+            kinds = [rec.WhichOneof("record_type") for rec in records]
+            raise TimeoutError(f"{wandb_file}: no exit record after {timeout:.0f} s; records: {kinds}")
+        time.sleep(0.1)
+
+
+def read_offline_run(run_dir: str | Path, timeout: float = 60) -> OfflineRun:
+    """Parse one finished ``offline-run-*`` directory (waiting up to ``timeout`` s for W&B to write its end)."""
     run_dir = Path(run_dir)
     files = list(run_dir.glob("*.wandb"))
     if len(files) != 1:
         raise ValueError(f"{run_dir}: expected one .wandb file, found {len(files)}")
     out = OfflineRun(run_dir=run_dir)
-    for rec in _records(files[0]):
+    for rec in _finished_records(files[0], timeout):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             r = rec.run
