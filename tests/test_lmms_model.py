@@ -77,7 +77,7 @@ def test_entry_point_registers_vtw():
         ({"layer": 99}, "0..4"),
         ({"layer": "abc"}, "abc"),
         ({"layer": "auto"}, "run.py"),
-        ({"method": "sparsevlm"}, "sparsevlm"),
+        ({"method": "no_such_method"}, "no_such_method"),
         ({"method": "fastv", "layer": 2, "keep": 1.5}, "fastv keep must be a number in"),
         ({"method": "pdrop", "layers": "1;x;3"}, "layers='1;x;3' must be a ';'-separated list"),
         ({"method": "pdrop", "layers": "1;2;9"}, "out of range"),

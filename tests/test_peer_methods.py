@@ -245,7 +245,7 @@ def test_the_api_calls_of_the_issue():
         (dict(method="pdrop", keep=(0.25, 0.5)), "non-increasing"),
         (dict(method="pdrop", keep=(0.5, 0.25)), "needs its layers"),
         (dict(method="fastv", layer=2, keep=0.5, seed=1), "takes keep, layer; got unknown seed"),
-        (dict(method="sparsevlm"), "unknown withdrawal method 'sparsevlm'"),
+        (dict(method="no_such_method"), "unknown withdrawal method 'no_such_method'"),
     ],
 )
 def test_bad_parameters_fail_before_any_forward(kwargs, needle):

@@ -68,7 +68,7 @@ def test_every_dataset_validates(dataset):
         (["model=llava-1.5-7b", "vtw.layer=-1"], ["-1", "0..32"]),
         (["model=llava-1.5-7b", "vtw.layer=sixteen"], ["sixteen", "0..32", "auto"]),
         (["model=qwen2-vl-7b", "vtw.layer=29"], ["29", "0..28"]),
-        (["model=llava-1.5-7b", "vtw.method=sparsevlm"], ["sparsevlm", "vtw", "fastv", "pdrop", "random"]),
+        (["model=llava-1.5-7b", "vtw.method=no_such_method"], ["no_such_method", "vtw", "fastv", "pdrop", "random"]),
         (["model=llava-1.5-7b", "mode=train"], ["train", "eval", "flops", "search"]),
         (["model=llava-1.5-7b", "logger.mode=cloud"], ["cloud", "online", "offline", "disabled"]),
         (["model=llava-1.5-7b", "device=tpu"], ["tpu", "cpu", "cuda"]),

@@ -2,23 +2,26 @@
 :meth:`WithdrawalHandle.remove` undoes.
 
 A method (:mod:`vtw.methods`) names its stages, decoder layers ``k_1 < k_2 < ...`` (VTW: one stage ``K`` that keeps
-no vision token), and decides at each stage which tokens go on. Everything else is done here, for every method:
+no vision token), and decides at each stage which tokens go on (and may merge values into them or add tokens).
+Everything else is done here, for every method:
 
 * Prefill (the cache is empty): layers ``0..k_1-1`` run on every token. A pre-hook on layer ``k_s`` asks the method
-  which of the current tokens to keep, gathers them from the hidden states, the rotary position embeddings (so kept
-  tokens keep their full-sequence positions, M-RoPE included) and the position ids, and builds a causal + padding
-  mask for the shorter sequence. Samples keep different numbers of tokens, so the kept tokens of each sample are
-  packed in order and left-padded to ``T_s = max_b #kept_b`` (input padding is dropped as well). The other layers of
-  the segment ``k_s..k_{s+1}-1`` get the same tensors, so each segment's KV cache holds its kept tokens only.
+  which of the current tokens to keep (:meth:`~vtw.methods.Reduction.select`), gathers them from the hidden states,
+  the rotary position embeddings and the position ids, and builds a causal + padding mask for the shorter sequence
+  (:func:`pack_stage`). Samples keep different numbers of tokens, so the kept tokens of each sample are packed in
+  order and left-padded to ``T_s = max_b #kept_b`` (input padding is dropped as well). The other layers of the
+  segment ``k_s..k_{s+1}-1`` get the same tensors, so each segment's KV cache holds its kept tokens only.
 * Decode steps (the cache is not empty): new tokens are text. Layers ``< k_1`` attend over the full cache as usual;
   the layers of segment ``s`` get a mask built from that segment's own padding mask, extended by the new tokens.
-  Positions come from the model as usual (the full-sequence length, held by layer 0's cache), so they continue from
-  the full sequence.
+* Positions (``positions=``): ``"keep"`` (default): kept tokens keep their full-sequence positions (M-RoPE
+  included) and decode steps continue from the full sequence, as the model computes them. ``"compact"``: from each
+  stage on, the tokens present are renumbered ``0, 1, ...`` in order (as the PyramidDrop and VisionZip reference
+  code do) and decode steps continue from each segment's own length; 1-D RoPE families only.
 
 Output: the decoder's last hidden state and the logits cover the ``T_S`` packed positions of the last segment.
 Because of the left padding the last output position is every sample's last input token, so ``generate`` (greedy,
-sampling, ``logits_to_keep``) works unchanged. :attr:`WithdrawalHandle.last_keep_index` maps output positions back
-to input positions.
+sampling, ``logits_to_keep``) works unchanged. :attr:`WithdrawalHandle.last_stages` records what each stage kept and
+:attr:`WithdrawalHandle.last_layer_tokens` the realized token counts of every layer (what FLOPs and KV follow).
 
 Scoring a continuation (``with handle.prompt_only(last_prompt): model(prompt + continuation)``): the methods see
 where each prompt ends (``StageContext.query``) and decide from the prompt alone; the continuation is always kept.
@@ -30,18 +33,22 @@ different methods. A method without stages (``layer=None``, or ``K = L``) regist
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from .families import get_family, language_model, num_decoder_layers, vision_token_mask
 from .methods import KeepFn, Reduction, StageContext, check_layer, make_method
-from .methods.base import LayerInput, Merge
+from .methods.base import Extra, LayerInput, Merge
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
+#: what ``positions=`` accepts: kept tokens keep their positions, or are renumbered contiguously
+POSITIONS = ("keep", "compact")
 
 
 def validate_layer(layer, num_layers: int) -> int | None:
@@ -58,6 +65,44 @@ def check_attention(impl, what: str = "attention implementation") -> str:
     return impl
 
 
+def check_positions(positions, config=None) -> str:
+    """``positions`` if allowed (:data:`POSITIONS`; ``"compact"`` only on 1-D RoPE families, checked where a
+    transformers ``config`` is given), else ``ValueError`` naming the value and what is allowed."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions={positions!r} is not allowed; allowed: {', '.join(POSITIONS)}")
+    if positions == "compact" and config is not None and get_family(config).mrope:
+        raise ValueError(
+            f"positions=compact is not defined for {get_family(config).display}: its decoder uses 3-D multimodal "
+            "RoPE positions (time, height, width), which a contiguous renumbering would discard; use positions=keep"
+        )
+    return positions
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What one stage of the last prefill passed on (:attr:`WithdrawalHandle.last_stages`).
+
+    Attributes:
+        layer: the stage's decoder layer ``k_s``.
+        keep_index: ``(B, T_s)`` long, the input column of each packed token (``-1``: padding added by packing; an
+            extra token carries the column of the token it follows).
+        vision: ``(B, T_s)`` bool, vision tokens (extra tokens included); mask2d: ``(B, T_s)`` long, 1 at real tokens.
+        extra: ``(B, T_s)`` bool, tokens a stage added (:class:`vtw.methods.base.Extra`), this one or an earlier one.
+        position_ids: the position ids the segment's layers got (``(B, T_s)``; ``(3, B, T_s)`` for M-RoPE), or
+            ``None`` where the decoder passed none.
+        hidden: ``(B, T_s, D)`` the values layer ``k_s`` received; recorded only while
+            :attr:`WithdrawalHandle.record_hidden` is True (tests and analysis), else ``None``.
+    """
+
+    layer: int
+    keep_index: torch.Tensor
+    vision: torch.Tensor
+    mask2d: torch.Tensor
+    extra: torch.Tensor
+    position_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
 @dataclass
 class _Segment:
     """Prefill tensors shared by the layers of one segment ``k_s..k_{s+1}-1`` during one prefill forward."""
@@ -65,22 +110,186 @@ class _Segment:
     keep_index: torch.Tensor  # (B, T_s) long, input position of each token, -1 = padding added by packing
     mask2d: torch.Tensor  # (B, T_s) long, 1 = real token
     vision: torch.Tensor  # (B, T_s) bool
+    extra: torch.Tensor  # (B, T_s) bool, tokens added by a stage
     mask4d: torch.Tensor | None = None  # (B, 1, T_s, T_s) additive float mask (None: the kernel's default)
     position_embeddings: tuple | None = None
     position_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None  # recorded values (record_hidden only)
+
+    def to(self, device: torch.device) -> _Segment:
+        """This segment on ``device``: with a ``device_map``, a later stage's layer may sit on another device than
+        the previous stage's (accelerate moves a layer's inputs only after these pre-hooks ran)."""
+
+        def move(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        pe = None if self.position_embeddings is None else tuple(move(t) for t in self.position_embeddings)
+        return replace(self, **{k: move(v) for k, v in vars(self).items() if k != "position_embeddings"},
+                       position_embeddings=pe)  # fmt: skip
+
+    def record(self, layer: int) -> StageRecord:
+        return StageRecord(layer, self.keep_index, self.vision, self.mask2d, self.extra, self.position_ids,
+                           self.hidden)  # fmt: skip
+
+    def counts(self) -> torch.Tensor:
+        """``(B, 2)`` long: real (vision, text) tokens per sample."""
+        real = self.mask2d.bool()
+        vision = (self.vision & real).sum(1)
+        return torch.stack([vision, real.sum(1) - vision], dim=1)
 
 
-def _to_device(seg: _Segment, device: torch.device) -> _Segment:
-    """``seg``'s tensors on ``device``: with a ``device_map``, a later stage's layer may sit on another device than
-    the previous stage's (accelerate moves a layer's inputs only after these pre-hooks ran)."""
+@dataclass
+class _Prefill:
+    """The state of one prefill forward (the cache was empty), decided once when the forward starts and filled stage
+    by stage.
 
-    def move(t):
-        return t.to(device) if isinstance(t, torch.Tensor) else t
+    Attributes:
+        vision: ``(B, T)`` bool, the input's vision tokens; attn2d: ``(B, T)`` its padding mask (``None``: none).
+        inputs: the keyword arguments of the forward (and what ``generate``'s encoding before it was given).
+        prompt_end: ``(B,)`` long input column of each sample's last prompt token (``prompt_only``), else ``None``.
+        input: every input token as a segment (built at the first stage); segments: one per stage run so far.
+    """
 
-    pe = None if seg.position_embeddings is None else tuple(move(t) for t in seg.position_embeddings)
-    return _Segment(
-        move(seg.keep_index), move(seg.mask2d), move(seg.vision), move(seg.mask4d), pe, move(seg.position_ids)
-    )
+    vision: torch.Tensor
+    attn2d: torch.Tensor | None
+    inputs: dict
+    prompt_end: torch.Tensor | None = None
+    input: _Segment | None = None
+    segments: list[_Segment] = field(default_factory=list)
+
+    def input_segment(self, hidden: torch.Tensor) -> _Segment:
+        """The segment of every input token, on ``hidden``'s device (``hidden``: ``(B, T, D)`` layer ``k_1``'s input)."""
+        batch, length, _ = hidden.shape
+        if self.vision.shape != (batch, length):
+            raise RuntimeError(
+                f"vtw: vision mask {tuple(self.vision.shape)} does not match hidden states {(batch, length)}"
+            )
+        attn2d = self.attn2d
+        if attn2d is None:
+            attn2d = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
+        columns = torch.arange(length, device=hidden.device).expand(batch, length)
+        vision = self.vision.to(hidden.device)
+        return _Segment(columns, attn2d[:, -length:].to(hidden.device), vision, torch.zeros_like(vision))
+
+
+@dataclass
+class _Generation:
+    """What one generation carries across forwards: each segment's padding mask ``(B, kv_s)`` (extended by every
+    decode step) and the cache it belongs to; per decode step, each segment's mask and positions, built once."""
+
+    masks2d: list[torch.Tensor]
+    cache_ref: Callable
+    step: dict = field(default_factory=dict)  # segment -> (mask4d, position_embeddings, position_ids)
+
+
+class _Probe:
+    """A side channel: hooks (or instance attributes) that note what a method needs from outside the decoder layer
+    it acts at, for the current forward. :meth:`remove` takes them all away; :meth:`clear` forgets what was noted."""
+
+    def __init__(self) -> None:
+        self.hooks: list = []
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.clear()
+
+
+class _PreviousLayer(_Probe):
+    """The input of layer ``k_s - 1`` of each stage ``s`` in a prefill (FastV scores with the layer before its
+    stage). Install it after the stage hooks: it then sees each layer's inputs as they replaced them."""
+
+    def __init__(self, layers: nn.ModuleList, stages: tuple[int, ...], prefilling: Callable[[], bool]):
+        super().__init__()
+        self.seen: dict[int, LayerInput] = {}
+        for s, k in enumerate(stages):
+            if k >= 1:
+                self.hooks.append(layers[k - 1].register_forward_pre_hook(self._hook(s, prefilling), with_kwargs=True))
+
+    def _hook(self, s: int, prefilling):
+        def hook(module, args, kwargs):
+            if prefilling():
+                hidden = args[0] if args else kwargs["hidden_states"]
+                self.seen[s] = LayerInput(module, hidden, kwargs.get("position_embeddings"))
+
+        return hook
+
+    def clear(self) -> None:
+        self.seen = {}
+
+
+class _TowerLayers(_Probe):
+    """What vision tower layers received (VisionZip reads the class token's attention and the keys of the tower's
+    feature layer): ``{"image" | "video": layer}`` from :meth:`~vtw.methods.Reduction.vision_layers`. The tower keeps
+    its attention implementation and nothing runs twice. Images may be encoded before the prefill forward
+    (``generate``), so inputs are collected until the end of the next model forward."""
+
+    def __init__(self, layers: dict[str, nn.Module]):
+        super().__init__()
+        self.layers = layers
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        for kind, layer in layers.items():
+            self.hooks.append(layer.register_forward_pre_hook(self._hook(kind), with_kwargs=True))
+
+    def _hook(self, kind: str):
+        def hook(module, args, kwargs):
+            self.inputs.setdefault(kind, []).append(args[0] if args else kwargs["hidden_states"])
+
+        return hook
+
+    def seen(self) -> dict:
+        """``{kind: (layer, hidden (N, S, D))}``: what each layer received since the last :meth:`clear`."""
+        return {k: (self.layers[k], torch.cat(v)) for k, v in self.inputs.items()}
+
+    def clear(self) -> None:
+        self.inputs = {}
+
+
+class _EncoderCalls(_Probe):
+    """What this instance's ``get_image_features`` / ``get_video_features`` were last given (LLaVA-NeXT's
+    ``image_sizes``, Qwen's ``image_grid_thw``, the frames of ``pixel_values_videos``): methods acting before the
+    decoder need each image's grid, and ``generate`` encodes images before the first forward, passing only the
+    features on. The functions are wrapped by instance attributes that :meth:`remove` deletes (the class is
+    untouched)."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        self.calls: dict[str, dict] = {}
+        self.wrapped: list[tuple[nn.Module, str, object]] = []
+        for name in ("get_image_features", "get_video_features"):
+            original = getattr(base, name, None)
+            if original is not None:
+                wrapper = functools.update_wrapper(self._wrapper(name, original), original)
+                setattr(base, name, wrapper)
+                self.wrapped.append((base, name, wrapper))
+
+    def _wrapper(self, name: str, original):
+        signature = inspect.signature(original)
+
+        def wrapper(*args, **kwargs):
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            self.calls[name] = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    def arguments(self) -> dict:
+        """The tensors the wrapped functions were given since the last :meth:`clear`, by argument name."""
+        return {k: v for call in self.calls.values() for k, v in call.items()}
+
+    def clear(self) -> None:
+        self.calls = {}
+
+    def remove(self) -> None:
+        for owner, name, wrapper in self.wrapped:
+            if owner.__dict__.get(name) is wrapper:
+                delattr(owner, name)  # the class's method shows through again
+        self.wrapped.clear()
+        super().remove()
 
 
 class WithdrawalHandle:
@@ -89,42 +298,38 @@ class WithdrawalHandle:
     Attributes:
         method: the resolved method object (:class:`vtw.methods.Reduction`); ``label``: its label.
         layer: the first stage ``K`` (``None`` when nothing is installed); ``stages``: every stage, ``(k_1, ...)``.
-        num_layers: ``L``, the number of decoder layers.
+        num_layers: ``L``, the number of decoder layers. positions: ``"keep"`` or ``"compact"`` (:data:`POSITIONS`).
         active: whether hooks are installed (False for ``layer=None`` and ``K = L``).
+        last_stages: one :class:`StageRecord` per stage of the last prefill (``()`` before any).
         last_keep_index: ``(B, T_out)`` long tensor of the last prefill: input position of each output position,
-            ``-1`` where the repacking added left padding. ``None`` before any prefill.
+            ``-1`` where the repacking added left padding (the last stage's ``keep_index``). ``None`` before any prefill.
+        last_layer_tokens: ``(B, L, 2)`` long, the real (vision, text) tokens each decoder layer processed in the last
+            prefill (realized counts; ``None`` before any prefill).
+        record_hidden: set True to record each stage's values in :attr:`last_stages` (tests, analysis).
     """
 
-    def __init__(self, model: nn.Module, method: Reduction):
+    def __init__(self, model: nn.Module, method: Reduction, positions: str = "keep"):
         self.family = get_family(model)  # unsupported model: ValueError listing the supported ones
         self.num_layers = num_decoder_layers(model)
         self.method = method.resolve(self.num_layers)
         self.method.check_supported(model.config)  # a family the method cannot act on: its one-line refusal
-        self.stages = tuple(k for k in self.method.stages() if k < self.num_layers)
-        if self.stages and not self.method.acts_on(model):  # e.g. VisionZip keeping every patch of this tower
-            self.stages = ()
-        self.layer = self.stages[0] if self.stages else None
+        self.positions = check_positions(positions, model.config)
+        stages = tuple(k for k in self.method.stages() if k < self.num_layers)
+        if stages and not self.method.acts_on(model):  # e.g. VisionZip keeping every patch of this tower
+            stages = ()
+        self.stages, self.layer, self.active = stages, (stages[0] if stages else None), bool(stages)
+        self.record_hidden = False
+        self.last_stages: tuple[StageRecord, ...] = ()
+        self.last_keep_index: torch.Tensor | None = None
+        self.last_layer_tokens: torch.Tensor | None = None
         self._model_ref = weakref.ref(model)
         self._hooks: list = []
+        self._probes: list[_Probe] = []
+        self._previous = self._tower = self._encoder = None
         self._explicit_vision_mask: torch.Tensor | None = None
-        self._prompt_end: torch.Tensor | None = None  # (B,) input position of each sample's last prompt token
-        self.last_keep_index: torch.Tensor | None = None
-        # per-forward state
-        self._vision: torch.Tensor | None = None  # (B, T) vision mask of the current prefill
-        self._attn2d: torch.Tensor | None = None  # (B, T_full) 2-D padding mask passed to the current forward
-        self._segments: list[_Segment] | None = None  # the current prefill's segments, built stage by stage
-        self._previous: dict[int, LayerInput] = {}  # stage -> input of layer k_s - 1 (methods that ask for it)
-        self._input_vision: torch.Tensor | None = None  # (B,) vision tokens per sample of the current prefill
-        self._inputs: dict | None = None  # keyword arguments of the current prefill forward
-        self._encoder_inputs: dict[str, dict] = {}  # feature method -> the tensors its last call was given
-        self._wrapped: list[tuple[nn.Module, str, object]] = []
-        self._vision_layers: dict[str, nn.Module] = {}  # methods with uses_vision_layer: "image"/"video" -> layer
-        self._vision_layer_inputs: dict[str, list[torch.Tensor]] = {}  # what they received since the last forward
-        self._decode_masks: dict[int, torch.Tensor | None] = {}  # segment -> (B, 1, q, kv_s), current decode step
-        # across forwards of one generation: each segment's padding mask and the cache it belongs to
-        self._deep_masks2d: list[torch.Tensor] | None = None  # [(B, kv_s)] per segment
-        self._cache_ref = None
-        self.active = bool(self.stages)
+        self._prompt_end: torch.Tensor | None = None
+        self._prefill: _Prefill | None = None  # the prefill forward running now
+        self._generation: _Generation | None = None  # the generation the model's cache continues
         if self.active:
             self._install(model)
 
@@ -134,16 +339,14 @@ class WithdrawalHandle:
 
     # ------------------------------------------------------------------ public
     def remove(self) -> None:
-        """Undo the reduction: remove every hook; the model behaves exactly as before."""
+        """Undo the reduction: remove every hook and wrapper; the model behaves exactly as before."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for owner, name, wrapper in self._wrapped:
-            if owner.__dict__.get(name) is wrapper:
-                delattr(owner, name)  # the class's method shows through again
-        self._wrapped.clear()
-        self._vision_layer_inputs = {}
-        self._reset_generation()
+        for probe in self._probes:
+            probe.remove()
+        self._probes.clear()
+        self._prefill = self._generation = None
 
     def __enter__(self) -> WithdrawalHandle:
         return self
@@ -185,10 +388,10 @@ class WithdrawalHandle:
     def __repr__(self) -> str:
         return (
             f"WithdrawalHandle({self.method!r}, stages={self.stages}, num_layers={self.num_layers}, "
-            f"active={self.active})"
+            f"positions={self.positions!r}, active={self.active})"
         )
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ installation
     def _install(self, model: nn.Module) -> None:
         cfg = model.config.get_text_config()
         impl = getattr(cfg, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", None)
@@ -199,86 +402,182 @@ class WithdrawalHandle:
                 f"layers {self.layer}..{self.num_layers - 1} include non-full attention ({sorted(set(layer_types))}); "
                 "vtw supports full-attention decoders only"
             )
-        layers = language_model(model).layers
+        lm = language_model(model)
+        self._rotary = lm.rotary_emb if self.positions == "compact" else None
         if self.method.uses_vision_layer:  # before any hook: a tower the method cannot use raises here
-            self._capture_vision_layers(model)
+            self._tower = self._probe(_TowerLayers(self.method.vision_layers(model)))
         if self.method.before_decoder:
-            self._record_encoder_inputs(getattr(model, "model", model))
+            self._encoder = self._probe(_EncoderCalls(getattr(model, "model", model)))
         self._hooks.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
         bounds = [*self.stages, self.num_layers]
         for s, (first, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
-            self._hooks.append(layers[first].register_forward_pre_hook(self._stage_hook(s), with_kwargs=True))
+            self._hooks.append(lm.layers[first].register_forward_pre_hook(self._stage_hook(s), with_kwargs=True))
             for i in range(first + 1, stop):
-                self._hooks.append(layers[i].register_forward_pre_hook(self._segment_hook(s), with_kwargs=True))
-        if self.method.uses_previous_layer:  # registered last: they see each layer's inputs as replaced above
-            for s, k in enumerate(self.stages):
-                if k >= 1:
-                    self._hooks.append(layers[k - 1].register_forward_pre_hook(self._capture(s), with_kwargs=True))
+                self._hooks.append(lm.layers[i].register_forward_pre_hook(self._segment_hook(s), with_kwargs=True))
+        if self.method.uses_previous_layer:  # installed last: it sees each layer's inputs as replaced above
+            self._previous = self._probe(_PreviousLayer(lm.layers, self.stages, lambda: self._prefill is not None))
 
-    def _record_encoder_inputs(self, base: nn.Module) -> None:
-        """Methods acting before the decoder need each image's grid (LLaVA-NeXT's ``image_sizes``, Qwen's
-        ``image_grid_thw``, the frames of ``pixel_values_videos``). ``generate`` encodes images before the first
-        forward and passes only the features on, so this instance's ``get_image_features`` / ``get_video_features``
-        are wrapped (an instance attribute that :meth:`remove` deletes; the class is untouched) to note what they
-        were given."""
-        import functools
-        import inspect
-
-        for name in ("get_image_features", "get_video_features"):
-            original = getattr(base, name, None)
-            if original is None:
-                continue
-            signature = inspect.signature(original)
-
-            def wrapper(*args, _original=original, _signature=signature, _name=name, **kwargs):
-                bound = _signature.bind_partial(*args, **kwargs).arguments
-                self._encoder_inputs[_name] = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
-                return _original(*args, **kwargs)
-
-            functools.update_wrapper(wrapper, original)
-            setattr(base, name, wrapper)
-            self._wrapped.append((base, name, wrapper))
-
-    def _capture_vision_layers(self, model: nn.Module) -> None:
-        """Methods that read a vision tower layer (VisionZip: the class token's attention and the keys of the feature
-        layer) get its inputs from a forward pre-hook on that layer (of each tower, :meth:`Reduction.vision_layers`):
-        the tower keeps its attention implementation and nothing runs twice. The images may be encoded before the
-        prefill forward (``generate``), so inputs are collected until the end of the next model forward."""
-        self._vision_layers = self.method.vision_layers(model)
-        for kind, layer in self._vision_layers.items():
-
-            def hook(module, args, kwargs, _kind=kind):
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self._vision_layer_inputs.setdefault(_kind, []).append(hidden)
-
-            self._hooks.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+    def _probe(self, probe: _Probe) -> _Probe:
+        self._probes.append(probe)
+        return probe
 
     def _stage_hook(self, s: int):
         def hook(module, args, kwargs):
-            if self._vision is not None:  # prefill: reduce
+            if self._prefill is not None:
                 return self._reduce(s, module, args, kwargs)
-            return self._on_segment_layer(s, args, kwargs)
-
-        return hook
-
-    def _capture(self, s: int):
-        def hook(module, args, kwargs):
-            if self._vision is not None:  # prefill only
-                hidden = args[0] if args else kwargs["hidden_states"]
-                self._previous[s] = LayerInput(module, hidden, kwargs.get("position_embeddings"))
+            return self._decode_layer(s, args, kwargs)
 
         return hook
 
     def _segment_hook(self, s: int):
-        return lambda module, args, kwargs: self._on_segment_layer(s, args, kwargs)
+        def hook(module, args, kwargs):
+            if self._prefill is not None:
+                seg = self._prefill.segments[s]
+                return _layer_inputs(seg.mask4d, seg.position_embeddings, seg.position_ids, args, kwargs)
+            return self._decode_layer(s, args, kwargs)
 
-    def _reset_generation(self) -> None:
-        self._deep_masks2d = None
-        self._cache_ref = None
-        self._segments = None
-        self._decode_masks = {}
-        self._vision = None
+        return hook
+
+    # ------------------------------------------------------------------ one forward
+    def _on_model_start(self, module, args, kwargs):
+        """Decide, once per forward, whether it is a prefill (the cache is empty) or continues a generation."""
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        attn2d = kwargs.get("attention_mask")
+        if attn2d is not None and attn2d.dim() != 2:
+            raise ValueError("vtw needs a 2-D (batch, sequence) attention_mask, got shape " + str(tuple(attn2d.shape)))
+        vision = self._vision_of(module.config, input_ids)
+        self._prefill = None
+        if cache is None or cache.get_seq_length() == 0:
+            self._generation = None
+            encoded = self._encoder.arguments() if self._encoder is not None else {}
+            given = {k: v for k, v in kwargs.items() if v is not None}
+            inputs = {**encoded, **given, "input_ids": input_ids}  # the forward's own arguments first
+            self._prefill = _Prefill(vision, attn2d, inputs, self._prompt_end)
+        else:
+            self._continue(cache, vision, attn2d)
+        return None
+
+    def _vision_of(self, config, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """``(B, T)`` bool: the vision tokens of a forward's input (from its ids, or the explicit mask)."""
+        explicit = self._explicit_vision_mask
+        if input_ids is not None:
+            vision = vision_token_mask(config, input_ids)
+            return vision if explicit is None else vision | explicit.to(vision.device)
+        if explicit is None:
+            raise ValueError(
+                "withdrawal needs input_ids to find the vision tokens; with inputs_embeds only, give the mask "
+                "explicitly: `with handle.vision_mask(mask): model(inputs_embeds=...)`"
+            )
+        return explicit
+
+    def _continue(self, cache, vision: torch.Tensor, attn2d: torch.Tensor | None) -> None:
+        """A decode / continuation step of the generation prefilled under this handle: each segment's padding mask
+        grows by the new tokens. New tokens are text: a generated id that equals a placeholder id carries no pixel
+        features (pixel inputs go with the prefill only), so it is embedded, and kept, like any other token."""
+        gen = self._generation
+        if gen is None or gen.cache_ref() is not cache:
+            raise RuntimeError(
+                "vtw: this forward continues a KV cache that was not prefilled under this withdrawal handle; "
+                "start generation from an empty cache (beam search and cache reuse are not supported)"
+            )
+        batch, q = vision.shape
+        if gen.masks2d[0].shape[0] != batch:
+            raise RuntimeError(
+                f"vtw: batch size changed from {gen.masks2d[0].shape[0]} to {batch} during generation "
+                "(beam search / batch expansion after prefill is not supported)"
+            )
+        new = attn2d[:, -q:] if attn2d is not None else torch.ones(batch, q, dtype=torch.long, device=vision.device)
+        gen.masks2d = [torch.cat([m, new.to(m)], dim=1) for m in gen.masks2d]
+        gen.step = {}
+
+    def _on_model_end(self, module, args, kwargs, output):
+        prefill, self._prefill = self._prefill, None
+        for probe in self._probes:
+            probe.clear()
+        if prefill is None or not prefill.segments:
+            return None
+        self.last_stages = tuple(seg.record(k) for seg, k in zip(prefill.segments, self.stages))
+        self.last_keep_index = prefill.segments[-1].keep_index
+        counts = torch.empty(prefill.input.mask2d.shape[0], self.num_layers, 2, dtype=torch.long)
+        bounds = [0, *self.stages, self.num_layers]
+        for seg, start, stop in zip([prefill.input, *prefill.segments], bounds[:-1], bounds[1:]):
+            counts[:, start:stop] = seg.counts().cpu()[:, None]
+        self.last_layer_tokens = counts
+        cache = getattr(output, "past_key_values", None)
+        if cache is not None:  # without a cache there is nothing to continue
+            self._generation = _Generation([seg.mask2d for seg in prefill.segments], weakref.ref(cache))
+        return None
+
+    # ------------------------------------------------------------------ prefill stages
+    def _reduce(self, s: int, module, args, kwargs):
+        """Stage ``s`` of a prefill: ask the method what to keep, pack it, and build segment ``s``'s tensors."""
+        hidden = args[0] if args else kwargs["hidden_states"]
+        prefill = self._prefill
+        if s == 0:  # the first stage sees the model's own inputs
+            prev = prefill.input = prefill.input_segment(hidden)
+            pe, pos = kwargs.get("position_embeddings"), kwargs.get("position_ids")
+        else:  # a later stage continues from the previous segment's packed tokens (on this layer's device)
+            prev = prefill.segments[s - 1].to(hidden.device)
+            pe, pos = prev.position_embeddings, prev.position_ids
+        query = _query_columns(prefill.prompt_end, prev)
+        keep, values, extra = _as_merge(self.method.select(self._context(s, module, hidden, prev, kwargs, pe, query)),
+                                        hidden)  # fmt: skip
+        if query is not None:  # the last prompt token and the continuation after it (what is scored) all go on
+            keep = keep | (torch.arange(keep.shape[1], device=keep.device)[None, :] >= query[:, None])
+        seg, index, source = pack_stage(prev, keep, extra, query)
+        if extra is not None:
+            values = torch.cat([values, extra.hidden.to(values.device, values.dtype)], dim=1)
+        new_hidden = gather_tokens(values, index.clamp(min=0))
+        if self._rotary is not None:  # compact: the tokens present are renumbered 0, 1, ... in order
+            seg.position_ids = compact_positions(seg.mask2d)
+            seg.position_embeddings = self._rotary(new_hidden, seg.position_ids)
+        else:
+            seg.position_embeddings = None if pe is None else tuple(gather_tokens(t, source) for t in pe)
+            if isinstance(pos, torch.Tensor) and pos.shape[-1] == hidden.shape[1]:
+                seg.position_ids = gather_positions(pos, source)
+        seg.mask4d = self._deep_mask(seg.mask2d, seg.mask2d.shape[1], hidden.dtype)
+        seg.hidden = new_hidden if self.record_hidden else None
+        prefill.segments.append(seg)
+        return _layer_inputs(seg.mask4d, seg.position_embeddings, seg.position_ids, args, kwargs, new_hidden)
+
+    def _context(self, s: int, module, hidden, prev: _Segment, kwargs, pe, query) -> StageContext:
+        inputs = self._prefill.inputs
+        first = self._prefill.input
+        return StageContext(
+            stage=s,
+            layer=self.stages[s],
+            hidden=hidden,
+            vision=prev.vision,
+            attention_mask=prev.mask2d,
+            positions=prev.keep_index,
+            module=module,
+            model=self._model_ref(),
+            layer_kwargs=kwargs,
+            position_embeddings=pe,
+            previous=self._previous.seen.get(s) if self._previous is not None else None,
+            input_vision=(first.vision & first.mask2d.bool()).sum(1).to(hidden.device),
+            inputs=inputs,
+            vision_layer=self._tower.seen() if self._tower is not None else {},
+            query=query,
+        )
+
+    # ------------------------------------------------------------------ decode steps
+    def _decode_layer(self, s: int, args, kwargs):
+        """A layer of segment ``s`` in a decode step: the segment's own mask (and, compact, positions)."""
+        gen = self._generation
+        if gen is None:
+            raise RuntimeError("vtw: deep layer called without a withdrawal prefill or decode state")
+        if s not in gen.step:  # built once per step, shared by the segment's layers
+            hidden = args[0] if args else kwargs["hidden_states"]
+            mask2d = gen.masks2d[s]
+            pe = pos = None
+            if self._rotary is not None:
+                pos = compact_positions(mask2d)[:, -hidden.shape[1] :]
+                pe = self._rotary(hidden, pos.to(hidden.device))
+            gen.step[s] = (self._deep_mask(mask2d, hidden.shape[1], hidden.dtype), pe, pos)
+        return _layer_inputs(*gen.step[s], args, kwargs)
 
     def _deep_mask(self, mask2d: torch.Tensor, q_len: int, dtype: torch.dtype) -> torch.Tensor | None:
         """A segment's mask, or ``None`` where the attention kernel's own default is the same thing.
@@ -291,187 +590,51 @@ class WithdrawalHandle:
             return None
         return additive_causal_mask(mask2d, q_len=q_len, dtype=dtype)
 
-    def _on_model_start(self, module, args, kwargs):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        attn2d = kwargs.get("attention_mask")
-        if attn2d is not None and attn2d.dim() != 2:
-            raise ValueError("vtw needs a 2-D (batch, sequence) attention_mask, got shape " + str(tuple(attn2d.shape)))
-        past = cache.get_seq_length() if cache is not None else 0
-        self._segments = None
-        self._decode_masks = {}
-        self._previous = {}
-        if input_ids is not None:
-            vision = vision_token_mask(module.config, input_ids)
-            if self._explicit_vision_mask is not None:
-                vision = vision | self._explicit_vision_mask.to(vision.device)
-        elif self._explicit_vision_mask is not None:
-            vision = self._explicit_vision_mask
+
+def _layer_inputs(mask4d, position_embeddings, position_ids, args, kwargs, hidden=None):
+    """A layer's ``(args, kwargs)`` with the segment's mask, positions (where given) and hidden states (where given)."""
+    kwargs = dict(kwargs)
+    kwargs["attention_mask"] = mask4d
+    if position_embeddings is not None:
+        kwargs["position_embeddings"] = position_embeddings
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    if hidden is not None:
+        if args:
+            args = (hidden, *args[1:])
         else:
-            raise ValueError(
-                "withdrawal needs input_ids to find the vision tokens; with inputs_embeds only, give the mask "
-                "explicitly: `with handle.vision_mask(mask): model(inputs_embeds=...)`"
-            )
-        batch, q = vision.shape
-        self._attn2d = attn2d
-        if past == 0:
-            self._reset_generation()
-            self._vision = vision
-            # the forward's own arguments first; what generate's encoding before the forward was given fills the rest
-            encoded = {k: v for call in self._encoder_inputs.values() for k, v in call.items()}
-            given = {k: v for k, v in kwargs.items() if v is not None}
-            self._inputs = {**encoded, **given, "input_ids": input_ids}
-            return None
-        # decode / continuation step
-        if self._deep_masks2d is None or self._cache_ref is None or self._cache_ref() is not cache:
-            raise RuntimeError(
-                "vtw: this forward continues a KV cache that was not prefilled under this withdrawal handle; "
-                "start generation from an empty cache (beam search and cache reuse are not supported)"
-            )
-        # New tokens in a continuation step are text: a generated id that equals a placeholder id carries no pixel
-        # features (pixel inputs go with the prefill only), so it is embedded, and kept, like any other token.
-        if self._deep_masks2d[0].shape[0] != batch:
-            raise RuntimeError(
-                f"vtw: batch size changed from {self._deep_masks2d[0].shape[0]} to {batch} during generation "
-                "(beam search / batch expansion after prefill is not supported)"
-            )
-        new_cols = (
-            attn2d[:, -q:] if attn2d is not None else torch.ones(batch, q, dtype=torch.long, device=vision.device)
-        )
-        self._deep_masks2d = [torch.cat([m, new_cols.to(m)], dim=1) for m in self._deep_masks2d]
+            kwargs["hidden_states"] = hidden
+    return args, kwargs
+
+
+def _as_merge(picked, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Extra | None]:
+    """What :meth:`~vtw.methods.Reduction.select` returned as ``(keep (B, T) bool, values (B, T, D), extra)``."""
+    if isinstance(picked, Merge):
+        values = hidden if picked.hidden is None else picked.hidden.to(hidden.device, hidden.dtype)
+        return picked.keep.to(hidden.device).bool(), values, picked.extra
+    return picked.to(hidden.device).bool(), hidden, None
+
+
+def _query_columns(prompt_end: torch.Tensor | None, seg: _Segment) -> torch.Tensor | None:
+    """``(B,)`` long: the column of each sample's last prompt token among the tokens ``seg`` holds, or ``None``
+    outside :meth:`WithdrawalHandle.prompt_only` (the last column: the default)."""
+    if prompt_end is None:
         return None
-
-    def _on_model_end(self, module, args, kwargs, output):
-        cache = getattr(output, "past_key_values", None)
-        if self._segments is not None and cache is not None:
-            self._cache_ref = weakref.ref(cache)
-        elif self._segments is not None:
-            self._deep_masks2d = None  # no cache: nothing to continue
-        self._segments = None
-        self._decode_masks = {}
-        self._previous = {}
-        self._vision = None
-        self._inputs = None
-        self._encoder_inputs = {}
-        self._vision_layer_inputs = {}
-        return None
-
-    def _stage_input(self, s: int, hidden: torch.Tensor, kwargs) -> tuple[_Segment, tuple | None, object]:
-        """What stage ``s`` acts on: the tokens present (a :class:`_Segment`), their position embeddings and ids.
-
-        Args:
-            hidden: ``(B, T, D)`` the input hidden states of layer ``k_s``; kwargs: that layer's keyword arguments.
-        """
-        batch, length, _ = hidden.shape
-        if s:  # a later stage continues from the previous segment's packed tokens (on this layer's device)
-            prev = _to_device(self._segments[s - 1], hidden.device)
-            return prev, prev.position_embeddings, prev.position_ids
-        vision = self._vision  # the first stage sees the model's own inputs
-        if vision.shape != (batch, length):
-            raise RuntimeError(f"vtw: vision mask {tuple(vision.shape)} does not match hidden states {(batch, length)}")
-        attn2d = self._attn2d
-        if attn2d is None:
-            attn2d = torch.ones(batch, length, dtype=torch.long, device=hidden.device)
-        attn2d = attn2d[:, -length:].to(hidden.device)
-        positions = torch.arange(length, device=hidden.device).expand(batch, length)
-        prev = _Segment(keep_index=positions, mask2d=attn2d, vision=vision.to(hidden.device))
-        self._segments = []
-        self._input_vision = (prev.vision & attn2d.bool()).sum(1)
-        return prev, kwargs.get("position_embeddings"), kwargs.get("position_ids")
-
-    def _query_columns(self, seg: _Segment) -> torch.Tensor | None:
-        """``(B,)`` long: the column of each sample's last prompt token among the tokens ``seg`` holds, or ``None``
-        outside :meth:`prompt_only` (the last column: the default)."""
-        if self._prompt_end is None:
-            return None
-        end = self._prompt_end.to(seg.keep_index.device)
-        if end.shape != (seg.keep_index.shape[0],):
-            raise ValueError(f"vtw: prompt_only needs one position per sample, got shape {tuple(end.shape)}")
-        hit = (seg.keep_index == end[:, None]) & seg.mask2d.bool()
-        if not bool(hit.any(1).all()):  # only at stage 0: later stages keep the query token
-            raise ValueError(f"vtw: prompt_only positions {end.tolist()} are not real tokens of this forward's input")
-        return hit.int().argmax(1)
-
-    def _reduce(self, s: int, module, args, kwargs):
-        """Stage ``s`` of a prefill: ask the method what to keep, pack it, and build segment ``s``'s tensors."""
-        hidden = args[0] if args else kwargs["hidden_states"]
-        length = hidden.shape[1]
-        prev, pe, pos = self._stage_input(s, hidden, kwargs)
-        query = self._query_columns(prev)
-        ctx = StageContext(
-            stage=s,
-            layer=self.stages[s],
-            hidden=hidden,
-            vision=prev.vision,
-            attention_mask=prev.mask2d,
-            positions=prev.keep_index,
-            module=module,
-            model=self._model_ref(),
-            layer_kwargs=kwargs,
-            position_embeddings=pe,
-            previous=self._previous.get(s),
-            input_vision=self._input_vision.to(hidden.device),
-            inputs=self._inputs,
-            vision_layer={k: (self._vision_layers[k], torch.cat(v)) for k, v in self._vision_layer_inputs.items()},
-            query=query,
-        )
-        picked = self.method.select(ctx)
-        if isinstance(picked, Merge):  # kept tokens carry new values
-            picked, hidden = picked.keep, picked.hidden.to(hidden.device, hidden.dtype)
-        picked = picked.to(hidden.device)
-        if query is not None:  # the last prompt token and the continuation after it (what is scored) all go on
-            picked = picked.bool() | (torch.arange(length, device=hidden.device)[None, :] >= query[:, None])
-        local, mask2d = pack_kept(picked, prev.mask2d)
-        gather_index = local.clamp(min=0)
-        valid = local >= 0
-        seg = _Segment(
-            keep_index=torch.where(valid, prev.keep_index.gather(1, gather_index), -1),
-            mask2d=mask2d,
-            vision=prev.vision.gather(1, gather_index) & valid,
-        )
-        seg.mask4d = self._deep_mask(mask2d, mask2d.shape[1], hidden.dtype)
-        if pe is not None:
-            seg.position_embeddings = tuple(gather_tokens(t, gather_index) for t in pe)
-        if isinstance(pos, torch.Tensor) and pos.shape[-1] == length:
-            seg.position_ids = gather_positions(pos, gather_index)
-        self._segments.append(seg)
-        if s == 0:
-            self._deep_masks2d = []
-        self._deep_masks2d.append(mask2d)
-        self.last_keep_index = seg.keep_index
-        new_hidden = gather_tokens(hidden, gather_index)
-        return self._replace_layer_inputs(seg, args, kwargs, new_hidden)
-
-    def _on_segment_layer(self, s: int, args, kwargs):
-        if self._segments is not None:
-            return self._replace_layer_inputs(self._segments[s], args, kwargs, None)
-        if self._deep_masks2d is None:
-            raise RuntimeError("vtw: deep layer called without a withdrawal prefill or decode state")
-        if s not in self._decode_masks:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            self._decode_masks[s] = self._deep_mask(self._deep_masks2d[s], hidden.shape[1], hidden.dtype)
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = self._decode_masks[s]
-        return args, kwargs
-
-    @staticmethod
-    def _replace_layer_inputs(seg: _Segment, args, kwargs, new_hidden):
-        kwargs = dict(kwargs)
-        kwargs["attention_mask"] = seg.mask4d
-        if seg.position_embeddings is not None:
-            kwargs["position_embeddings"] = seg.position_embeddings
-        if seg.position_ids is not None:
-            kwargs["position_ids"] = seg.position_ids
-        if new_hidden is not None:
-            if args:
-                args = (new_hidden, *args[1:])
-            else:
-                kwargs["hidden_states"] = new_hidden
-        return args, kwargs
+    end = prompt_end.to(seg.keep_index.device)
+    if end.shape != (seg.keep_index.shape[0],):
+        raise ValueError(f"vtw: prompt_only needs one position per sample, got shape {tuple(end.shape)}")
+    hit = (seg.keep_index == end[:, None]) & seg.mask2d.bool() & ~seg.extra
+    if not bool(hit.any(1).all()):  # only at stage 0: later stages keep the query token
+        raise ValueError(f"vtw: prompt_only positions {end.tolist()} are not real tokens of this forward's input")
+    return hit.int().argmax(1)
 
 
 def withdraw(
-    model: nn.Module, layer: int | None = None, method: str | Reduction | KeepFn = "vtw", **params
+    model: nn.Module,
+    layer: int | None = None,
+    method: str | Reduction | KeepFn = "vtw",
+    positions: str = "keep",
+    **params,
 ) -> WithdrawalHandle:
     """Reduce the vision tokens of ``model`` inside its language decoder; by default VTW before layer ``layer``.
 
@@ -483,6 +646,8 @@ def withdraw(
         method: a name from :data:`vtw.methods.METHODS` (``"vtw"``; ``"random"``: the paper's ablation, as many
             random tokens), a method object (:class:`vtw.methods.Reduction`), or a callable
             ``keep(hidden (B,T,D), vision_mask (B,T), attention_mask (B,T)) -> (B,T) bool`` applied at ``layer``.
+        positions: ``"keep"`` (kept tokens keep their positions) or ``"compact"`` (renumbered contiguously from each
+            stage on, decoding continues from the compacted length; 1-D RoPE families only), :data:`POSITIONS`.
         params: the method's other parameters (e.g. ``seed=`` for ``"random"``).
 
     Returns:
@@ -490,19 +655,74 @@ def withdraw(
 
     Raises:
         ValueError: unsupported model, a layer not ``None`` or an int in ``[0, L]``, unknown method or parameter,
-            a family the method cannot act on (:meth:`~vtw.methods.Reduction.check_supported`), unsupported
-            attention implementation — before anything runs.
+            a family the method cannot act on (:meth:`~vtw.methods.Reduction.check_supported`), ``positions`` not
+            allowed for the family, unsupported attention implementation — before anything runs.
     """
     if layer is not None:
         if isinstance(method, Reduction):
             raise ValueError(f"give the layer to the method object {method!r}, not to withdraw(layer={layer!r})")
         params["layer"] = layer
-    return WithdrawalHandle(model, make_method(method, **params))
+    return WithdrawalHandle(model, make_method(method, **params), positions=positions)
+
+
+def pack_stage(
+    prev: _Segment, keep: torch.Tensor, extra: Extra | None = None, query: torch.Tensor | None = None
+) -> tuple[_Segment, torch.Tensor, torch.Tensor]:
+    """The packing every method shares: what a method keeps (and the tokens it adds), plus each sample's last token
+    (it predicts the next one), minus padding (it carries nothing), packed in sequence order and left-padded.
+
+    Args:
+        prev: the ``T`` tokens present before the stage; keep: ``(B, T)`` bool, the method's choice; extra: the
+            tokens it adds (``E`` slots); query: ``(B,)`` column of each sample's last prompt token, or ``None``.
+
+    Returns:
+        ``(segment, index (B, T_s), source (B, T_s))``: the stage's segment (``keep_index``, ``mask2d``, ``vision``,
+        ``extra``), the column of each packed token in ``T + E`` (kept tokens, then the extra slots; ``-1`` =
+        padding) and the column in ``T`` whose position it takes (an extra token: the one it follows).
+    """
+    real = prev.mask2d.bool()
+    keep = keep.bool() & real
+    keep[:, -1] |= real[:, -1]
+    if extra is None:
+        index = packed_keep_index(keep)
+        source, added = index.clamp(min=0), torch.zeros_like(index, dtype=torch.bool)
+    else:
+        index, source, added = _pack_with_extra(keep, real, extra, query)
+    valid = index >= 0
+    seg = _Segment(
+        keep_index=torch.where(valid, prev.keep_index.gather(1, source), -1),
+        mask2d=valid.to(prev.mask2d.dtype),
+        vision=(prev.vision.gather(1, source) | added) & valid,
+        extra=(prev.extra.gather(1, source) | added) & valid,
+    )
+    return seg, index, source
+
+
+def _pack_with_extra(keep, real, extra: Extra, query) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`pack_stage` with extra tokens: each follows its ``after`` column (several after one column in slot
+    order); returns ``(index into T + E, source column in T, added (B, T_s) bool)``."""
+    batch, length = keep.shape
+    slots = extra.valid.shape[1]
+    after = extra.after.to(keep.device).long()
+    valid = extra.valid.to(keep.device).bool()
+    last = query if query is not None else torch.full((batch,), length - 1, device=keep.device)
+    bad = valid & ((after < 0) | (after >= last[:, None]) | ~real.gather(1, after.clamp(0, length - 1)))
+    if bool(bad.any()):
+        raise ValueError(
+            f"vtw: an extra token must follow a real token before its sample's last (query) token; got after="
+            f"{after[bad].tolist()} where the last columns are {last.tolist()}"
+        )
+    step = slots + 1
+    key = torch.cat([torch.arange(length, device=keep.device).expand(batch, length) * step,
+                     after * step + 1 + torch.arange(slots, device=keep.device)], dim=1)  # fmt: skip
+    index = pack_order(torch.cat([keep, valid], dim=1), key)
+    added = index >= length
+    source = torch.where(added, after.gather(1, (index - length).clamp(0, max(slots - 1, 0))), index)
+    return index, source.clamp(min=0), added
 
 
 def pack_kept(keep: torch.Tensor, mask2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packing every method shares: what a method keeps, plus each sample's last token (it predicts the next
-    one), minus padding (it carries nothing), packed in order and left-padded.
+    """:func:`pack_stage` of a plain keep mask over input tokens.
 
     Args:
         keep: ``(B, T)`` bool, the method's choice; mask2d: ``(B, T)`` 1 at real tokens, 0 at padding.
@@ -511,13 +731,29 @@ def pack_kept(keep: torch.Tensor, mask2d: torch.Tensor) -> tuple[torch.Tensor, t
         ``(index (B, T_out), mask2d (B, T_out))``: the position in ``T`` of each packed token (``-1`` = padding) and
         the packed padding mask.
     """
-    real = mask2d.bool()
-    keep = keep.bool().clone()
-    keep[:, -1] |= real[:, -1]
-    keep &= real
-    index = packed_keep_index(keep)
-    packed = torch.where(index >= 0, mask2d.gather(1, index.clamp(min=0)), torch.zeros_like(index))
-    return index, packed
+    batch, length = keep.shape
+    columns = torch.arange(length, device=keep.device).expand(batch, length)
+    zeros = torch.zeros_like(keep, dtype=torch.bool)
+    seg, index, _ = pack_stage(_Segment(columns, mask2d, zeros, zeros), keep)
+    return index, seg.mask2d
+
+
+def pack_order(keep: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The kept entries of each row by ascending ``key``, left-padded with ``-1`` to the longest row.
+
+    Args:
+        keep: ``(B, N)`` bool; key: ``(B, N)`` long, the sequence order (distinct within a row).
+
+    Returns:
+        ``(B, N_out)`` long, columns of ``N``, with ``N_out = max_b keep[b].sum()``.
+    """
+    batch = keep.shape[0]
+    counts = keep.sum(1)
+    out_len = int(counts.max()) if batch else 0
+    beyond = key.max() + 1 if key.numel() else 0
+    order = torch.argsort(torch.where(keep, key, beyond), dim=1, stable=True)[:, :out_len]  # kept first, in order
+    col = torch.arange(out_len, device=keep.device)[None, :] - (out_len - counts)[:, None]
+    return torch.where(col >= 0, order.gather(1, col.clamp(min=0)), torch.full_like(col, -1))
 
 
 def packed_keep_index(keep: torch.Tensor) -> torch.Tensor:
@@ -530,12 +766,13 @@ def packed_keep_index(keep: torch.Tensor) -> torch.Tensor:
         ``(B, T_out)`` long with ``T_out = max_b keep[b].sum()``.
     """
     batch, length = keep.shape
-    counts = keep.sum(1)
-    out_len = int(counts.max()) if batch else 0
-    order = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # dropped first, then kept; each in order
-    index = order[:, length - out_len :]
-    valid = torch.arange(out_len, device=keep.device)[None, :] >= (out_len - counts)[:, None]
-    return torch.where(valid, index, torch.full_like(index, -1))
+    return pack_order(keep, torch.arange(length, device=keep.device).expand(batch, length))
+
+
+def compact_positions(mask2d: torch.Tensor) -> torch.Tensor:
+    """``(B, T)`` long: each real token's rank among the real tokens of its row (``0, 1, ...``; padding: 0), the
+    positions of ``positions="compact"`` (as the model numbers a left-padded input)."""
+    return (mask2d.long().cumsum(1) - 1).clamp(min=0)
 
 
 def gather_tokens(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

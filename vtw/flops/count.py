@@ -301,6 +301,17 @@ def prefill_layer_tokens(num_layers: int, vision: int, text: int, method: Reduct
     return [v + t for v, t in method.layer_tokens(num_layers, vision, text, layout)]
 
 
+def checked_layer_tokens(layer_tokens, num_layers: int) -> list[tuple[int, int]]:
+    """``layer_tokens`` as ``[(vision, text)] * L`` ints, else ``ValueError`` naming what is wrong."""
+    pairs = [tuple(int(x) for x in pair) for pair in layer_tokens]
+    if len(pairs) != num_layers or any(len(p) != 2 or min(p) < 0 for p in pairs):
+        raise ValueError(
+            f"layer_tokens must give one (vision, text) pair of counts >= 0 per decoder layer ({num_layers}), "
+            f"got {list(layer_tokens)!r}"
+        )
+    return pairs
+
+
 def sample_layout(config, method: Reduction, vision_tokens: int, layout=None, **counts):
     """The layout a count of ``method`` needs: ``layout`` as given, else (methods acting before the decoder only)
     the one the counts determine (:func:`vtw.grids.counted_layout`); ``None`` for the other methods."""
@@ -334,6 +345,7 @@ def count_flops(
     prefill_logits: int | str = 1,
     method: Reduction | None = None,
     vision_layout: SampleLayout | None = None,
+    layer_tokens: Sequence[Sequence[int]] | None = None,
 ) -> FlopsReport:
     """Matmul FLOPs of one sample (no padding), by component and phase.
 
@@ -355,6 +367,9 @@ def count_flops(
         vision_layout: the sample's image and video grids (:class:`vtw.grids.SampleLayout`), which methods acting
             before the decoder (``pool``, ``visionzip``) need; derived from the counts where they determine it
             (LLaVA-1.5, Video-LLaVA, the Qwen grids), required for anyres images.
+        layer_tokens: the realized ``(vision, text)`` tokens each decoder layer ``0..L-1`` processed in this sample's
+            prefill (a run's :attr:`vtw.WithdrawalHandle.last_layer_tokens` row), for methods whose counts depend on
+            the data; ``None``: the counts ``method`` declares (:meth:`~vtw.methods.Reduction.layer_tokens`).
         prefill_logits: positions whose logits the prefill computes: 1 (``generate``, ``logits_to_keep=1``), any
             count up to the decoder's output length, or ``"all"`` (a plain forward: every position the last layer
             outputs, ``V + T``, or ``T`` under withdrawal).
@@ -380,7 +395,11 @@ def count_flops(
         config, method, vision_tokens, vision_layout, video_frames=work.video_frames, videos=work.videos,
         qwen_grids=work.grids,
     )  # fmt: skip
-    pre_tokens = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method, layout)
+    if layer_tokens is None:
+        layer_pairs = method.layer_tokens(dec.num_layers, vision_tokens, text_tokens, layout)
+    else:
+        layer_pairs = checked_layer_tokens(layer_tokens, dec.num_layers)
+    pre_tokens = [v + t for v, t in layer_pairs]
     out_positions = pre_tokens[-1]
     if prefill_logits == "all":
         prefill_logits = out_positions
@@ -397,8 +416,8 @@ def count_flops(
         last_token_attention_flops(dec.hidden, dec.heads, dec.kv_heads, dec.head_dim, full if j < 0 else pre_tokens[j])
         for j in method.scored_inputs(dec.num_layers)
     )
-    if layout is not None:
-        scoring += method.scoring_flops(config, layout)
+    if method.stages():
+        scoring += method.scoring_flops(config, layout, layer_pairs)
     head = 2 * dec.hidden * dec.vocab
     prefill = PhaseFlops(
         reduction=scoring,

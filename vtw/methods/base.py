@@ -76,16 +76,38 @@ class StageContext:
 
 
 @dataclass(frozen=True)
+class Extra:
+    """New tokens a stage adds to the sequence (e.g. pruned tokens recycled into a few aggregates).
+
+    Attributes:
+        hidden: ``(B, E, D)`` their values.
+        valid: ``(B, E)`` bool, the real slots (samples may add different numbers of tokens).
+        after: ``(B, E)`` long, the column of the stage's ``T`` tokens each one follows in sequence order (several
+            after one column keep their ``E`` order). An extra token takes that column's position (position ids and
+            rotary embedding, as the kept tokens keep theirs), counts as a vision token (a later stage may drop it;
+            the KV cache of the layers after the stage holds it), and must follow a real token before the last
+            (query) one, which stays last.
+    """
+
+    hidden: torch.Tensor
+    valid: torch.Tensor
+    after: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Merge:
-    """What :meth:`Reduction.select` returns when kept tokens carry new values (tokens merged into them).
+    """What :meth:`Reduction.select` returns when kept tokens carry new values or tokens are added.
 
     Attributes:
         keep: ``(B, T)`` bool, the tokens that go on.
-        hidden: ``(B, T, D)``, the hidden states to take the kept tokens' values from (the others are ignored).
+        hidden: ``(B, T, D)``, the hidden states to take the kept tokens' values from (the others are ignored);
+            ``None``: kept tokens keep their values.
+        extra: tokens added after the kept ones they follow (:class:`Extra`), or ``None``.
     """
 
     keep: torch.Tensor
-    hidden: torch.Tensor
+    hidden: torch.Tensor | None = None
+    extra: Extra | None = None
 
 
 @dataclass(frozen=True)
@@ -176,7 +198,9 @@ class Reduction:
         raise NotImplementedError
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
-        """``(vision, text)`` tokens of one sample that remain after ``stage``, given ``(vision, text)`` before it."""
+        """``(vision, text)`` tokens of one sample that remain after ``stage``, given ``(vision, text)`` before it;
+        for a method whose counts depend on the data, the expected counts (what ``count_flops``, ``mode=flops`` and
+        ``vtw.budget`` use; a run's realized counts are :attr:`vtw.WithdrawalHandle.last_layer_tokens`)."""
         raise NotImplementedError
 
     def layer_tokens(self, num_layers: int, vision: int, text: int, layout=None) -> list[tuple[int, int]]:
@@ -198,9 +222,12 @@ class Reduction:
         not score; the FLOPs model counts this work exactly."""
         return ()
 
-    def scoring_flops(self, config, layout) -> int:
+    def scoring_flops(self, config, layout, tokens=None) -> int:
         """Matmul FLOPs the method itself spends choosing and merging the tokens of one sample of
-        :class:`vtw.grids.SampleLayout` ``layout`` (the FLOPs model counts them in ``prefill.reduction``)."""
+        :class:`vtw.grids.SampleLayout` ``layout`` (``None`` where the family's tokens form no grids), given
+        ``tokens``: one ``(vision, text)`` pair per decoder layer, what each layer processes (the realized counts
+        of a run, or :meth:`layer_tokens`). The FLOPs model counts them in ``prefill.reduction``, besides the
+        :meth:`scored_inputs` calls."""
         return 0
 
     def budget_candidates(self, num_layers: int) -> list[Reduction]:

@@ -122,7 +122,7 @@ class VisionZip(BeforeDecoder):
             return grid.tokens
         return grid.frames * grid.lead + sum(min(n, self.tokens) for n in sizes) + grid.trail
 
-    def scoring_flops(self, config, layout) -> int:
+    def scoring_flops(self, config, layout, tokens=None) -> int:
         """Per image / frame / crop reduced: :func:`~vtw.methods.attention.class_token_attention_flops` of its
         tower input (``side² + 1`` tokens) and the cosine similarities of its ``n - dominant - contextual`` merged
         patches with the ``contextual`` targets (``head_dim`` each)."""
