@@ -294,6 +294,37 @@ def test_generation_records_flops_per_request(model_dir, task_objs, method, para
         assert r.flops < r.flops_full and r.latency_s > 0 and r.batch_size == 3
 
 
+def test_records_count_what_each_layer_really_processed(model_dir, task_objs, ref_model):
+    """A method whose kept counts depend on the data (SparseVLM: the attention matrix's rank): each record's FLOPs
+    follow the tokens each layer really processed, measured here independently as the KV-cache length of every layer
+    after the sample's prefill alone (text is never dropped, so the rest is vision); ``flops_expected`` follows the
+    method's declared counts."""
+    from vtw import withdraw
+    from vtw.flops import count_flops
+
+    names, tasks = task_objs
+    reqs = tasks[names["gen"]].instances[:3]
+    lm = _model(model_dir, task_objs, batch_size=3, method="sparsevlm", layers="0;1", keep="0.5;0.5")
+    lm.generate_until(reqs)
+    records = sorted(lm.pop_records(), key=lambda r: r.doc_id)
+    assert len(records) == 3
+    differs = 0
+    for r, req in zip(records, reqs):
+        doc = lm.task_dict[names["gen"]]["test"][r.doc_id]
+        n_vision, encoder = _vision_tokens(lm, doc["image"].convert("RGB"))
+        inputs = lm.inputs.encode([lm.inputs.prompt(req.args[0], 1, 0)], [doc["image"].convert("RGB")], [])
+        with withdraw(ref_model, method=lm.method), torch.no_grad():
+            cache = ref_model(**inputs, use_cache=True).past_key_values
+        lengths = [cache.layers[i].keys.shape[-2] for i in range(lm.num_layers)]
+        realized = [(n - r.text_tokens, r.text_tokens) for n in lengths]
+        kw = {"vision_tokens": n_vision, "text_tokens": r.text_tokens, **encoder, "method": lm.method}
+        kw["generated_tokens"] = r.generated_tokens
+        assert r.flops == count_flops(lm.config, **kw, layer_tokens=realized).total
+        assert r.flops_expected == count_flops(lm.config, **kw).total
+        differs += r.flops != r.flops_expected
+    assert differs  # the rank-based counts exceed the declared lower bound on these images
+
+
 @pytest.mark.parametrize("kind", ["gen", "mc"])
 def test_first_timed_call_is_preceded_by_one_untimed_warm_up(model_dir, task_objs, kind):
     """Latency is not charged with one-off start-up costs: the wrapper's first batch runs one extra, untimed forward

@@ -335,7 +335,8 @@ class WithdrawalHandle:
 
     @property
     def label(self) -> str:
-        return self.method.label
+        """The method's label, with ``positions=compact`` where it renumbers positions."""
+        return self.method.label + (" positions=compact" if self.active and self.positions == "compact" else "")
 
     # ------------------------------------------------------------------ public
     def remove(self) -> None:

@@ -137,6 +137,7 @@ class FlopsMeter:
         latency: float,
         batch_size: int,
         first_token: dict | None = None,
+        layer_tokens=None,
     ) -> None:
         """Append the :class:`RequestRecord` of one request (FLOPs under ``method`` and of the full model).
 
@@ -145,10 +146,15 @@ class FlopsMeter:
             generated: generated tokens; logits: prefill positions whose logits were computed.
             latency: seconds of model call per request of the batch; batch_size: requests in that batch.
             first_token: ``first_token_id`` / ``_agree`` / ``_kl`` of a generate request (see RequestRecord).
+            layer_tokens: the realized ``(vision, text)`` tokens of each decoder layer in this request's prefill (its
+                row of :attr:`vtw.WithdrawalHandle.last_layer_tokens`), from which ``flops`` is counted; ``None``:
+                the method's declared counts.
         """
         cfg, enc = self.config, self.encoder_args(cost.work, cost.layout)
         tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
-        report = count_flops(cfg, **tok, **enc, generated_tokens=generated, method=method, prefill_logits=logits)
+        run = {**tok, **enc, "generated_tokens": generated, "method": method, "prefill_logits": logits}
+        expected = count_flops(cfg, **run)
+        report = expected if layer_tokens is None else count_flops(cfg, **run, layer_tokens=layer_tokens)
         flops = report.total
         full = count_flops(cfg, **tok, **enc, generated_tokens=generated, prefill_logits=logits).total
         layer = report.layer if report.layer is not None and report.layer < self.num_layers else None  # K = L: none
@@ -168,6 +174,7 @@ class FlopsMeter:
                 flops_full=float(full),
                 paper_flops=float(paper_flops(cfg, **tok, method=method, vision_layout=cost.layout)),
                 paper_flops_full=float(paper_flops(cfg, **tok)),
+                flops_expected=float(expected.total),
                 **(first_token or {}),
             )
         )

@@ -12,6 +12,7 @@ Model args (``--model_args`` on lmms-eval's CLI, keyword arguments in Python):
 | ``seed`` | | ``random_vision`` / ``random`` seed |
 | ``stride``, ``stride_cols`` | | ``pool`` window rows and columns (``2``: 2x2, 576 -> 144 tokens per LLaVA-1.5 image) |
 | ``dominant``, ``contextual`` | | ``visionzip`` tokens kept per image / frame / crop (``54``, ``10``) |
+| ``positions`` | ``keep`` | ``keep`` (kept tokens keep their positions) or ``compact`` (renumbered contiguously from each stage on; not on M-RoPE families), see :func:`vtw.withdraw` |
 | ``device`` | ``auto`` | ``auto`` (cuda if available), ``cpu``, ``cuda``, ``cuda:N``; data parallel: ``cuda:LOCAL_RANK`` |
 | ``device_map`` | ``None`` | model parallel in one process: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential`` or a dict |
 | ``max_memory`` | ``None`` | with ``device_map``: per-device caps, ``0:20GiB;1:20GiB;cpu:64GiB`` or a dict |
@@ -59,7 +60,7 @@ from lmms_eval.api.model import lmms
 from ..families import get_family, num_decoder_layers
 from ..methods import Reduction, Withdrawal, make_method, method_names, parameter_names, parse_params
 from ..options import SUPPORTED_ATTENTION, parse_device_map, resolve_dtype
-from ..withdraw import validate_layer, withdraw
+from ..withdraw import check_positions, validate_layer, withdraw
 from . import distributed
 from .batching import plan_batches
 from .inputs import InputBuilder, Prepared, read_template
@@ -164,6 +165,7 @@ class VTWModel(lmms):
         pretrained: str,
         layer: int | str | None = None,
         method: str = "vtw",
+        positions: str = "keep",
         device: str = "auto",
         device_map: str | dict | None = None,
         max_memory: str | dict | None = None,
@@ -183,7 +185,7 @@ class VTWModel(lmms):
         method_args = {k: unknown.pop(k) for k in list(unknown) if k in parameter_names()}
         if unknown:
             raise ValueError(
-                f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, the methods' "
+                f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, positions, the methods' "
                 f"parameters ({', '.join(parameter_names())}), device, device_map, max_memory, dtype, batch_size, "
                 "attn_implementation, max_new_tokens, chat_template, max_frames_num, revision, trust_remote_code, "
                 "progress"
@@ -231,8 +233,9 @@ class VTWModel(lmms):
         except OSError as e:
             raise ValueError(f"vtw model: cannot read a model config from pretrained={pretrained!r}: {e}") from e
         family = get_family(config)  # unsupported: ValueError listing the supported families
-        try:  # layers out of range: ValueError, weights not loaded yet
+        try:  # layers out of range, positions the family cannot take: ValueError, weights not loaded yet
             reduction = reduction.resolve(num_decoder_layers(config))
+            self.positions = check_positions(positions, config)
         except ValueError as e:
             raise ValueError(f"vtw model: {e}") from None
 
@@ -331,7 +334,7 @@ class VTWModel(lmms):
         """Switch the reduction method without reloading the model."""
         if self._handle is not None:
             self._handle.remove()
-        self._handle = withdraw(self._model, method=method)
+        self._handle = withdraw(self._model, method=method, positions=self.positions)
 
     def set_layer(self, layer, method: str | None = None) -> None:
         """Switch to VTW (or ``method``; the method in force keeps its other parameters) at ``layer``; ``None``: the
@@ -416,13 +419,14 @@ class VTWModel(lmms):
         return inputs, out, (time.perf_counter() - t0) / len(batch), costs
 
     def _record(
-        self, p: Prepared, kind: str, cost, generated: int, logits: int, latency: float, bs: int, first=None
+        self, p: Prepared, row: int, kind: str, cost, generated: int, logits: int, latency: float, bs: int, first=None
     ) -> None:
         if p.index in self._padding:
             return
+        realized = self._handle.last_layer_tokens if self._handle.active else None  # (B, L, 2) of this batch
         self.meter.record(
             p, kind, cost, method=self.method, generated=generated, logits=logits, latency=latency, batch_size=bs,
-            first_token=first,
+            first_token=first, layer_tokens=None if realized is None else realized[row].tolist(),
         )  # fmt: skip
 
     def _first_token(self, p: Prepared, logprobs: torch.Tensor) -> dict:
@@ -502,7 +506,9 @@ class VTWModel(lmms):
             n_gen = _generated_length(new[b], eos, pad)
             text = self._tokenizer.decode(new[b][:n_gen], skip_special_tokens=True)
             text = _cut_at_stop(text, until)
-            self._record(p, "generate_until", costs[b], n_gen, 1, latency, len(batch), self._first_token(p, first[b]))
+            self._record(
+                p, b, "generate_until", costs[b], n_gen, 1, latency, len(batch), self._first_token(p, first[b])
+            )
             counts = TokenCounts(input_tokens=costs[b].input_tokens, output_tokens=n_gen)
             results.append(GenerationResult(text=text, token_counts=counts))
         return results
@@ -555,7 +561,7 @@ class VTWModel(lmms):
             # token loss). Wrapped in GenerationResult: lmms-eval 0.7.3 turns a bare (float, bool) tuple into a str.
             counts = TokenCounts(input_tokens=costs[b].input_tokens)
             out.append(GenerationResult(text=(nll, greedy), token_counts=counts))
-            self._record(p, "loglikelihood", costs[b], 0, n + 1, latency, len(batch))
+            self._record(p, b, "loglikelihood", costs[b], 0, n + 1, latency, len(batch))
         return out
 
     def generate_until_multi_round(self, requests) -> list[str]:

@@ -28,6 +28,9 @@ class RequestRecord:
         flops: FLOPs of this request under ``layer`` (counted convention: every executed matmul + attention,
             one multiply-add = 2 FLOPs, no padding, see :func:`vtw.flops.count_flops`).
         flops_full: the same request with no withdrawal (``K = L``).
+        flops_expected: the FLOPs the method's declared counts give (:meth:`vtw.methods.Reduction.layer_tokens`);
+            ``flops`` follows the tokens each layer really processed (the handle's realized counts), so the two
+            differ only for methods whose counts depend on the data. ``None``: not recorded (read as ``flops``).
         paper_flops / paper_flops_full: the VTW/FastV paper convention (:func:`vtw.flops.paper_flops`), at
             ``layer`` and at ``K = L``.
         first_token_id: generation: the id the first generated token's distribution ranks first (``None`` for
@@ -53,6 +56,7 @@ class RequestRecord:
     first_token_id: int | None = None
     first_token_agree: bool | None = None
     first_token_kl: float | None = None
+    flops_expected: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,6 +80,7 @@ class SampleCost:
     first_token_id: int | None = None  # of the sample's generate request (see RequestRecord)
     first_token_agree: bool | None = None
     first_token_kl: float | None = None
+    flops_expected: float = 0.0  # see RequestRecord
 
     @property
     def tflops(self) -> float:
@@ -106,6 +111,9 @@ def sum_records(records: Iterable[RequestRecord]) -> dict[tuple[str, int], Sampl
         acc["requests"] += 1
         for name in _SUMMED:
             acc[name] += getattr(r, name)
+        acc["flops_expected"] = acc.get("flops_expected", 0) + (
+            r.flops if r.flops_expected is None else r.flops_expected
+        )
         for name in _FIRST:
             if getattr(r, name) is not None:
                 acc[name] = getattr(r, name)

@@ -152,6 +152,13 @@ class Reduction:
     uses_previous_layer: ClassVar[bool] = False
     #: whether :meth:`select` needs the input of a vision tower layer (``StageContext.vision_layer``)
     uses_vision_layer: ClassVar[bool] = False
+    #: where the method removes tokens: ``"decoder"`` (before decoder layers, :meth:`stages`) or ``"projector"``
+    #: (between the projector and the decoder: each image's and video's projected tokens, one stage at layer 0);
+    #: what it reads to decide is declared by :attr:`uses_previous_layer` / :attr:`uses_vision_layer`
+    acts_in: ClassVar[str] = "decoder"
+    #: whether the tokens a stage keeps depend on the data (SparseVLM's rank-based counts, PruMerge's outliers):
+    #: :meth:`stage_tokens` then gives the expected counts, and a run's realized counts differ from them
+    counts_depend_on_data: ClassVar[bool] = False
 
     def resolve(self, num_layers: int) -> Reduction:
         """This method checked against a decoder of ``num_layers`` layers, with ``L``-dependent defaults filled in.
@@ -166,8 +173,11 @@ class Reduction:
         the model runs untouched. A stage at ``L`` (after the last layer) does nothing."""
         raise NotImplementedError
 
-    #: whether the method acts before the decoder (one stage at layer 0, on each image's and video's token grid)
-    before_decoder: ClassVar[bool] = False
+    @property
+    def before_decoder(self) -> bool:
+        """Whether the method acts before the decoder (:attr:`acts_in` ``"projector"``): one stage at layer 0, on each
+        image's and video's token grid."""
+        return self.acts_in == "projector"
 
     def select(self, ctx: StageContext) -> torch.Tensor | Merge:
         """``(B, T)`` bool: the tokens that go on past ``ctx.layer`` (or a :class:`Merge`: those tokens and their new
@@ -270,7 +280,7 @@ class BeforeDecoder(Reduction):
     (the input embeddings, projected vision features included), so every decoder layer sees the shorter sequence.
     How many tokens a grid keeps is :meth:`grid_tokens`; the FLOPs model needs each sample's layout for it."""
 
-    before_decoder: ClassVar[bool] = True
+    acts_in: ClassVar[str] = "projector"
 
     def grid_tokens(self, grid) -> int:
         """Tokens one :class:`vtw.grids.Grid` has after the method."""

@@ -35,6 +35,7 @@ from ..methods import (
 )
 from ..options import DTYPE_CHOICES, SUPPORTED_ATTENTION, parse_device_map
 from ..search import SearchSettings
+from ..withdraw import POSITIONS, check_positions
 from .resolvers import register_resolvers
 from .schema import Config, LoggerConf, register_schema
 
@@ -117,6 +118,7 @@ class RunSpec:
     progress: bool
     flops: dict = field(default_factory=dict)
     method_params: dict = field(default_factory=dict)  # keep / layers / seed as given (the others: the defaults)
+    positions: str = "keep"  # vtw.positions
     budget: float | None = None
     budget_limit: int = 32
     analyze_limit: int = 32
@@ -461,6 +463,11 @@ def _validate(cfg: DictConfig | dict) -> RunSpec:
     layer = _layer(vtw["layer"], model.num_layers, model.name)
     video = mode == "flops" and bool(data["flops"].get("video_frames"))  # the sample mode=flops plans is a video
     method, params, budget = _method(vtw, layer, model, hf_config, video)
+    positions = _choice(vtw["positions"], POSITIONS, "vtw.positions")
+    try:
+        check_positions(positions, hf_config)
+    except ValueError as e:
+        raise ValueError(f"vtw.positions={positions} with model={model.name}: {e}") from None
     compare = data["compare_baseline"]
     if compare not in COMPARE:
         raise ValueError(f"compare_baseline={compare!r} is not allowed; allowed: auto, true, false")
@@ -485,6 +492,7 @@ def _validate(cfg: DictConfig | dict) -> RunSpec:
         progress=bool(data["progress"]),
         flops=dict(data["flops"]),
         method_params=params,
+        positions=positions,
         budget=budget,
         budget_limit=_int(vtw["budget_limit"], "vtw.budget_limit", 1),
         analyze_limit=_int(data["analyze"]["limit"], "analyze.limit", 1),

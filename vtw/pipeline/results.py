@@ -46,6 +46,8 @@ class VariantResult:
         num_samples: samples evaluated (over all tasks).
         tflops / tflops_full: mean TFLOPs per sample at ``layer`` / at ``K = L`` (counted convention).
         tflops_saved_pct: ``100 * (1 - sum(flops) / sum(flops_full))`` over the samples.
+        tflops_expected: mean TFLOPs per sample from the method's declared counts (``tflops`` counts what each layer
+            really processed: the two differ for methods whose counts depend on the data).
         paper_tflops / paper_tflops_full / paper_tflops_saved_pct: the same in the FastV/VTW paper convention.
         latency_s: mean model-call seconds per sample (batch time shared by its samples; input processing excluded).
         samples_per_s: samples / model-call seconds (data parallel: of the busiest rank, the replicas running side
@@ -85,6 +87,7 @@ class VariantResult:
     first_token_agreement: float | None = None  # generation: first token's top-1 equal to the full model's
     first_token_kl: float | None = None  # generation: mean KL(P_full || P) of the first token (nats; lone runs)
     processes: int = 1  # data-parallel ranks
+    tflops_expected: float | None = None
 
     def row(self) -> dict:
         """This variant's scalar fields as a dict (``label`` under ``variant``), then its ``<task>/<metric>`` values."""
@@ -275,6 +278,7 @@ COLUMNS: tuple[Column, ...] = (
     _col("first_token_kl", CSV, MD, WANDB, SUMMARY, JOB, label="first token KL vs K=L"),
     _col("tflops", *_KEY, SUMMARY, JOB, header="TFLOPs", label="TFLOPs / sample"),
     _col("tflops_full", CSV, SUMMARY),
+    _col("tflops_expected", CSV, MD, WANDB, SUMMARY, label="expected TFLOPs / sample"),
     _col("tflops_saved_pct", *_KEY, SUMMARY, JOB, header="saved", label="saved vs K=L",
          fmt=dict.fromkeys((TABLE, JOB), _fixed("{:.1f}%"))),
     _col("paper_tflops", CSV, MD, WANDB, SUMMARY, JOB, label="paper TFLOPs / sample"),

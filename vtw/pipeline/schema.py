@@ -61,6 +61,7 @@ class SearchConf:
 @dataclass
 class VtwConf:
     layer: Any = II("model.default_layer")  # null | int 0..L | auto
+    positions: str = "keep"  # keep | compact: kept tokens keep their positions, or are renumbered (not on M-RoPE)
     method: str = "vtw"  # vtw | fastv | pdrop | pool | random_vision | random (vtw.methods.METHODS)
     keep: Any = None  # fastv / random_vision: share of vision tokens kept; pdrop: one share per stage
     layers: Any = None  # pdrop: stage layers (null: the paper's 8, 16, 24 of 32 scaled to L)
@@ -69,6 +70,8 @@ class VtwConf:
     stride_cols: int | None = None  # pool: window columns (null: = stride; stride=1 stride_cols=2 keeps half)
     dominant: int | None = None  # visionzip: dominant tokens per image / frame / crop (54 of LLaVA-1.5's 54+10)
     contextual: int | None = None  # visionzip: contextual (merged) tokens per image / frame / crop
+    recycle: float | None = None  # sparsevlm: share of each stage's pruned tokens recycled into aggregates
+    clusters: float | None = None  # sparsevlm: aggregates per recycled token
     budget: float | None = None  # matched compute: the method's free parameter set for F x the full TFLOPs
     budget_limit: int = 32  # prompts per task the budget is matched on
     search: SearchConf = field(default_factory=SearchConf)
