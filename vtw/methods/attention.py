@@ -22,14 +22,15 @@ from torch import nn
 def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, queries: slice | torch.Tensor):
     """``(q (B, H, Tq, hd), k (B, H, T, hd))`` of ``layer`` on ``hidden`` ``(B, T, D)``, rotary applied with the layer's
     own function, key/value heads repeated to the query heads (GQA); ``queries`` selects the query positions: a slice
-    of ``T``, or a ``(B,)`` long tensor, one position per sample (``Tq = 1``)."""
+    of ``T``, a ``(B,)`` long tensor, one position per sample (``Tq = 1``), or ``(B, Tq)`` positions per sample."""
     attn = layer.self_attn
     batch, length, _ = hidden.shape
     normed = layer.input_layernorm(hidden)
     head_dim = attn.head_dim
     cos, sin = position_embeddings
     if isinstance(queries, torch.Tensor):
-        qn, q_cos, q_sin = (_row(t, queries) for t in (normed, cos, sin))
+        rows = queries if queries.dim() == 2 else queries[:, None]
+        qn, q_cos, q_sin = (gather_rows(t, rows) for t in (normed, cos, sin))
     else:
         qn, q_cos, q_sin = normed[:, queries], cos[..., queries, :], sin[..., queries, :]
     q = attn.q_proj(qn).view(batch, qn.shape[1], -1, head_dim).transpose(1, 2)
@@ -40,11 +41,11 @@ def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tupl
     return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
 
 
-def _row(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """Row ``index[b]`` of sample ``b`` of ``t`` ``(..., B or 1, T, D)``: ``(..., B, 1, D)``."""
-    lead, batch = t.shape[:-3], index.shape[0]
+def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows ``index[b]`` ``(B, N)`` of sample ``b`` of ``t`` ``(..., B or 1, T, D)``: ``(..., B, N, D)``."""
+    lead, (batch, count) = t.shape[:-3], index.shape
     t = t.expand(*lead, batch, *t.shape[-2:])
-    idx = index.to(t.device).view(*([1] * len(lead)), batch, 1, 1).expand(*lead, batch, 1, t.shape[-1])
+    idx = index.to(t.device).view(*([1] * len(lead)), batch, count, 1).expand(*lead, batch, count, t.shape[-1])
     return t.gather(-2, idx)
 
 
@@ -81,6 +82,21 @@ def last_token_attention(
     scores = scores.masked_fill(~allowed[:, None, None, :], torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
     return probs.mean(1)[:, 0]
+
+
+def rows_attention(
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, attention_mask: torch.Tensor, rows
+) -> torch.Tensor:
+    """Softmax attention probabilities of the queries at columns ``rows`` ``(B, N)`` over every key, mean over heads:
+    ``(B, N, T)`` float32 (causal: keys after a row's column and padding get 0; the numbers the layer's eager
+    attention weights hold). Queries are projected for the ``N`` rows only, keys for all ``T`` tokens; arguments
+    otherwise as :func:`last_token_attention`."""
+    q, k = _query_key(layer, hidden, position_embeddings, rows)
+    scores = torch.matmul(q, k.transpose(2, 3)) * layer.self_attn.scaling  # (B, H, N, T)
+    keys = torch.arange(hidden.shape[1], device=hidden.device)
+    allowed = (keys[None, None, :] <= rows.to(hidden.device)[:, :, None]) & attention_mask.bool()[:, None, :]
+    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).mean(1)
 
 
 def attention_probs(

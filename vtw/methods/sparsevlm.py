@@ -4,13 +4,12 @@ raters' attention; part of what is pruned is recycled into a few aggregated toke
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
-from torch import nn
 
+from .attention import gather_rows, rows_attention
 from .base import Extra, Merge, Reduction, StageContext
 from .ranking import check_keep, keep_top_vision
 
@@ -203,7 +202,7 @@ class SparseVLM(Reduction):
         text_cols, text_valid = _columns(text)
         vis_cols, vis_valid = _columns(ctx.vision & ctx.attention_mask.bool())
         relevance = _relevance(prev.hidden, vis_cols, vis_valid & vision.gather(1, vis_cols), text_cols)
-        probs = text_attention(prev.module, prev.hidden, prev.position_embeddings, ctx.attention_mask, text_cols)
+        probs = rows_attention(prev.module, prev.hidden, prev.position_embeddings, ctx.attention_mask, text_cols)
         cand_rows = candidates.gather(1, text_cols) & text_valid
         scores = torch.zeros(ctx.vision.shape, dtype=torch.float32, device=ctx.vision.device)
         counts, groups = [], []
@@ -265,18 +264,10 @@ def _columns(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, order, 0), valid
 
 
-def _gather(t: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Rows ``cols`` ``(B, N)`` of ``t`` ``(..., B or 1, T, D)``: ``(..., B, N, D)``."""
-    lead, batch = t.shape[:-3], cols.shape[0]
-    t = t.expand(*lead, batch, *t.shape[-2:])
-    idx = cols.to(t.device).view(*([1] * len(lead)), batch, cols.shape[1], 1).expand(*lead, *cols.shape, t.shape[-1])
-    return t.gather(-2, idx)
-
-
 def _relevance(hidden: torch.Tensor, vis_cols, vis_valid, text_cols) -> torch.Tensor:
     """``(B, N_text)`` float32: ``h_v · h_t`` of every vision and text token (``hidden`` ``(B, T, D)``), as the
     rater selection's one matmul; :func:`_raters` normalises over the candidates."""
-    dots = torch.matmul(_gather(hidden, vis_cols).float(), _gather(hidden, text_cols).float().transpose(1, 2))
+    dots = torch.matmul(gather_rows(hidden, vis_cols).float(), gather_rows(hidden, text_cols).float().transpose(1, 2))
     return torch.where(vis_valid[:, :, None], dots, torch.nan)  # (B, N_vis, N_text), NaN at rows not counted
 
 
@@ -290,30 +281,6 @@ def _raters(dots: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor | None
     relevance = torch.softmax(dots[rows][:, cand], dim=1).mean(0)  # (n_candidates,)
     above = relevance > relevance.mean()
     return cand[above] if bool(above.any()) else cand
-
-
-def text_attention(
-    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, attention_mask: torch.Tensor, rows
-) -> torch.Tensor:
-    """Softmax attention probabilities of the queries at columns ``rows`` ``(B, N)`` over every key, mean over heads:
-    ``(B, N, T)`` float32 (causal: keys after a row's column and padding get 0), recomputed from ``layer``'s own
-    input norm, q/k projections, rotary function and scaling on ``hidden`` ``(B, T, D)`` (the numbers its eager
-    attention weights hold). Queries are projected for the ``N`` rows only, keys for all ``T`` tokens."""
-    attn = layer.self_attn
-    batch, length, _ = hidden.shape
-    normed = layer.input_layernorm(hidden)
-    cos, sin = position_embeddings
-    q = attn.q_proj(_gather(normed, rows)).view(batch, rows.shape[1], -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(batch, length, -1, attn.head_dim).transpose(1, 2)
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
-    q, _ = rotary(q, q, _gather(cos, rows), _gather(sin, rows))
-    _, k = rotary(k, k, cos, sin)
-    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    scores = torch.matmul(q, k.transpose(2, 3)) * attn.scaling  # (B, H, N, T)
-    keys = torch.arange(length, device=hidden.device)
-    allowed = (keys[None, None, :] <= rows.to(hidden.device)[:, :, None]) & attention_mask.bool()[:, None, :]
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1, dtype=torch.float32).mean(1)
 
 
 def cluster_mean(x: torch.Tensor, count: int) -> torch.Tensor:
