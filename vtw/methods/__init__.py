@@ -86,7 +86,7 @@ def parse_params(name: str, raw: dict) -> dict:
                 items = value.replace(",", ";").split(";") if isinstance(value, str) else value
                 items = items if isinstance(items, (list, tuple)) else [items]
                 out[key] = tuple(_convert(item, v) for v in items if str(v).strip())
-            elif kind in (int, float):
+            elif kind in (int, float, bool):
                 out[key] = _convert(kind, value)
             else:
                 out[key] = value
@@ -96,6 +96,11 @@ def parse_params(name: str, raw: dict) -> dict:
 
 
 def _convert(kind, value):
+    if kind is bool and isinstance(value, str):
+        text = value.strip().lower()
+        if text not in ("true", "false"):
+            raise ValueError(value)
+        return text == "true"
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if kind is int and isinstance(value, str):
@@ -112,7 +117,7 @@ def _kind_text(kind) -> str:
 
     if typing.get_origin(kind) is tuple:
         return f"a ';'-separated list of {_kind_text(typing.get_args(kind)[0]).split()[-1]}s"
-    return {int: "an integer", float: "a number"}.get(kind, getattr(kind, "__name__", str(kind)))
+    return {int: "an integer", float: "a number", bool: "true or false"}.get(kind, getattr(kind, "__name__", str(kind)))
 
 
 def _method_class(name) -> type[Reduction]:

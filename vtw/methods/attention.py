@@ -124,7 +124,9 @@ def last_token_attention_flops(hidden_size: int, heads: int, kv_heads: int, head
     )
 
 
-def class_token_attention(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def class_token_attention(
+    layer: nn.Module, hidden: torch.Tensor, mean_keys: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The class token's attention and every token's keys in one layer of a CLIP vision tower, recomputed from the
     layer's own ``layer_norm1``, ``q_proj``, ``k_proj`` and scale on the hidden states it received (the tower keeps
     its SDPA; VisionZip's reference patches the attention to return them instead).
@@ -133,18 +135,22 @@ def class_token_attention(layer: nn.Module, hidden: torch.Tensor) -> tuple[torch
         layer: a CLIP encoder layer (``layer_norm1``; ``self_attn`` with ``q_proj``, ``k_proj``, ``num_heads``,
             ``head_dim``, ``scale``); hidden: ``(N, S, D)`` its input, token 0 the class token (no padding: every
             tower input is a full image).
+        mean_keys: return the keys averaged over heads (VisionZip), else the ``k_proj`` output, every head
+            (PruMerge).
 
     Returns:
-        ``(attention (N, S) float32, keys (N, S, head_dim))``: the class token's softmax attention over the ``S``
-        tokens, mean over heads (the eager attention weights ``[:, :, 0, :].mean(1)``), and the keys, mean over heads.
+        ``(attention (N, S) float32, keys)``: the class token's softmax attention over the ``S`` tokens, mean over
+        heads (the eager attention weights ``[:, :, 0, :].mean(1)``), and the keys: ``(N, S, head_dim)`` mean over
+        heads, or ``(N, S, D)``.
     """
     attn = layer.self_attn
     count, length, _ = hidden.shape
     normed = layer.layer_norm1(hidden)
     q = attn.q_proj(normed[:, :1]).view(count, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(count, length, attn.num_heads, attn.head_dim).transpose(1, 2)  # (N, H, S, hd)
+    keys = attn.k_proj(normed)  # (N, S, D)
+    k = keys.view(count, length, attn.num_heads, attn.head_dim).transpose(1, 2)  # (N, H, S, hd)
     probs = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scale, dim=-1, dtype=torch.float32)
-    return probs.mean(1)[:, 0], k.mean(1)
+    return probs.mean(1)[:, 0], (k.mean(1) if mean_keys else keys)
 
 
 def class_token_attention_flops(hidden_size: int, tokens: int) -> int:

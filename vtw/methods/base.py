@@ -286,6 +286,22 @@ class BeforeDecoder(Reduction):
         """Tokens one :class:`vtw.grids.Grid` has after the method."""
         raise NotImplementedError
 
+    def placed_grids(self, ctx: StageContext) -> tuple[list, list]:
+        """``(layouts, placed)`` of a stage's prompt: each sample's :class:`vtw.grids.SampleLayout` and its grids placed
+        in the sequence (:func:`vtw.grids.grid_positions`), read from ``ctx.inputs``; videos are checked against the
+        method's :meth:`check_supported` (a family whose video frames it cannot act on raises here)."""
+        from ..grids import grid_positions, input_layouts
+
+        inputs = ctx.inputs or {}
+        input_ids = inputs.get("input_ids")
+        if input_ids is None:
+            raise ValueError(f"{self.label} finds each image's grid from input_ids; the forward was given none")
+        config = ctx.model.config
+        layouts = input_layouts(config, input_ids, inputs)
+        if any(layout.videos for layout in layouts):
+            self.check_supported(config, video=True)
+        return layouts, grid_positions(config, input_ids, layouts)
+
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         raise ValueError(f"{self.label}: the tokens left depend on each image's grid; give the sample's layout")
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from ..grids import grid_positions, input_layouts
 from .base import BeforeDecoder, StageContext
 from .ranking import KEEP_GRID, check_keep, kept_count
 
@@ -77,12 +76,7 @@ class DivPrune(BeforeDecoder):
         return sum(g.frames * 2 * (g.rows * g.cols) ** 2 * hidden for g in grids)
 
     def select(self, ctx: StageContext) -> torch.Tensor:
-        inputs = ctx.inputs or {}
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            raise ValueError(f"{self.label} finds each image's grid from input_ids; the forward was given none")
-        config = ctx.model.config
-        placed = grid_positions(config, input_ids, input_layouts(config, input_ids, inputs))
+        _, placed = self.placed_grids(ctx)
         keep = torch.ones_like(ctx.vision)  # text, class tokens, trailing newlines; cells and row newlines below
         for b, grids in enumerate(placed):
             for p in grids:

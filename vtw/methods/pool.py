@@ -7,7 +7,6 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..grids import grid_positions, input_layouts
 from .base import BeforeDecoder, Merge, StageContext, check_int
 
 #: the windows (rows, cols) the matched-compute search tries (``vtw.budget``), least compute first: squares and
@@ -61,12 +60,7 @@ class Pool(BeforeDecoder):
         return [replace(self, stride=r, stride_cols=None if r == c else c) for r, c in WINDOWS]
 
     def select(self, ctx: StageContext) -> Merge:
-        inputs = ctx.inputs or {}
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            raise ValueError(f"{self.label} finds each image's grid from input_ids; the forward was given none")
-        config = ctx.model.config
-        placed = grid_positions(config, input_ids, input_layouts(config, input_ids, inputs))
+        _, placed = self.placed_grids(ctx)
         sr, sc = self.window
         keep = torch.ones_like(ctx.vision)  # text, class tokens, trailing newlines; cells and row newlines below
         hidden = ctx.hidden.clone()

@@ -4,14 +4,14 @@ contextual tokens that merge the rest by key similarity, before the decoder."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..families import get_family
-from ..grids import grid_positions, has_class_token, input_layouts
 from .attention import class_token_attention, class_token_attention_flops
-from .base import BeforeDecoder, Merge, StageContext, check_int
+from .base import Merge, StageContext, check_int
+from .towers import ClassTokenTower, tower_units
 
 #: tokens per image (per frame) the matched-compute search tries (``vtw.budget``), least compute first: up to 576,
 #: CLIP-L/336's 24 x 24 patches (the largest grid of the supported towers)
@@ -21,7 +21,7 @@ CONTEXTUAL_SHARE = 10 / 64
 
 
 @dataclass(frozen=True)
-class VisionZip(BeforeDecoder):
+class VisionZip(ClassTokenTower):
     """Keep ``dominant + contextual`` tokens of each image and each video frame (of ``n`` patches; nothing changes
     where ``n <= dominant + contextual``), chosen in the vision tower's feature layer: the layer whose output
     ``vision_feature_layer`` selects (CLIP layer -2 for LLaVA-1.5).
@@ -50,7 +50,6 @@ class VisionZip(BeforeDecoder):
 
     name = "visionzip"
     free_parameter = "dominant"
-    uses_vision_layer = True
     dominant: int = 54
     contextual: int = 10
 
@@ -84,31 +83,10 @@ class VisionZip(BeforeDecoder):
         return out
 
     # ------------------------------------------------------------------ the model
-    def check_supported(self, config, *, video: bool = False) -> None:
-        """Towers with a class token only (CLIP; not SigLIP, not the Qwen ViTs), and no pooled video frames."""
-        spec = get_family(config)
-        if not has_class_token(config):
-            kind = getattr(config.vision_config, "model_type", "?")
-            raise ValueError(
-                f"visionzip cannot act on {spec.display}: it ranks patches by the vision tower's class-token (CLS) "
-                f"attention, and {spec.display}'s tower ({kind}) has no class token; visionzip supports the CLIP "
-                "towers of LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video (images) and Video-LLaVA"
-            )
-        if video and spec.video == "pooled":
-            raise ValueError(
-                f"visionzip on {spec.display}: its video frames are pooled before the projector, so their tokens "
-                "are no tower patches with a class-token attention of their own; give it images only"
-            )
+    reads: ClassVar[str] = "ranks patches by"
 
-    def vision_layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        config, spec = model.config, get_family(model)
-        self.check_supported(config)
-        towers = {"image": spec.module(model, "vision_tower")}
-        if spec.video_tower is not None:
-            towers["video"] = spec.module(model, "video_tower")
-        return {
-            kind: _feature_layer(tower, config.vision_feature_layer, spec.display) for kind, tower in towers.items()
-        }
+    def tower_layer(self, tower: nn.Module, feature_layer, display: str) -> nn.Module:
+        return _feature_layer(tower, feature_layer, display)
 
     def acts_on(self, model: nn.Module) -> bool:
         """False where every image / frame / crop keeps all its patches (``side² <= dominant + contextual``)."""
@@ -117,7 +95,7 @@ class VisionZip(BeforeDecoder):
         return (int(vc.image_size) // int(vc.patch_size)) ** 2 > self.tokens
 
     def grid_tokens(self, grid) -> int:
-        sizes = [len(cells) for cells, _ in _units(grid)]
+        sizes = [len(cells) for cells, _ in tower_units(grid)]
         if all(n <= self.tokens for n in sizes):
             return grid.tokens
         return grid.frames * grid.lead + sum(min(n, self.tokens) for n in sizes) + grid.trail
@@ -131,7 +109,7 @@ class VisionZip(BeforeDecoder):
         length = (int(vc.image_size) // int(vc.patch_size)) ** 2 + 1
         total = 0
         for grid in layout.grids:
-            for cells, _ in _units(grid):
+            for cells, _ in tower_units(grid):
                 if len(cells) > self.tokens:
                     cosine = 2 * (len(cells) - self.tokens) * self.contextual * (hidden // heads)
                     total += class_token_attention_flops(hidden, length) + cosine
@@ -139,15 +117,7 @@ class VisionZip(BeforeDecoder):
 
     # ------------------------------------------------------------------ the choice
     def select(self, ctx: StageContext) -> Merge:
-        inputs = ctx.inputs or {}
-        input_ids = inputs.get("input_ids")
-        if input_ids is None:
-            raise ValueError(f"{self.label} finds each image's grid from input_ids; the forward was given none")
-        config = ctx.model.config
-        layouts = input_layouts(config, input_ids, inputs)
-        if any(layout.videos for layout in layouts):
-            self.check_supported(config, video=True)
-        placed = grid_positions(config, input_ids, layouts)
+        layouts, placed = self.placed_grids(ctx)
         keep = torch.ones_like(ctx.vision)
         hidden = ctx.hidden.clone()
         # every tower input of the prompt, in batch order (an image, a crop, a video frame): kind -> [(sample, cells,
@@ -157,14 +127,14 @@ class VisionZip(BeforeDecoder):
             for i, p in enumerate(grids):
                 kind = "image" if i < len(layout.images) else "video"
                 cells = p.cells.flatten().to(hidden.device)
-                parts = _units(p.grid)
+                parts = tower_units(p.grid)
                 units[kind].extend((b, cells[local], patch) for local, patch in parts)
                 if p.newlines is not None and any(len(local) > self.tokens for local, _ in parts):
                     keep[b, p.newlines.flatten().to(hidden.device)] = False  # as the reference: no newlines left
         for kind, found in units.items():
             if not found:
                 continue
-            layer, inputs_seen = self._tower_inputs(ctx, kind, len(found))
+            layer, inputs_seen = self.tower_inputs(ctx, kind, len(found))
             reduced = [j for j, (_, cells, _) in enumerate(found) if len(cells) > self.tokens]
             if not reduced:
                 continue
@@ -174,17 +144,6 @@ class VisionZip(BeforeDecoder):
                 patch = 1 + patch.to(hidden.device)  # tower token 0 is the class token
                 self._zip(cells, attention[row, patch], keys[row, patch], ctx.hidden[b], hidden[b], keep[b])
         return Merge(keep, hidden)
-
-    def _tower_inputs(self, ctx: StageContext, kind: str, count: int) -> tuple[nn.Module, torch.Tensor]:
-        """The feature layer of the tower that encoded ``kind`` and its last ``count`` inputs ``(count, S, D)``."""
-        seen = (ctx.vision_layer or {}).get(kind)
-        if seen is None or seen[1].shape[0] < count:
-            raise RuntimeError(
-                f"{self.label}: the prompt has {count} {kind} encoder inputs but the vision tower encoded "
-                f"{0 if seen is None else seen[1].shape[0]} since the last forward (give pixel inputs, not features)"
-            )
-        layer, hidden = seen
-        return layer, hidden[hidden.shape[0] - count :]
 
     def _zip(self, cells, attention, keys, values, out, keep) -> None:
         """One tower input: ``cells`` ``(n,)`` sequence positions of its patches in grid order; ``attention``
@@ -213,26 +172,6 @@ class VisionZip(BeforeDecoder):
         counts = torch.bincount(group, minlength=targets.numel()).to(sums)
         out[cells[targets]] = (sums / counts[:, None]).to(out.dtype)
         keep[cells[targets]] = True
-
-
-def _units(grid) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The tower inputs behind a :class:`~vtw.grids.Grid`'s cells, in encoding order: one per frame, or one per
-    crop of an anyres crop grid (``grid.tiling``; a crop whose patches were all padding has no cells but was
-    encoded). Each is ``(cells (n,), patches (n,))``: the cells' indices in ``grid.cell_index().flatten()`` and
-    their patch index in that tower input (row-major over its ``side x side`` patches)."""
-    n = grid.rows * grid.cols
-    if grid.tiling is None:
-        return [(torch.arange(f * n, (f + 1) * n), torch.arange(n)) for f in range(grid.frames)]
-    crop_rows, crop_cols, side = grid.tiling
-    r = torch.arange(grid.rows) + (crop_rows * side - grid.rows) // 2  # rows / cols in the padded crop grid
-    c = torch.arange(grid.cols) + (crop_cols * side - grid.cols) // 2
-    crop = ((r // side)[:, None] * crop_cols + (c // side)[None, :]).flatten()
-    patch = ((r % side)[:, None] * side + (c % side)[None, :]).flatten()
-    out = []
-    for k in range(crop_rows * crop_cols):
-        local = torch.nonzero(crop == k).flatten()
-        out.append((local, patch[local]))
-    return out
 
 
 def _feature_layer(tower: nn.Module, feature_layer, display: str) -> nn.Module:

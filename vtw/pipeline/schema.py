@@ -72,6 +72,8 @@ class VtwConf:
     contextual: int | None = None  # visionzip: contextual (merged) tokens per image / frame / crop
     recycle: float | None = None  # sparsevlm: share of each stage's pruned tokens recycled into aggregates
     clusters: float | None = None  # sparsevlm: aggregates per recycled token
+    plus: bool | None = None  # prumerge: PruMerge+ (adds spatially uniform samples)
+    neighbours: int | None = None  # prumerge: nearest patches each kept one absorbs (32)
     budget: float | None = None  # matched compute: the method's free parameter set for F x the full TFLOPs
     budget_limit: int = 32  # prompts per task the budget is matched on
     search: SearchConf = field(default_factory=SearchConf)
