@@ -109,6 +109,31 @@ def test_pareto_frontier_by_hand():
     assert pareto_frontier([]) == []
 
 
+def test_pareto_point_labels_do_not_overlap():
+    """Twelve labels on four nearly coincident points: every label the plot keeps opaque has a box that overlaps no
+    other label's box and stays inside the axes (boxes measured by matplotlib's renderer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vtw.pipeline.pareto import _place_labels
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 1)
+    pts = [(50 + (i % 4) * 0.1, 0.5 + (i % 4) * 0.002, f"keep={i / 10:.2f} K=2", "k") for i in range(12)]
+    _place_labels(fig, ax, pts)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_alpha() is None]
+    frame = ax.get_window_extent(renderer)
+    assert len(ax.texts) == 12 and len(boxes) >= 10
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        assert not any(a.overlaps(b) for b in boxes[i + 1 :])
+    plt.close(fig)
+
+
 def _variant(label, layer, acc, tflops, full) -> VariantResult:
     return VariantResult(
         label=label, layer=layer, method="vtw", metrics={"t/acc": acc}, accuracy=acc, num_samples=10,
