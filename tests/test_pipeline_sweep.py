@@ -110,8 +110,8 @@ def test_pareto_frontier_by_hand():
 
 
 def test_pareto_point_labels_do_not_overlap():
-    """Twelve labels on four nearly coincident points: every label the plot keeps opaque has a box that overlaps no
-    other label's box and stays inside the axes (boxes measured by matplotlib's renderer)."""
+    """Twelve labels on four nearly coincident points: most are placed, and every label placed has a box that overlaps
+    no other label's box and stays inside the axes (boxes measured by matplotlib's renderer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,9 +125,9 @@ def test_pareto_point_labels_do_not_overlap():
     pts = [(50 + (i % 4) * 0.1, 0.5 + (i % 4) * 0.002, f"keep={i / 10:.2f} K=2", "k") for i in range(12)]
     _place_labels(fig, ax, pts)
     renderer = fig.canvas.get_renderer()
-    boxes = [t.get_window_extent(renderer) for t in ax.texts if t.get_alpha() is None]
+    boxes = [t.get_window_extent(renderer) for t in ax.texts]
     frame = ax.get_window_extent(renderer)
-    assert len(ax.texts) == 12 and len(boxes) >= 10
+    assert 10 <= len(boxes) <= 12
     for i, a in enumerate(boxes):
         assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
         assert not any(a.overlaps(b) for b in boxes[i + 1 :])

@@ -32,9 +32,10 @@ def plot_pareto(rows, path: str | Path) -> Path:
 
     x: each point's TFLOPs as a percentage of the full model's on the same samples (``tflops / tflops_full``), so
     models and datasets share one axis and 100 % is the baseline. One series per (model, dataset, method); each point
-    is labelled with the method's setting (``K=3``, ``keep=0.25``, ...), placed where it overlaps no other label;
-    the baseline (a row without reduction, whichever method's job evaluated it) is a star per (model, dataset); each
-    series' frontier is a dashed step line; the legend sits outside the axes.
+    is labelled with its budget (``F=0.5``, matched-compute sweeps) or the method's setting (``K=3``, ``keep=0.25``,
+    ...), placed where it overlaps no other label (a label that fits nowhere is left out: the summary table has
+    every setting); the baseline (a row without reduction, whichever method's job evaluated it) is a star per
+    (model, dataset); each series' frontier is a dashed line; the legend sits outside the axes.
     """
     import matplotlib
 
@@ -62,8 +63,8 @@ def plot_pareto(rows, path: str | Path) -> Path:
         ax.plot([share(r) for r in rs], [r["accuracy"] for r in rs], marker, color=c, zorder=3,
                 label=f"{method} ({model} / {dataset})" if several else method)  # fmt: skip
         if len(front) > 1:
-            ax.step([share(r) for r in front], [r["accuracy"] for r in front], where="post", color=c,
-                    linestyle="--", alpha=0.7, zorder=2)  # fmt: skip
+            ax.plot([share(r) for r in front], [r["accuracy"] for r in front], color=c, linestyle="--", alpha=0.7,
+                    zorder=2)  # fmt: skip
         labels += [(share(r), r["accuracy"], _point_label(r), c) for r in rs]
     for (model, dataset), bs in bases.items():
         ax.scatter([share(r) for r in bs[:1]], [r["accuracy"] for r in bs[:1]], color="gold", marker="*", s=260,
@@ -94,8 +95,8 @@ _OFFSETS = ((5, 4), (5, -11), (-5, 4), (-5, -11), (6, 13), (6, -20), (-6, 13), (
 
 
 def _place_labels(fig, ax, labels) -> None:
-    """Annotate each ``(x, y, text, color)``: at the first offset of :data:`_OFFSETS` whose box overlaps no label
-    already placed (nor leaves the axes); where none does, at the first offset, faded."""
+    """Annotate each ``(x, y, text, color)`` at the first offset of :data:`_OFFSETS` whose box overlaps no label
+    already placed (nor leaves the axes); where none does, not at all."""
     renderer = fig.canvas.get_renderer()
     frame = ax.get_window_extent(renderer)
     placed = []
@@ -109,9 +110,6 @@ def _place_labels(fig, ax, labels) -> None:
                 placed.append(box)
                 break
             note.remove()
-        else:
-            dx, dy = _OFFSETS[0]
-            ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7, color=color, alpha=0.5)
 
 
 def _is_baseline(row: dict) -> bool:
@@ -119,8 +117,12 @@ def _is_baseline(row: dict) -> bool:
 
 
 def _point_label(row: dict) -> str:
-    """The method's setting: ``K=3`` for a layer, else its label without the method name (``K=2 keep=0.25``)."""
+    """``F=0.5`` for a point of a matched-compute sweep; else the method's setting: ``K=3`` for a layer, or its label
+    without the method name (``K=2 keep=0.25``), cut at 24 characters."""
+    if row.get("budget") not in (None, ""):
+        return f"F={float(row['budget']):g}"
     label = row.get("method_label") or ""
     name = row.get("method") or ""
     text = label[len(name) :].strip() if label.startswith(name) else label
-    return text or f"K={row.get('layer')}"
+    text = text or f"K={row.get('layer')}"
+    return text if len(text) <= 24 else text[:23] + "…"
