@@ -7,9 +7,15 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# One intra-op thread: the tests run tiny models, where a second thread only adds synchronisation, and on a 2-core
+# machine shared with other processes torch's spinning threads made files 10-20x slower (tests/test_peer_methods.py:
+# 135 s with torch's default 2 threads under load, 6 s with one).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,10 @@
 """The method layer: the registry, method objects, and the shared mechanism with several stages.
 
 The multi-stage mechanism is checked with a two-stage method written here (stage 1 keeps the vision tokens at even
-input positions, stage 2 the first two vision tokens left), against an independent reference written here too:
-decoder layers called by hand without a cache, the test's own keep rule applied at each stage, and a full
-recomputation at every decode step.
+input positions, stage 2 the first two vision tokens left; not in the registry, so not in the conformance suite): each
+stage keeps what the test's own rule keeps, the method sees what the rule says, and cached generation on that choice
+== the shared naive reference (tests/reference.py: decoder layers by hand without a cache, recomputed at every step).
+Batch == alone and the KV caches of registered multi-stage methods are the conformance suite's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from test_withdraw import _causal, _extend, _lm_inputs, _model, _prompt, _rotary
+from reference import naive_generate, stage_choices
+from test_withdraw import _model, _prompt, _vision
 from tiny_models import Sample, make_batch, make_singles
 
 import vtw
@@ -58,81 +60,30 @@ def _reference_keep(vision_row: torch.Tensor, alive: torch.Tensor, stage: int) -
     return alive[stays]
 
 
-def _naive_logits(model, embeds, pos, vision) -> torch.Tensor:
-    """Layers by hand, no cache, tokens dropped at the stages by the test's rule; logits of the surviving positions."""
-    lm = vtw.language_model(model)
-    h = embeds
-    cos, sin, mpos = _rotary(lm, h, pos)
-    alive = torch.arange(h.shape[1])
-    for i, layer in enumerate(lm.layers):
-        if i in STAGES:
-            new = _reference_keep(vision[0], alive, STAGES.index(i))
-            local = torch.searchsorted(alive, new)
-            h, cos, sin, mpos = h[:, local], cos[..., local, :], sin[..., local, :], mpos[..., local]
-            alive = new
-        h = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=(cos, sin), position_ids=mpos,
-                  past_key_values=None, use_cache=False)  # fmt: skip
-    return model.lm_head(lm.norm(h))[0]
-
-
-def _naive_generate(model, inputs, steps):
-    tokens, logits, cur = [], [], inputs
-    with torch.no_grad():
-        for _ in range(steps):
-            embeds, pos = _lm_inputs(model, cur)
-            out = _naive_logits(model, embeds, pos, vtw.vision_token_mask(model, cur["input_ids"]))[-1]
-            tokens.append(int(out.argmax()))
-            logits.append(out)
-            cur = _extend(cur, tokens[-1])
-    return tokens, torch.stack(logits)
-
-
-def _generate(model, inputs, method, steps=4):
-    with torch.no_grad(), withdraw(model, method=method):
-        out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)  # fmt: skip
-    return out.sequences[:, inputs["input_ids"].shape[1] :], torch.stack(out.logits, dim=1)
-
-
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "llava_onevision"])
 def test_two_stages_with_cache_match_naive_reference(family, attn):
     model = _model(family, attn)
     (inputs,) = make_singles(model, _prompt(family))
-    assert vtw.vision_token_mask(model, inputs["input_ids"]).sum() > 4
-    ref_tokens, ref_logits = _naive_generate(model, inputs, 4)
+    vision = _vision(model, inputs["input_ids"])[0]
+    assert vision.sum() > 4
     method = EvenThenFirstTwo()
-    tokens, logits = _generate(model, inputs, method)
-    assert tokens[0].tolist() == ref_tokens
-    torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0)
-    # one prefill: the method saw every input position at stage 0, the survivors (input positions) at stage 1
-    vision = vtw.vision_token_mask(model, inputs["input_ids"])[0]
-    assert [stage for stage, _, _ in method.seen] == [0, 1]
+    with torch.no_grad(), withdraw(model, method=method) as handle:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)  # fmt: skip
+    # each stage keeps what the test's rule keeps; the method saw every input position at stage 0, the survivors
+    # (input positions) at stage 1
     everything = torch.arange(vision.numel())
     survivors = _reference_keep(vision, everything, 0)
+    assert [r.layer for r in handle.last_stages] == list(STAGES)
+    for record, expected in zip(handle.last_stages, (survivors, _reference_keep(vision, survivors, 1))):
+        assert torch.equal(record.keep_index[0], expected) and not record.extra.any()
+    assert [stage for stage, _, _ in method.seen] == [0, 1]
     for (_, positions, seen_vision), expected in zip(method.seen, (everything, survivors)):
         assert torch.equal(positions[0], expected) and torch.equal(seen_vision[0], vision[expected])
-
-
-@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl"])
-def test_two_stages_batch_equals_each_sample_alone_and_cache_lengths(family):
-    model = _model(family, "sdpa")
-    samples = [Sample(images=1, prefix=3, suffix=6), Sample(prefix=9, suffix=4), Sample(images=1, prefix=1, suffix=2)]
-    batch = make_batch(model, samples)
-    assert (batch["attention_mask"] == 0).any()
-    method = EvenThenFirstTwo()
-    tokens, logits = _generate(model, batch, method)
-    for i, single in enumerate(make_singles(model, samples)):
-        t, lg = _generate(model, single, method)
-        assert tokens[i].tolist() == t[0].tolist(), f"sample {i}"
-        torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)
-        # every layer's KV cache holds what layer_tokens says that layer sees
-        v = int(vtw.vision_token_mask(model, single["input_ids"]).sum())
-        n = single["input_ids"].shape[1]
-        with torch.no_grad(), withdraw(model, method=method):
-            cache = model(**single, use_cache=True).past_key_values
-        lengths = [cache.layers[j].keys.shape[-2] for j in range(NUM_LAYERS)]
-        assert lengths == [sum(c) for c in method.layer_tokens(NUM_LAYERS, v, n - v)], (i, lengths)
+    ref_tokens, ref_logits = naive_generate(model, inputs, stage_choices(handle.last_stages), 4)
+    assert out.sequences[0, inputs["input_ids"].shape[1] :].tolist() == ref_tokens
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], ref_logits, atol=ATOL, rtol=0)
 
 
 def test_registry_and_method_objects():
@@ -198,10 +149,11 @@ def test_every_method_file_is_in_the_registry():
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
-def test_random_ablation_draws_per_sample_so_a_batch_equals_each_sample_alone(family):
+def test_random_ablation_draws_per_sample(family):
     """The paper's ``random`` ablation in a left-padded batch (two image prompts of different lengths, a text-only
     prompt): each sample drops exactly what the test's own draw for it alone drops (a generator seeded ``seed``,
-    ``randperm`` over its real tokens but the last, the first ``V`` of them), and generates what it generates alone."""
+    ``randperm`` over its real tokens but the last, the first ``V`` of them). (That the batch then generates what each
+    sample alone generates is the conformance suite's.)"""
     model = _model(family, "sdpa")
     samples = [Sample(images=1, prefix=3, suffix=6), Sample(prefix=9, suffix=4), Sample(images=1, prefix=1, suffix=2)]
     batch = make_batch(model, samples)
@@ -210,15 +162,11 @@ def test_random_ablation_draws_per_sample_so_a_batch_equals_each_sample_alone(fa
     with torch.no_grad(), withdraw(model, 1, method="random", seed=seed) as handle:
         model(**batch)
         kept_in_batch = handle.last_keep_index.clone()
-    tokens, logits = _generate(model, batch, RandomTokens(layer=1, seed=seed))
     for i, single in enumerate(make_singles(model, samples)):
         n = single["input_ids"].shape[1]
-        v = int(vtw.vision_token_mask(model, single["input_ids"]).sum())
+        v = int(_vision(model, single["input_ids"]).sum())
         drop = torch.randperm(n - 1, generator=torch.Generator().manual_seed(seed))[:v]
         expected = torch.tensor([p for p in range(n) if p not in set(drop.tolist())])
         offset = batch["input_ids"].shape[1] - n  # left padding
         row = kept_in_batch[i][kept_in_batch[i] >= 0]
         assert torch.equal(row - offset, expected), i
-        t, lg = _generate(model, single, RandomTokens(layer=1, seed=seed))
-        assert tokens[i].tolist() == t[0].tolist(), f"sample {i}"
-        torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)

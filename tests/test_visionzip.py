@@ -1,18 +1,19 @@
-"""VisionZip: exact under KV-cache decoding and batching against an independent naive reference, bit-identical when
-nothing is reduced, SDPA throughout, exact scoring FLOPs, clear errors.
+"""VisionZip: what it keeps and the values it merges against an independent naive reference, images encoded outside a
+forward, when it installs nothing, SDPA towers, exact scoring FLOPs and counts, clear errors.
 
 The reference takes the class token's attention from the eager vision tower's own ``output_attentions`` (the
 feature layer's weights, mean over heads) and the keys from that layer's ``k_proj`` on its input
-(``hidden_states``), picks and merges in plain Python, and runs the decoder layers by hand without a cache on the
-reduced sequence at the kept positions, recomputing everything at every decode step. The method under test runs
-under SDPA with the KV cache (same weights).
+(``hidden_states``), and picks and merges in plain Python; the method under test (eager or SDPA, same weights) is
+read from the handle's stage record. Cached generation on that choice == the shared naive reference, batch == alone,
+bit-identity where nothing is installed, ``remove()``, FLOPs against FlopCounterMode and the KV caches are the
+conformance suite's (tests/test_conformance.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from test_withdraw import _causal, _extend, _lm_inputs, _rotary
+from test_withdraw import _lm_inputs, _vision
 from tiny_models import IMAGE_ID, VIDEO_ID, Sample, build_tiny_model, make_batch, make_singles
 from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
@@ -118,9 +119,10 @@ def _tower_units(model, inputs):
     return out, newlines
 
 
-def _naive_logits(model, inputs, dominant, contextual):
-    """Logits ``(T_kept, V)`` of one sample under VisionZip, every layer by hand without a cache."""
-    embeds, pos = _lm_inputs(model, inputs)
+def _zip_reference(model, inputs, dominant, contextual):
+    """``(values (1, n, D), kept (n,))``: the decoder inputs of one sample's kept tokens after VisionZip, and their
+    input columns, computed in plain Python (module docstring)."""
+    embeds, _ = _lm_inputs(model, inputs)
     embeds = embeds.clone()
     keep = torch.ones(inputs["input_ids"].shape[1], dtype=torch.bool)
     towers, newlines = _tower_units(model, inputs)
@@ -133,25 +135,8 @@ def _naive_logits(model, inputs, dominant, contextual):
                 keep[cells[kept]] = True
     if any(len(cells) > dominant + contextual for _, cells, _ in towers[0][2][1:]):  # a crop of the grid reduced
         keep[newlines] = False  # (the tiny samples here have one image each)
-    lm = vtw.language_model(model)
-    cos, sin, mpos = _rotary(lm, embeds, pos)
     index = torch.nonzero(keep).flatten()
-    h, cos, sin, mpos = embeds[:, index], cos[..., index, :], sin[..., index, :], mpos[..., index]
-    for layer in lm.layers:
-        h = layer(h, attention_mask=_causal(h.shape[1], h.dtype), position_embeddings=(cos, sin), position_ids=mpos,
-                  past_key_values=None, use_cache=False)  # fmt: skip
-    return model.lm_head(lm.norm(h))[0]
-
-
-def _naive_generate(model, inputs, dominant, contextual):
-    tokens, logits, cur = [], [], inputs
-    with torch.no_grad():
-        for _ in range(STEPS):
-            out = _naive_logits(model, cur, dominant, contextual)[-1]
-            tokens.append(int(out.argmax()))
-            logits.append(out)
-            cur = _extend(cur, tokens[-1])
-    return tokens, torch.stack(logits)
+    return embeds[:, index], index
 
 
 def _generate(model, inputs, method, stale=False):
@@ -170,6 +155,7 @@ def _generate(model, inputs, method, stale=False):
 SETTINGS = [(4, 3), (0, 5), (6, 0), (2, 7), (54, 10)]
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize(
     ("family", "sample"),
     [
@@ -179,20 +165,30 @@ SETTINGS = [(4, 3), (0, 5), (6, 0), (2, 7), (54, 10)]
         ("llava_next", Sample(images=1, image_shape=(40, 64))),  # 2 x 2 crops of 12 patches each (rows unpadded)
     ],
 )
-def test_generate_with_cache_matches_naive_reference(family, sample):
+def test_each_image_keeps_and_merges_what_the_naive_zip_does(family, sample, attn):
+    """The stage keeps the reference's tokens, in order, with the reference's values (dominant patches as they are,
+    contextual targets averaged with the patches that joined them), under eager and SDPA towers and decoders."""
     reference_model = _model(family, "eager")  # same seed: the same weights as the model under test
-    model = _model(family, "sdpa")
+    model = reference_model if attn == "eager" else _model(family, attn)
     (inputs,) = make_singles(model, [sample])
     for dominant, contextual in SETTINGS[:3] if sample.videos else SETTINGS:
-        ref_tokens, ref_logits = _naive_generate(reference_model, inputs, dominant, contextual)
-        for under_test in (model, reference_model):  # SDPA and eager decoders alike
-            tokens, logits, _ = _generate(under_test, inputs, VisionZip(dominant, contextual))
-            assert tokens[0].tolist() == ref_tokens, (dominant, contextual)
-            torch.testing.assert_close(logits[0], ref_logits, atol=ATOL, rtol=0, msg=str((dominant, contextual)))
+        with torch.no_grad():
+            values, kept = _zip_reference(reference_model, inputs, dominant, contextual)
+            with withdraw(model, method=VisionZip(dominant, contextual)) as handle:
+                handle.record_hidden = True
+                model(**inputs)
+        if kept.numel() == inputs["input_ids"].shape[1]:  # every tower input keeps all its patches
+            assert not handle.active and (dominant, contextual) == (54, 10)
+            continue
+        (record,) = handle.last_stages
+        assert torch.equal(record.keep_index[0], kept), (dominant, contextual)
+        torch.testing.assert_close(record.hidden, values, atol=1e-5, rtol=0, msg=str((dominant, contextual)))
 
 
 @pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
-def test_batch_with_different_image_counts_equals_each_sample_alone(family):
+def test_images_encoded_outside_a_forward_do_not_change_the_choice(family):
+    """Other images encoded by hand before ``generate`` (the tower saw them, they are not this prompt's): a batch with
+    different image (and crop) counts generates exactly what it generates without them."""
     model = _model(family)
     samples = [Sample(images=2, prefix=3, suffix=6), Sample(prefix=9, suffix=4), Sample(images=1, prefix=1, suffix=2)]
     if family == "llava_next":  # different crop counts
@@ -200,13 +196,11 @@ def test_batch_with_different_image_counts_equals_each_sample_alone(family):
     if family == "video_llava":
         samples += [Sample(videos=1, prefix=2, suffix=3), Sample(images=1, videos=1, prefix=1, suffix=1)]
     batch = make_batch(model, samples)
-    assert (batch["attention_mask"] == 0).any()
     method = VisionZip(5, 2)
-    tokens, logits, _ = _generate(model, batch, method, stale=True)
-    for i, single in enumerate(make_singles(model, samples)):
-        t, lg, _ = _generate(model, single, method)
-        assert tokens[i].tolist() == t[0].tolist(), i
-        torch.testing.assert_close(logits[i], lg[0], atol=ATOL, rtol=0)
+    tokens, logits, handle = _generate(model, batch, method, stale=True)
+    clean_tokens, clean_logits, _ = _generate(model, batch, method)
+    assert torch.equal(tokens, clean_tokens) and torch.equal(logits, clean_logits)
+    assert handle.last_layer_tokens[0, 0, 0] < _vision(model, batch["input_ids"])[0].sum()  # something was zipped
 
 
 def _feature_layers(model):
@@ -214,27 +208,17 @@ def _feature_layers(model):
             for _, tower, *_ in _towers(model)]  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["llava", "video_llava"])
-def test_nothing_to_reduce_is_the_baseline_bit_identical_and_remove_restores(family):
-    model = _model(family)
-    extra = [Sample(images=1, videos=1, prefix=1, suffix=2)] if family == "video_llava" else []
-    batch = make_batch(model, [Sample(images=1, prefix=3, suffix=5), Sample(prefix=6, suffix=2), *extra])
-    with torch.no_grad():
-        ref = model.generate(**batch, max_new_tokens=STEPS, do_sample=False)
-        ref_logits = model(**batch).logits
-        for dominant, contextual in ((CELLS, 0), (54, 10), (3, CELLS - 3)):
-            with withdraw(model, method="visionzip", dominant=dominant, contextual=contextual):
-                assert torch.equal(model(**batch).logits, ref_logits), (dominant, contextual)
-                assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
-        handle = withdraw(model, method="visionzip", dominant=4, contextual=3)
-        assert "get_image_features" in model.model.__dict__
-        assert all(layer._forward_pre_hooks for layer in _feature_layers(model))
-        assert model(**batch).logits.shape[1] < ref_logits.shape[1]  # something was reduced
-        handle.remove()
-        assert "get_image_features" not in model.model.__dict__ and "get_video_features" not in model.model.__dict__
-        assert not any(layer._forward_pre_hooks for layer in _feature_layers(model))
-        assert torch.equal(model(**batch).logits, ref_logits)
-        assert torch.equal(model.generate(**batch, max_new_tokens=STEPS, do_sample=False), ref)
+def test_tower_inputs_with_at_most_dominant_plus_contextual_patches_install_nothing():
+    """Video-LLaVA's 16-patch images and frames: ``dominant + contextual >= 16`` changes nothing, so nothing is
+    installed (no hook on either tower's feature layer, no wrapper); one token fewer is a reduction."""
+    model = _model("video_llava")
+    for dominant, contextual, active in ((CELLS, 0, False), (54, 10, False), (3, CELLS - 3, False),
+                                         (CELLS - 1, 0, True), (3, CELLS - 4, True)):  # fmt: skip
+        with withdraw(model, method="visionzip", dominant=dominant, contextual=contextual) as handle:
+            assert handle.active is active, (dominant, contextual)
+            assert all(bool(layer._forward_pre_hooks) is active for layer in _feature_layers(model))
+            assert ("get_image_features" in model.model.__dict__) is active
+    assert not any(layer._forward_pre_hooks for layer in _feature_layers(model))
 
 
 def test_the_vision_towers_keep_sdpa():
@@ -336,10 +320,11 @@ def test_llava_next_video_takes_images_and_refuses_its_pooled_video_frames():
 
 
 @pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
-def test_count_flops_equals_flop_counter_over_generate(family):
-    """The whole run under visionzip: prefill (the tower, the projector, the scoring, the shorter decoder) and decode
-    steps, from ``count_flops`` with the sample's layout, against FlopCounterMode over ``generate``."""
-    from test_flops import _encoder_kwargs, _measure, _phase, _phase_with_reduction, _token_counts
+def test_declared_counts_and_scoring_are_the_realized_ones(family):
+    """What ``count_flops`` counts for one sample from its layout: each layer's tokens == what the run's layers
+    processed, and the scoring FLOPs are the method's own (FlopCounterMode over the whole run is the conformance
+    suite's, on the realized counts)."""
+    from test_flops import _encoder_kwargs, _token_counts
 
     from vtw.flops import count_flops
 
@@ -350,11 +335,10 @@ def test_count_flops_equals_flop_counter_over_generate(family):
     v, t = _token_counts(model, batch["input_ids"])
     (layout,) = input_layouts(model.config, batch["input_ids"], batch)
     method = VisionZip(4, 3)
-    one = _measure(model, batch, 1, None, method)
-    many = _measure(model, batch, 3, None, method)
+    with torch.no_grad(), withdraw(model, method=method) as handle:
+        model(**batch)
     rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method,
                       vision_layout=layout, **_encoder_kwargs(model, batch))  # fmt: skip
     assert rep.prefill.reduction == method.scoring_flops(model.config, layout) > 0
-    assert _phase_with_reduction(rep.prefill) == one
-    assert _phase(rep.decode) == {k: many[k] - one[k] for k in one}
-    assert rep.prefill_decoder_tokens[0] == sum(method.grid_tokens(g) for g in layout.grids) + t
+    assert list(rep.prefill_decoder_tokens) == handle.last_layer_tokens[0].sum(-1).tolist()
+    assert rep.prefill_decoder_tokens[0] == sum(method.grid_tokens(g) for g in layout.grids) + t < v + t
