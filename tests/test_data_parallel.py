@@ -223,21 +223,23 @@ def test_device_map_loads_and_matches_one_device(tiny_llava_dir, tmp_path):
 
 
 def test_later_stages_follow_the_hidden_states_device():
-    """A later stage's inputs (the previous segment's index, mask, vision flags, positions) are moved to the device
-    of the hidden states entering it, every field (here onto ``meta``, a second device any CPU has)."""
-    from vtw.withdraw import _Segment, _to_device
+    """A later stage's inputs (the previous segment's index, mask, vision and extra flags, masks, positions, recorded
+    values) are moved to the device of the hidden states entering it, every field (here onto ``meta``, a second
+    device any CPU has)."""
+    from vtw.withdraw import _Segment
 
     t = torch.ones(2, 3)
-    seg = _Segment(t.long(), t.long(), t.bool(), t[:, None], (t, t), t.long())
-    moved = _to_device(seg, torch.device("meta"))
-    tensors = [moved.keep_index, moved.mask2d, moved.vision, moved.mask4d, *moved.position_embeddings]
-    assert all(x.device.type == "meta" for x in [*tensors, moved.position_ids])
+    seg = _Segment(t.long(), t.long(), t.bool(), t.bool(), t[:, None], (t, t), t.long(), t[..., None])
+    moved = seg.to(torch.device("meta"))
+    tensors = [moved.keep_index, moved.mask2d, moved.vision, moved.extra, moved.mask4d, *moved.position_embeddings]
+    assert all(x.device.type == "meta" for x in [*tensors, moved.position_ids, moved.hidden])
     assert [x.dtype for x in tensors] == [
         torch.long,
         torch.long,
+        torch.bool,
         torch.bool,
         torch.float32,
         torch.float32,
         torch.float32,
     ]
-    assert _to_device(_Segment(t.long(), t.long(), t.bool()), torch.device("meta")).mask4d is None
+    assert _Segment(t.long(), t.long(), t.bool(), t.bool()).to(torch.device("meta")).mask4d is None
