@@ -37,8 +37,9 @@ def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tupl
     k = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     q, _ = rotary(q, q, q_cos, q_sin)
-    _, k = rotary(k, k, cos, sin)
-    return q, k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    _, k = rotary(k[:, :1], k, cos, sin)  # its first output is thrown away: rotate one head there, not all again
+    groups = q.shape[1] // k.shape[1]
+    return q, k if groups == 1 else k.repeat_interleave(groups, dim=1)
 
 
 def gather_rows(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
