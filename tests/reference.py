@@ -178,3 +178,18 @@ def naive_generate(
             tokens.append(int(out.argmax()))
             logits.append(out)
     return tokens, torch.stack(logits)
+
+
+def counting(cls, sink: list, *, with_inputs: bool = False):
+    """A subclass of the method class ``cls`` whose ``select`` appends to ``sink`` the matmul FLOPs it spent, counted
+    by ``FlopCounterMode`` (``(flops, ctx.inputs)`` with ``with_inputs``): the independent measure of a method's own
+    scoring cost (:meth:`vtw.methods.Reduction.scoring_flops`)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def select(self, ctx):
+        with FlopCounterMode(display=False) as counter:
+            out = cls.select(self, ctx)
+        sink.append((counter.get_total_flops(), ctx.inputs) if with_inputs else counter.get_total_flops())
+        return out
+
+    return type(f"Counted{cls.__name__}", (cls,), {"select": select, "__module__": __name__})

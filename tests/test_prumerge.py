@@ -17,11 +17,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from reference import StageChoice, decoder_inputs, naive_generate
+from reference import StageChoice, counting, decoder_inputs, naive_generate
 from test_flops import _encoder_kwargs, _measure, _phase, _phase_with_reduction, _token_counts
 from test_visionzip import _tower_units
 from tiny_models import Sample, build_tiny_model, make_batch, make_singles
-from torch.utils.flop_counter import FlopCounterMode
 
 from vtw import withdraw
 from vtw.flops import count_flops
@@ -269,17 +268,8 @@ def test_the_cap_bounds_the_realized_counts():
 
 
 # ------------------------------------------------------------------------------------------------ FLOPs
-class _Counted(PruMerge):
-    """PruMerge that counts the matmul FLOPs of its own choice with FlopCounterMode (into :data:`COUNTED`)."""
-
-    def select(self, ctx):
-        with FlopCounterMode(display=False) as counter:
-            out = super().select(ctx)
-        COUNTED.append(counter.get_total_flops())
-        return out
-
-
 COUNTED: list = []
+_Counted = counting(PruMerge, COUNTED)
 
 
 @pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])

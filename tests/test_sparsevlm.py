@@ -18,7 +18,6 @@ import reference
 import torch
 from test_withdraw import _extend, _vision
 from tiny_models import Sample, build_tiny_model, make_batch, make_singles
-from torch.utils.flop_counter import FlopCounterMode
 
 from vtw import language_model, withdraw
 from vtw.methods import make_method
@@ -329,17 +328,8 @@ def test_expected_counts_derived_by_hand():
     assert SparseVLM(keep=(1.0, 1.0, 1.0)).layer_tokens(32, 576, 40) == [(576, 40)] * 32
 
 
-class _Counted(SparseVLM):
-    """SparseVLM that counts the matmul FLOPs of its own choice with FlopCounterMode (into :data:`COUNTED`)."""
-
-    def select(self, ctx):
-        with FlopCounterMode(display=False) as counter:
-            out = super().select(ctx)
-        COUNTED.append(counter.get_total_flops())
-        return out
-
-
 COUNTED: list = []
+_Counted = reference.counting(SparseVLM, COUNTED)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

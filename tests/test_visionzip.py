@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from reference import counting
 from test_withdraw import _lm_inputs, _vision
 from tiny_models import IMAGE_ID, VIDEO_ID, Sample, build_tiny_model, make_batch, make_singles
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 import vtw
@@ -235,17 +235,8 @@ def test_the_vision_towers_keep_sdpa():
     assert len(weights) == 4 and all(w is None for w in weights)  # SDPA returns no weights; eager would
 
 
-class _Counted(VisionZip):
-    """VisionZip that counts the matmul FLOPs of its own choice with FlopCounterMode (into :data:`COUNTED`)."""
-
-    def select(self, ctx):
-        with FlopCounterMode(display=False) as counter:
-            out = super().select(ctx)
-        COUNTED.append((counter.get_total_flops(), ctx.inputs))
-        return out
-
-
 COUNTED: list = []
+_Counted = counting(VisionZip, COUNTED, with_inputs=True)
 
 
 @pytest.mark.parametrize("family", ["llava", "video_llava", "llava_next"])
