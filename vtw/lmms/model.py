@@ -6,9 +6,11 @@ Model args (``--model_args`` on lmms-eval's CLI, keyword arguments in Python):
 |---|---|---|
 | ``pretrained`` | required | hub id or local directory (``from_pretrained``) |
 | ``layer`` | ``None`` | the method's layer ``K`` (0-based, ``0..L``); ``None``/``null``/``none``: no withdrawal |
-| ``method`` | ``vtw`` | a name of :data:`vtw.methods.METHODS`: ``vtw``, ``fastv``, ``pdrop``, ``random_vision``, ``random`` |
-| ``keep`` | | share of vision tokens kept (``fastv``, ``random_vision``); ``pdrop``: one per stage, ``0.5;0.25;0.125`` |
-| ``layers`` | | ``pdrop`` stage layers, ``8;16;24`` (``;`` separates list items: lmms-eval splits args on ``,``) |
+| ``method`` | ``vtw`` | a name of :data:`vtw.methods.METHODS` (``vtw``, ``fastv``, ``pdrop``, ``sparsevlm``, ``random_vision``, ``random``, ``pool``, ``visionzip``, ``divprune``, ``prumerge``; docs/methods.md) |
+| ``keep`` | | share of vision tokens kept (``fastv``, ``random_vision``, ``divprune``; ``prumerge``: a cap); ``pdrop`` / ``sparsevlm``: one per stage, ``0.5;0.25;0.125`` |
+| ``layers`` | | ``pdrop`` / ``sparsevlm`` stage (scoring) layers, ``8;16;24`` (``;`` separates list items: lmms-eval splits args on ``,``) |
+| ``recycle``, ``clusters`` | | ``sparsevlm``: share of pruned tokens recycled, aggregates per recycled token |
+| ``plus``, ``neighbours`` | | ``prumerge``: PruMerge+ (``true``/``false``), nearest patches merged into each kept one |
 | ``seed`` | | ``random_vision`` / ``random`` seed |
 | ``stride``, ``stride_cols`` | | ``pool`` window rows and columns (``2``: 2x2, 576 -> 144 tokens per LLaVA-1.5 image) |
 | ``dominant``, ``contextual`` | | ``visionzip`` tokens kept per image / frame / crop (``54``, ``10``) |
