@@ -133,6 +133,36 @@ def check_layer(layer, num_layers: int, what: str = "withdrawal layer") -> int |
     return layer
 
 
+def check_stage_layers(layers, keep: tuple, what: str) -> tuple[int, ...] | None:
+    """``None``, or ``layers`` (an int or a list) as a strictly increasing tuple of ints with one entry per ``keep``
+    share; else ``ValueError`` naming the value (``what``: the method, e.g. ``"pdrop"``)."""
+    if layers is None:
+        return None
+    out = tuple(layers) if isinstance(layers, (list, tuple)) else (layers,)
+    if any(isinstance(k, bool) or not isinstance(k, int) for k in out):
+        raise ValueError(f"{what} layers must be integers, got {layers!r}")
+    if len(out) != len(keep):
+        raise ValueError(
+            f"{what} layers {list(out)} and keep {list(keep)} must have the same length (one share per stage)"
+        )
+    if any(b <= a for a, b in zip(out, out[1:])):
+        raise ValueError(f"{what} layers must be strictly increasing, got {list(out)}")
+    return out
+
+
+def scaled_layers(reference: tuple[int, ...], keep: tuple, num_layers: int, what: str) -> tuple[int, ...]:
+    """A paper's stage layers ``reference`` of a 32-layer decoder scaled to ``L`` (``round(k·L/32)``), for ``keep``
+    (one share per stage); ``ValueError`` where the counts differ or the scaled layers collide."""
+    if len(keep) != len(reference):
+        raise ValueError(
+            f"{what} with {len(keep)} keep shares needs its layers (the default layers are for {len(reference)} stages)"
+        )
+    layers = tuple(round(k * num_layers / 32) for k in reference)
+    if any(b <= a for a, b in zip(layers, layers[1:])):
+        raise ValueError(f"{what}: the default layers do not fit L={num_layers}; give layers=... explicitly")
+    return layers
+
+
 def check_int(value, what: str, minimum: int = 0) -> int:
     """An int (not a bool) ``>= minimum``, else ``ValueError``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

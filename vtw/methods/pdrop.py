@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import last_token_attention
-from .base import Reduction, StageContext
+from .base import Reduction, StageContext, check_stage_layers, scaled_layers
 from .ranking import check_keep, keep_top_vision, kept_count
 
 #: the paper's stages for a 32-layer decoder, scaled to ``L`` when ``layers`` is not given
@@ -39,28 +39,12 @@ class PyramidDrop(Reduction):
                 f"pdrop keep must be a non-empty non-increasing list of shares in (0, 1], got {self.keep!r}"
             )
         object.__setattr__(self, "keep", keep)
-        if self.layers is not None:
-            layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else (self.layers,)
-            if any(isinstance(k, bool) or not isinstance(k, int) for k in layers):
-                raise ValueError(f"pdrop layers must be integers, got {self.layers!r}")
-            if len(layers) != len(keep):
-                raise ValueError(
-                    f"pdrop layers {list(layers)} and keep {list(keep)} must have the same length (one share per stage)"
-                )
-            if any(b <= a for a, b in zip(layers, layers[1:])):
-                raise ValueError(f"pdrop layers must be strictly increasing, got {list(layers)}")
-            object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "layers", check_stage_layers(self.layers, keep, "pdrop"))
 
     def resolve(self, num_layers: int) -> PyramidDrop:
-        layers = self.layers
-        if layers is None:
-            if len(self.keep) != len(REFERENCE_LAYERS):
-                raise ValueError(
-                    f"pdrop with {len(self.keep)} keep shares needs its layers (the default layers are for 3 stages)"
-                )
-            layers = tuple(round(k * num_layers / 32) for k in REFERENCE_LAYERS)
-            if any(b <= a for a, b in zip(layers, layers[1:])):
-                raise ValueError(f"pdrop: the default layers do not fit L={num_layers}; give layers=... explicitly")
+        layers = (
+            self.layers if self.layers is not None else scaled_layers(REFERENCE_LAYERS, self.keep, num_layers, "pdrop")
+        )
         if not all(0 <= k < num_layers for k in layers):
             raise ValueError(
                 f"pdrop layers {list(layers)} are out of range: allowed 0..{num_layers - 1} (L={num_layers})"

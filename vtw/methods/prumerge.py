@@ -102,9 +102,7 @@ class PruMerge(ClassTokenTower):
 
     def acts_on(self, model: nn.Module) -> bool:
         """True where a tower input has at least 2 patches (whether a unit shrinks depends on the image)."""
-        self.vision_layers(model)
-        vc = model.config.vision_config
-        return (int(vc.image_size) // int(vc.patch_size)) ** 2 >= 2
+        return self.tower_patches(model) >= 2
 
     def expected_tokens(self, n: int) -> int:
         """Declared tokens of a unit of ``n`` patches: ``min(n, ceil(keep · n))``, or without a cap

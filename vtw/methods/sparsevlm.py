@@ -10,7 +10,7 @@ from typing import ClassVar
 import torch
 
 from .attention import gather_rows, rows_attention
-from .base import Extra, Merge, Reduction, StageContext
+from .base import Extra, Merge, Reduction, StageContext, check_stage_layers, scaled_layers
 from .ranking import check_keep, keep_top_vision
 
 #: the reference's scoring layers for a 32-layer decoder (LLaVA-1.5-7B), scaled to ``L`` when ``layers`` is not given
@@ -89,30 +89,14 @@ class SparseVLM(Reduction):
         object.__setattr__(self, "keep", keep)
         object.__setattr__(self, "recycle", _share(self.recycle, "sparsevlm recycle", "[0, 1]", zero=True))
         object.__setattr__(self, "clusters", _share(self.clusters, "sparsevlm clusters", "(0, 1]", zero=False))
-        if self.layers is not None:
-            layers = tuple(self.layers) if isinstance(self.layers, (list, tuple)) else (self.layers,)
-            if any(isinstance(k, bool) or not isinstance(k, int) for k in layers):
-                raise ValueError(f"sparsevlm layers must be integers, got {self.layers!r}")
-            if len(layers) != len(keep):
-                raise ValueError(
-                    f"sparsevlm layers {list(layers)} and keep {list(keep)} must have the same length (one share per "
-                    "stage)"
-                )
-            if any(b <= a for a, b in zip(layers, layers[1:])):
-                raise ValueError(f"sparsevlm layers must be strictly increasing, got {list(layers)}")
-            object.__setattr__(self, "layers", layers)
+        object.__setattr__(self, "layers", check_stage_layers(self.layers, keep, "sparsevlm"))
 
     def resolve(self, num_layers: int) -> SparseVLM:
-        layers = self.layers
-        if layers is None:
-            if len(self.keep) != len(REFERENCE_LAYERS):
-                raise ValueError(
-                    f"sparsevlm with {len(self.keep)} keep shares needs its layers (the default layers are for 3 "
-                    "stages)"
-                )
-            layers = tuple(round(k * num_layers / 32) for k in REFERENCE_LAYERS)
-            if any(b <= a for a, b in zip(layers, layers[1:])):
-                raise ValueError(f"sparsevlm: the default layers do not fit L={num_layers}; give layers=... explicitly")
+        layers = (
+            self.layers
+            if self.layers is not None
+            else scaled_layers(REFERENCE_LAYERS, self.keep, num_layers, "sparsevlm")
+        )
         if not all(0 <= k <= num_layers - 2 for k in layers):
             raise ValueError(
                 f"sparsevlm layers {list(layers)} are out of range: allowed 0..{num_layers - 2} (L={num_layers}; "

@@ -51,6 +51,12 @@ class ClassTokenTower(BeforeDecoder):
             towers["video"] = spec.module(model, "video_tower")
         return {kind: self.tower_layer(t, config.vision_feature_layer, spec.display) for kind, t in towers.items()}
 
+    def tower_patches(self, model: nn.Module) -> int:
+        """Patches per tower input (``side²``), once the model's towers are checked (:meth:`vision_layers`)."""
+        self.vision_layers(model)
+        vc = model.config.vision_config
+        return (int(vc.image_size) // int(vc.patch_size)) ** 2
+
     def tower_inputs(self, ctx: StageContext, kind: str, count: int) -> tuple[nn.Module, torch.Tensor]:
         """The layer read in the tower that encoded ``kind`` and its last ``count`` inputs ``(count, S, D)``."""
         seen = (ctx.vision_layer or {}).get(kind)

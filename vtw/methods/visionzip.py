@@ -90,9 +90,7 @@ class VisionZip(ClassTokenTower):
 
     def acts_on(self, model: nn.Module) -> bool:
         """False where every image / frame / crop keeps all its patches (``side² <= dominant + contextual``)."""
-        self.vision_layers(model)
-        vc = model.config.vision_config
-        return (int(vc.image_size) // int(vc.patch_size)) ** 2 > self.tokens
+        return self.tower_patches(model) > self.tokens
 
     def grid_tokens(self, grid) -> int:
         sizes = [len(cells) for cells, _ in tower_units(grid)]
