@@ -65,6 +65,19 @@ class SelectTimer:
         self.calls += 1
         return picked
 
+    def also(self, fn):
+        """``fn`` whose wall time is added to :attr:`seconds` as well (a method's work outside ``select``)."""
+
+        def timed(*args):
+            sync(self.device)
+            t0 = time.perf_counter()
+            out = fn(*args)
+            sync(self.device)
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        return timed
+
 
 @contextmanager
 def timed_withdraw(model, method: Reduction, device: torch.device) -> Iterator[SelectTimer]:
@@ -74,6 +87,8 @@ def timed_withdraw(model, method: Reduction, device: torch.device) -> Iterator[S
         timed = copy.copy(handle.method)
         timer = SelectTimer(timed.select, device)
         object.__setattr__(timed, "select", timer)  # on this instance only (a frozen dataclass)
+        if hasattr(timed, "decide"):  # a method acting in the vision encoder decides at the projector: timed too
+            object.__setattr__(timed, "decide", timer.also(timed.decide))
         handle.method = timed
         yield timer
 

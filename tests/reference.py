@@ -183,13 +183,26 @@ def naive_generate(
 def counting(cls, sink: list, *, with_inputs: bool = False):
     """A subclass of the method class ``cls`` whose ``select`` appends to ``sink`` the matmul FLOPs it spent, counted
     by ``FlopCounterMode`` (``(flops, ctx.inputs)`` with ``with_inputs``): the independent measure of a method's own
-    scoring cost (:meth:`vtw.methods.Reduction.scoring_flops`)."""
+    scoring cost (:meth:`vtw.methods.Reduction.scoring_flops`). A method acting in the vision encoder decides in
+    ``decide`` (once per encoder call) before its ``select``: what those calls spent is added to the next entry."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    earlier = [0]
 
     def select(self, ctx):
         with FlopCounterMode(display=False) as counter:
             out = cls.select(self, ctx)
-        sink.append((counter.get_total_flops(), ctx.inputs) if with_inputs else counter.get_total_flops())
+        flops, earlier[0] = counter.get_total_flops() + earlier[0], 0
+        sink.append((flops, ctx.inputs) if with_inputs else flops)
         return out
 
-    return type(f"Counted{cls.__name__}", (cls,), {"select": select, "__module__": __name__})
+    def decide(self, *args):
+        with FlopCounterMode(display=False) as counter:
+            out = cls.decide(self, *args)
+        earlier[0] += counter.get_total_flops()
+        return out
+
+    body = {"select": select, "__module__": __name__}
+    if hasattr(cls, "decide"):
+        body["decide"] = decide
+    return type(f"Counted{cls.__name__}", (cls,), body)

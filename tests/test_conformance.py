@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 import torch
-from reference import naive_generate, stage_choices
+from reference import decoder_inputs, naive_generate, stage_choices
 from test_flops import _encoder_kwargs, _measure, _phase, _phase_with_reduction, _token_counts
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
 from torch import nn
@@ -143,12 +143,14 @@ def _supported(name: str, family: str) -> Case:
     return case
 
 
-def _spy(handle) -> dict[int, dict[str, torch.Tensor]]:
+def _spy(handle, untouched: torch.Tensor | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """``{stage: returned}``, filled during the prefill with what the method's ``select`` returned beyond a keep mask
     (one sample): ``merged`` ``(k,)`` the input columns of the kept tokens it gave new values and ``values`` ``(k,
     D)`` those values (a :class:`~vtw.methods.base.Merge` with ``hidden``); ``after`` ``(E,)`` the input column each
     token it added follows and ``added`` ``(E, D)`` their values (``Merge.extra``). The reference takes these values
-    from the stage records; :func:`_check_records` holds the records to them. Nothing is recomputed."""
+    from the stage records; :func:`_check_records` holds the records to them. Nothing is recomputed. A method acting
+    in the vision encoder gives stage 0 new values already (the projector ran on merged features): those that differ
+    from ``untouched`` ``(1, T, D)``, the untouched model's decoder inputs, count as merged."""
     method, returned = handle.method, {}
     select = type(method).select
 
@@ -156,9 +158,12 @@ def _spy(handle) -> dict[int, dict[str, torch.Tensor]]:
         out = select(method, ctx)
         if isinstance(out, Merge):
             seen = returned.setdefault(ctx.stage, {})
-            if out.hidden is not None:
-                values = out.hidden.to(ctx.hidden)
-                changed = (values != ctx.hidden).any(-1) & out.keep.bool().to(ctx.hidden.device)
+            hidden, before = out.hidden, ctx.hidden
+            if hidden is None and untouched is not None and ctx.stage == 0:
+                hidden, before = ctx.hidden, untouched.to(ctx.hidden)
+            if hidden is not None:
+                values = hidden.to(ctx.hidden)
+                changed = (values != before).any(-1) & out.keep.bool().to(ctx.hidden.device)
                 seen.update(merged=ctx.positions[changed], values=values[changed])
             if out.extra is not None:
                 valid = out.extra.valid.bool().to(ctx.hidden.device)
@@ -193,9 +198,10 @@ class Run:
 def _run(name: str, family: str, attn: str, positions: str = "keep") -> Run:
     case = _supported(name, family)
     model, inputs = _model(family, attn), _prompt(family, case.video)
+    untouched = decoder_inputs(model, inputs)[0] if case.reducing.acts_in == "vision_encoder" else None
     with torch.no_grad(), withdraw(model, method=replace(case.reducing), positions=positions) as handle:
         handle.record_hidden = True
-        returned = _spy(handle)
+        returned = _spy(handle, untouched)
         out = model.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
     cache = out.past_key_values
     return Run(
@@ -346,7 +352,7 @@ def test_flops_equal_flop_counter_mode_on_the_realized_counts(name, family):
     report = count_flops(model.config, vision_tokens=vision, text_tokens=text, generated_tokens=STEPS,
                          method=case.reducing, vision_layout=layout, layer_tokens=_run(name, family, "sdpa").layer_tokens.tolist(),
                          **_encoder_kwargs(model, inputs))  # fmt: skip
-    assert _phase_with_reduction(report.prefill) == one
+    assert _phase_with_reduction(report.prefill, case.reducing) == one
     assert _phase(report.decode) == {k: many[k] - one[k] for k in one}
 
 

@@ -145,10 +145,11 @@ def _compare(model, batch: dict, layers=(None, 2, 0), generated: int = 3) -> Non
         assert abs(rep.total - many["total"]) <= 0.01 * many["total"]  # the issue's 1%, implied by the above
 
 
-def _phase_with_reduction(phase) -> dict[str, int]:
-    """:func:`_phase`, the method's scoring counted in the decoder (it runs inside the decoder's forward)."""
+def _phase_with_reduction(phase, method=None) -> dict[str, int]:
+    """:func:`_phase`, the method's scoring counted where it runs: in the decoder's forward, or for a method acting
+    in the vision encoder (``method.acts_in``) in the projector's (its pre-hook decides)."""
     out = _phase(phase)
-    out["decoder"] += phase.reduction
+    out["projector" if getattr(method, "acts_in", None) == "vision_encoder" else "decoder"] += phase.reduction
     return out
 
 

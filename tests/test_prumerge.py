@@ -52,7 +52,8 @@ def _model(family: str, attn: str = "sdpa"):
 # ------------------------------------------------------------------------------------------------ the reference
 def _scores(model, tower, pixels):
     """Per tower input: the class token's attention to each patch ``(N, n)`` and the patches' keys ``(N, n, D)`` in
-    the layer that receives ``hidden_states[vision_feature_layer]``."""
+    the layer that receives ``hidden_states[vision_feature_layer]``, and those features ``(N, n, Dv)`` (what the
+    projector receives)."""
     with torch.no_grad():
         out = tower(pixels, output_attentions=True, output_hidden_states=True)
     layers = tower.encoder.layers
@@ -61,7 +62,7 @@ def _scores(model, tower, pixels):
     attention = out.attentions[index][:, :, 0, 1:].mean(1)
     with torch.no_grad():
         keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[index]))[:, 1:]
-    return attention, keys
+    return attention, keys, out.hidden_states[model.config.vision_feature_layer][:, 1:]
 
 
 def _naive_kept(a: list[float], plus: bool, keep: float | None) -> list[int] | None:
@@ -84,7 +85,8 @@ def _naive_kept(a: list[float], plus: bool, keep: float | None) -> list[int] | N
 
 
 def _naive_unit(a, keys, x, method: PruMerge):
-    """``None`` (whole) or ``({kept patch: merged value}, value of the pruned patches' token)``."""
+    """``None`` (whole) or ``({kept patch: merged feature}, feature of the pruned patches' token)``, merged on the
+    features ``x`` ``(n, Dv)`` the projector receives."""
     kept = _naive_kept([float(v) for v in a], method.plus, method.keep)
     if kept is None:
         return None
@@ -110,18 +112,20 @@ def _naive_choice(model, inputs, method: PruMerge) -> tuple[StageChoice, int]:
     keep = torch.ones(n_prompt, dtype=torch.bool)
     values, after = {}, {}
     towers, newlines = _tower_units(model, inputs)
+    project = model.model.multi_modal_projector
     for tower, pixels, units in towers:
-        attention, keys = _scores(model, tower, pixels)
+        attention, keys, features = _scores(model, tower, pixels)
         for row, cells, patches in units:
-            out = _naive_unit(attention[row, patches], keys[row, patches], embeds[0, cells], method)
+            out = _naive_unit(attention[row, patches], keys[row, patches], features[row, patches], method)
             if out is None:
                 continue
             merged, pruned = out
             keep[cells] = False
-            for i, value in merged.items():
-                keep[cells[i]] = True
-                values[int(cells[i])] = value
-            after.setdefault(int(cells.max()), []).append(pruned)
+            with torch.no_grad():
+                for i, value in merged.items():
+                    keep[cells[i]] = True
+                    values[int(cells[i])] = project(value)
+                after.setdefault(int(cells.max()), []).append(project(pruned))
     keep[newlines] = False  # the crop grids here all have crops of 2+ patches
     columns, added, out_values = [], [], []
     for c in range(n_prompt):
@@ -188,7 +192,7 @@ def test_the_reference_samples_have_outliers_and_whole_units():
     """The samples above exercise what the method decides: several outlier counts, zero included."""
     model = _model("llava", "eager")
     (inputs,) = make_singles(model, [Sample(images=3, prefix=3, suffix=4)], seed=3)
-    attention, _ = _scores(model, model.model.vision_tower, inputs["pixel_values"])
+    attention, _, _ = _scores(model, model.model.vision_tower, inputs["pixel_values"])
     counts = [outlier_count(a) for a in attention]
     assert len(set(counts)) >= 2 and max(counts) >= 2, counts
 
@@ -248,7 +252,7 @@ def test_expected_counts_and_budget_candidates():
     assert PruMerge(keep=0.3).grid_tokens(crops) == 2 * 5
     cands = PruMerge(plus=True).budget_candidates(NUM_LAYERS)
     assert [c.keep for c in cands] == sorted(c.keep for c in cands) and cands[0].plus and cands[-1].keep == 1.0
-    assert PruMerge.free_parameter in PruMerge().params() and PruMerge.acts_in == "projector"
+    assert PruMerge.free_parameter in PruMerge().params() and PruMerge.acts_in == "vision_encoder"
     assert PruMerge(plus=True, keep=0.25).label == "prumerge+ keep=0.25"
     assert make_method("prumerge", plus="true") == PruMerge(plus=True)
 
@@ -305,7 +309,7 @@ def test_count_flops_on_the_realized_counts_equals_flop_counter_over_generate(fa
     rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method,
                       vision_layout=layout, layer_tokens=realized, **_encoder_kwargs(model, batch))  # fmt: skip
     assert rep.prefill.reduction == method.scoring_flops(model.config, layout) > 0
-    assert _phase_with_reduction(rep.prefill) == one
+    assert _phase_with_reduction(rep.prefill, method) == one
     assert _phase(rep.decode) == {k: many[k] - one[k] for k in one}
 
 

@@ -45,6 +45,7 @@ from torch import nn
 from .families import get_family, language_model, num_decoder_layers, vision_token_mask
 from .methods import KeepFn, Reduction, StageContext, check_layer, make_method
 from .methods.base import Extra, LayerInput, Merge
+from .methods.towers import encoder_units
 
 SUPPORTED_ATTENTION = ("eager", "sdpa")
 #: what ``positions=`` accepts: kept tokens keep their positions, or are renumbered contiguously
@@ -259,6 +260,7 @@ class _EncoderCalls(_Probe):
     def __init__(self, base: nn.Module):
         super().__init__()
         self.calls: dict[str, dict] = {}
+        self.current: str | None = None
         self.wrapped: list[tuple[nn.Module, str, object]] = []
         for name in ("get_image_features", "get_video_features"):
             original = getattr(base, name, None)
@@ -273,7 +275,11 @@ class _EncoderCalls(_Probe):
         def wrapper(*args, **kwargs):
             bound = signature.bind_partial(*args, **kwargs).arguments
             self.calls[name] = {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
-            return original(*args, **kwargs)
+            self.current = name.split("_")[1]  # "image" | "video": what the tower is encoding now
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.current = None
 
         return wrapper
 
@@ -290,6 +296,67 @@ class _EncoderCalls(_Probe):
                 delattr(owner, name)  # the class's method shows through again
         self.wrapped.clear()
         super().remove()
+
+
+class _ProjectorStage(_Probe):
+    """A method acting in the vision encoder (:class:`vtw.methods.towers.InTower`): at each projector call of an
+    encoder call, the method decides on the features ``(N, S, Dv)`` the projector receives; only the rows it keeps
+    (merged values where it merged, plus the tokens it adds) go through the projector, and the output ``(N, S, Dm)``
+    holds them at their rows (zeros at the others, which the decoder's stage 0 drops). :attr:`choices` gives the
+    decisions, the added tokens projected, to stage 0."""
+
+    def __init__(self, model: nn.Module, method: Callable, encoder: _EncoderCalls, tower: _TowerLayers):
+        super().__init__()
+        self.config, self.method, self.encoder, self.tower = model.config, method, encoder, tower  # method(): now
+        self.choices: dict[str, list] = {}
+        self.pending: tuple | None = None
+        projector = get_family(model).module(model, "projector")
+        self.hooks.append(projector.register_forward_pre_hook(self._before))
+        self.hooks.append(projector.register_forward_hook(self._after))
+
+    def _before(self, module, args):
+        kind = self.encoder.current
+        if kind is None or not args:
+            return None
+        if kind == "video":  # a family whose video frames the method cannot act on: stage 0 refuses them
+            try:
+                self.method().check_supported(self.config, video=True)
+            except ValueError:
+                return None
+        features = args[0]  # (N, S, Dv)
+        count, length, _ = features.shape
+        units = encoder_units(self.config, kind, count, self.encoder.arguments())
+        layer, seen = self.tower.seen()[kind]
+        decided = self.method().decide(layer, seen[seen.shape[0] - count :].to(features.device), features, units)
+        offset = length - (seen.shape[1] - 1)  # rows before the patches (a class token the projector receives)
+        rows, values, extras = [], [], []
+        for i, (patches, choice) in enumerate(zip(units, decided)):
+            patches = patches.to(features.device)
+            kept = patches if choice.kept is None else patches[choice.kept.to(features.device)]
+            rows.append(i * length + torch.cat([torch.arange(offset, device=features.device), offset + kept]))
+            head = features[i, :offset]
+            values.append(torch.cat([head, features[i, offset + kept] if choice.values is None else
+                                     choice.values.to(features.dtype)]))  # fmt: skip
+            if choice.extra is not None:
+                extras.append(choice.extra.to(features.dtype))
+        packed = torch.cat([*values, *(e[None] for e in extras)])[None]  # (1, R + E, Dv)
+        self.pending = (kind, features.shape, torch.cat(rows), decided)
+        return (packed, *args[1:])
+
+    def _after(self, module, args, output):
+        if self.pending is None:
+            return None
+        (kind, (count, length, _), rows, decided), self.pending = self.pending, None
+        full = output.new_zeros(count * length, output.shape[-1])
+        full[rows] = output[0, : rows.numel()]
+        extras = iter(output[0, rows.numel() :])
+        self.choices.setdefault(kind, []).extend(
+            replace(c, values=None, extra=None if c.extra is None else next(extras)) for c in decided
+        )
+        return full.view(count, length, -1)
+
+    def clear(self) -> None:
+        self.choices = {}
 
 
 class WithdrawalHandle:
@@ -325,7 +392,7 @@ class WithdrawalHandle:
         self._model_ref = weakref.ref(model)
         self._hooks: list = []
         self._probes: list[_Probe] = []
-        self._previous = self._tower = self._encoder = None
+        self._previous = self._tower = self._encoder = self._projector = None
         self._explicit_vision_mask: torch.Tensor | None = None
         self._prompt_end: torch.Tensor | None = None
         self._prefill: _Prefill | None = None  # the prefill forward running now
@@ -409,6 +476,8 @@ class WithdrawalHandle:
             self._tower = self._probe(_TowerLayers(self.method.vision_layers(model)))
         if self.method.before_decoder:
             self._encoder = self._probe(_EncoderCalls(getattr(model, "model", model)))
+        if self.method.acts_in == "vision_encoder":
+            self._projector = self._probe(_ProjectorStage(model, lambda: self.method, self._encoder, self._tower))
         self._hooks.append(model.register_forward_pre_hook(self._on_model_start, with_kwargs=True))
         self._hooks.append(model.register_forward_hook(self._on_model_end, with_kwargs=True))
         bounds = [*self.stages, self.num_layers]
@@ -562,6 +631,7 @@ class WithdrawalHandle:
             inputs=inputs,
             vision_layer=self._tower.seen() if self._tower is not None else {},
             query=query,
+            tower_choices=self._projector.choices if self._projector is not None else None,
         )
 
     # ------------------------------------------------------------------ decode steps

@@ -408,6 +408,9 @@ def count_flops(
         raise ValueError(f"prefill_logits={prefill_logits} exceeds the {out_positions} positions the decoder outputs")
 
     vision, projector = _vision_flops(arch, work)
+    if method.acts_in == "vision_encoder" and method.stages():  # the projector runs on the tokens kept
+        rows = layer_pairs[0][0] - sum(method.unprojected_tokens(g) for g in layout.grids)
+        projector = rows * arch.projector.flops_per_token()
     pre_proj = pre_mlp = pre_scores = 0
     for n in pre_tokens:
         proj, mlp = _layer_linear(dec, n)

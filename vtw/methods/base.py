@@ -49,6 +49,9 @@ class StageContext:
             at text decides from columns ``<= query`` only (FastV and PyramidDrop rank by the query's attention,
             ``random`` draws before it), so every continuation of a prompt gets what the prompt alone gets; the
             columns from ``query`` on are kept whatever :meth:`Reduction.select` returns.
+        tower_choices: for methods acting in the vision encoder, ``{"image" | "video": [UnitChoice, ...]}``: what
+            the method decided for each tower input encoded for this prefill, in encoding order, the added tokens
+            projected (:class:`vtw.methods.towers.UnitChoice`).
     """
 
     stage: int
@@ -66,6 +69,7 @@ class StageContext:
     inputs: dict | None = None
     vision_layer: dict | None = None
     query: torch.Tensor | None = None
+    tower_choices: dict | None = None
 
     def query_or_last(self) -> torch.Tensor:
         """``(B,)`` long: :attr:`query`, or ``T - 1`` for every sample where it is ``None``."""
@@ -182,9 +186,11 @@ class Reduction:
     uses_previous_layer: ClassVar[bool] = False
     #: whether :meth:`select` needs the input of a vision tower layer (``StageContext.vision_layer``)
     uses_vision_layer: ClassVar[bool] = False
-    #: where the method removes tokens: ``"decoder"`` (before decoder layers, :meth:`stages`) or ``"projector"``
-    #: (between the projector and the decoder: each image's and video's projected tokens, one stage at layer 0);
-    #: what it reads to decide is declared by :attr:`uses_previous_layer` / :attr:`uses_vision_layer`
+    #: where the method removes tokens: ``"decoder"`` (before decoder layers, :meth:`stages`), ``"projector"``
+    #: (between the projector and the decoder: each image's and video's projected tokens, one stage at layer 0) or
+    #: ``"vision_encoder"`` (on the features the projector receives, which then projects the kept tokens only:
+    #: :class:`vtw.methods.towers.InTower`; the decoder's stage 0 drops the others); what it reads to decide is
+    #: declared by :attr:`uses_previous_layer` / :attr:`uses_vision_layer`
     acts_in: ClassVar[str] = "decoder"
     #: whether the tokens a stage keeps depend on the data (SparseVLM's rank-based counts, PruMerge's outliers):
     #: :meth:`stage_tokens` then gives the expected counts, and a run's realized counts differ from them
@@ -205,9 +211,9 @@ class Reduction:
 
     @property
     def before_decoder(self) -> bool:
-        """Whether the method acts before the decoder (:attr:`acts_in` ``"projector"``): one stage at layer 0, on each
-        image's and video's token grid."""
-        return self.acts_in == "projector"
+        """Whether the method acts before the decoder (:attr:`acts_in` ``"projector"`` or ``"vision_encoder"``): one
+        stage at layer 0, on each image's and video's token grid."""
+        return self.acts_in in ("projector", "vision_encoder")
 
     def select(self, ctx: StageContext) -> torch.Tensor | Merge:
         """``(B, T)`` bool: the tokens that go on past ``ctx.layer`` (or a :class:`Merge`: those tokens and their new

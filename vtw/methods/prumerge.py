@@ -1,6 +1,7 @@
 """PruMerge / PruMerge+: per image (per video frame, per crop), the patches the vision tower's class token attends to
 far more than to the others (IQR outliers: an adaptive count), each enriched with its key-nearest patches, plus one
-token for what was pruned; PruMerge+ adds spatially uniform samples. Before the decoder."""
+token for what was pruned; PruMerge+ adds spatially uniform samples. In the vision encoder: on the features the
+projector receives, so the projector runs on the kept tokens only."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from .attention import class_token_attention, class_token_attention_flops
-from .base import Extra, Merge, StageContext, check_int
+from .attention import class_token_attention_flops
+from .base import check_int
 from .ranking import KEEP_GRID, check_keep, kept_count
-from .towers import ClassTokenTower, tower_units
+from .towers import InTower, UnitChoice, tower_units
 
 #: the papers' average share of LLaVA-1.5's 576 patches kept: PruMerge 32 (5.5 %), PruMerge+ 144 (25 %); the expected
 #: count of a unit without a cap (``keep=None``)
@@ -21,7 +22,7 @@ NOMINAL_SHARE = {False: 32 / 576, True: 144 / 576}
 
 
 @dataclass(frozen=True)
-class PruMerge(ClassTokenTower):
+class PruMerge(InTower):
     """Per tower input (image, video frame, LLaVA-NeXT crop) of ``n`` patches, from the class token's attention
     ``a`` (softmax over all the input's tokens, mean over heads) and the keys ``k`` (``k_proj`` output, all heads:
     ``D`` wide) in the tower layer that *receives* the features the projector reads (``hidden_states[-2]`` for
@@ -31,9 +32,11 @@ class PruMerge(ClassTokenTower):
        interpolation, numpy's default): an adaptive count ``m``;
     2. ``plus`` (PruMerge+): also every ``s``-th patch in grid order from the first, ``s = max(1, (n // max(m, 1)) //
        3)`` (the reference's ``int(int(1 / ratio) / 3)`` with ``ratio = m / n``), those not already kept;
-    3. merge: each kept patch ``i`` becomes ``x_i + Σ_j a_j x_j`` over its ``neighbours`` nearest other patches (kept or
-       not) by the cosine of the keys; the pruned patches become one more token ``Σ_j a_j x_j`` (attention weights as
-       they are, not normalised, as the reference does), placed after the unit's last cell (its position).
+    3. merge, on the features ``x`` the projector receives (``hidden_states[vision_feature_layer]``): each kept patch
+       ``i`` becomes ``x_i + Σ_j a_j x_j`` over its ``neighbours`` nearest other patches (kept or not) by the cosine
+       of the keys; the pruned patches become one more token ``Σ_j a_j x_j`` (attention weights as they are, not
+       normalised, as the reference does), placed after the unit's last cell (its position). Only these tokens go
+       through the projector (:class:`~vtw.methods.towers.InTower`): its FLOPs follow the realized count.
 
     ``keep`` (the free parameter of ``vtw.budget``): a cap, at most ``ceil(keep · n)`` tokens per unit, the pruned
     patches' token included: the outliers with the highest ``a`` come first; PruMerge+'s stride grows until the
@@ -48,9 +51,8 @@ class PruMerge(ClassTokenTower):
 
     Deviations from the reference code (LLaVA-1.5 only, images only, batch of one):
 
-    * it merges CLIP features before the projector; vtw merges the projected features (the decoder's inputs), each
-      kept token at its own position (nothing renumbered; the reference orders the kept tokens by attention); the
-      pruned patches' token takes the position of the unit's last cell.
+    * each kept token stays at its own position (nothing renumbered; the reference orders the kept tokens by
+      attention); the pruned patches' token takes the position of the unit's last cell.
     * the attention: the reference takes one softmax of the full-width ``q · k`` (all heads concatenated, scale
       ``D^-1/2``); vtw the mean over heads of the per-head softmax (the tower's own attention weights).
     * counts in integer arithmetic (the reference's ``int(n · ratio)`` and ``int(1 / ratio)`` are exact for
@@ -132,45 +134,6 @@ class PruMerge(ClassTokenTower):
         return sum(class_token_attention_flops(hidden, length) + 2 * n * n * hidden for n in sizes if n >= 2)
 
     # ------------------------------------------------------------------ the choice
-    def select(self, ctx: StageContext) -> Merge:
-        layouts, placed = self.placed_grids(ctx)
-        keep = torch.ones_like(ctx.vision)
-        hidden = ctx.hidden.clone()
-        units = self._tower_units(layouts, placed, keep)
-        anchors: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(hidden.shape[0])]
-        for kind, found in units.items():
-            rows = [j for j, (_, cells, _) in enumerate(found) if len(cells) >= 2]
-            if not rows:
-                continue
-            layer, seen = self.tower_inputs(ctx, kind, len(found))
-            attention, keys = class_token_attention(layer, seen[rows].to(hidden.device), mean_keys=False)
-            for row, j in enumerate(rows):
-                b, cells, patch = found[j]
-                token = 1 + patch.to(hidden.device)  # tower token 0 is the class token
-                out = self.reduce_unit(attention[row, token], keys[row, token], ctx.hidden[b, cells])
-                if out is None:
-                    continue
-                kept, merged, pruned = out
-                keep[b, cells] = False
-                keep[b, cells[kept]] = True
-                hidden[b, cells[kept]] = merged.to(hidden.dtype)
-                anchors[b].append((int(cells.max()), pruned))
-        return Merge(keep, hidden, _extra(anchors, ctx))
-
-    def _tower_units(self, layouts, placed, keep) -> dict[str, list]:
-        """Every tower input of the prompt, in encoding order: ``kind -> [(sample, cells (n,) sequence positions,
-        patches (n,) patch index in the tower input)]``; drops the row newlines of crop grids (in ``keep``)."""
-        units = {"image": [], "video": []}
-        for b, (layout, grids) in enumerate(zip(layouts, placed)):
-            for i, p in enumerate(grids):
-                kind = "image" if i < len(layout.images) else "video"
-                cells = p.cells.flatten().to(keep.device)
-                parts = tower_units(p.grid)
-                units[kind].extend((b, cells[local], patch) for local, patch in parts)
-                if p.newlines is not None and any(len(local) >= 2 for local, _ in parts):
-                    keep[b, p.newlines.flatten().to(keep.device)] = False
-        return units
-
     def choose(self, attention: torch.Tensor) -> torch.Tensor | None:
         """The patches one unit keeps: ``(k,)`` long indices into its ``n`` patches (outliers by attention, then
         PruMerge+'s samples in grid order), or ``None`` where the unit stays whole. ``attention``: ``(n,)``."""
@@ -192,24 +155,24 @@ class PruMerge(ClassTokenTower):
             chosen = torch.cat([chosen, samples[: max(room - chosen.numel(), 0)]])
         return None if chosen.numel() + 1 >= n else chosen
 
-    def reduce_unit(self, attention, keys, values) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """One unit of ``n`` patches: ``attention`` ``(n,)``, ``keys`` ``(n, D)``, ``values`` ``(n, Dm)`` (the decoder
-        inputs). Returns ``None`` (whole) or ``(kept (k,) indices, their merged values (k, Dm) float32, the pruned
-        patches' token (Dm,) float32)``."""
+    def reduce_unit(self, attention, keys, features) -> UnitChoice:
+        """One unit of ``n`` patches: ``attention`` ``(n,)``, ``keys`` ``(n, D)``, ``features`` ``(n, Dv)`` (what the
+        projector receives). The kept patches' merged features ``(k, Dv)`` and the pruned patches' token ``(Dv,)``
+        (float32), or a whole unit."""
         kept = self.choose(attention)
         if kept is None:
-            return None
+            return UnitChoice(None)
         n = attention.numel()
         unit = nn.functional.normalize(keys.float(), dim=-1)
         similarity = torch.matmul(unit, unit.T)  # (n, n)
         similarity.fill_diagonal_(-torch.inf)  # a patch is not its own neighbour
         ranked = torch.sort(similarity[kept], dim=1, descending=True, stable=True).indices  # ties: earlier first
         near = ranked[:, : min(self.neighbours, n - 1)]
-        a, x = attention.float(), values.float()
+        a, x = attention.float(), features.float()
         merged = x[kept] + (a[near][..., None] * x[near]).sum(1)
         pruned = torch.ones(n, dtype=torch.bool, device=x.device)
         pruned[kept] = False
-        return kept, merged, (a[pruned][:, None] * x[pruned]).sum(0)
+        return UnitChoice(kept, merged, (a[pruned][:, None] * x[pruned]).sum(0))
 
 
 def outlier_count(scores: torch.Tensor) -> int:
@@ -220,25 +183,6 @@ def outlier_count(scores: torch.Tensor) -> int:
         return 0
     q1, q3 = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device))
     return int((x > q3 + 1.5 * (q3 - q1)).sum())
-
-
-def _extra(anchors: list[list[tuple[int, torch.Tensor]]], ctx: StageContext) -> Extra | None:
-    """The pruned patches' tokens: ``anchors[b]`` = ``[(column it follows, value (Dm,))]``; one whose column is not
-    before the sample's query (last prompt) column is left out."""
-    query = ctx.query_or_last().tolist()
-    anchors = [[(c, v) for c, v in row if c < q] for row, q in zip(anchors, query)]
-    slots = max(map(len, anchors))
-    if not slots:
-        return None
-    batch, _, width = ctx.hidden.shape
-    device = ctx.hidden.device
-    hidden = torch.zeros(batch, slots, width, dtype=ctx.hidden.dtype, device=device)
-    valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
-    after = torch.zeros(batch, slots, dtype=torch.long, device=device)
-    for b, row in enumerate(anchors):
-        for e, (column, value) in enumerate(row):
-            hidden[b, e], valid[b, e], after[b, e] = value.to(hidden.dtype), True, column
-    return Extra(hidden, valid, after)
 
 
 def _scoring_layer(tower: nn.Module, feature_layer, display: str) -> nn.Module:

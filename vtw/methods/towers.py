@@ -11,7 +11,8 @@ from torch import nn
 
 from ..families import get_family
 from ..grids import has_class_token
-from .base import BeforeDecoder, StageContext
+from .attention import class_token_attention
+from .base import BeforeDecoder, Extra, Merge, StageContext
 
 
 @dataclass(frozen=True)
@@ -87,3 +88,133 @@ def tower_units(grid) -> list[tuple[torch.Tensor, torch.Tensor]]:
         local = torch.nonzero(crop == k).flatten()
         out.append((local, patch[local]))
     return out
+
+
+@dataclass(frozen=True)
+class UnitChoice:
+    """What a method acting in the vision encoder decided for one tower input's unit of ``n`` patches.
+
+    Attributes:
+        kept: ``(k,)`` long, the patches kept (indices into the unit's ``n`` patches, :func:`tower_units` order),
+            or ``None``: the unit stays whole.
+        values: ``(k, Dv)`` the kept patches' new features (before the projector), or ``None``: as they are.
+        extra: ``(Dv,)`` one token added after the unit's last cell (before the projector; once the mechanism has
+            projected it, ``(Dm,)`` the decoder input), or ``None``.
+    """
+
+    kept: torch.Tensor | None
+    values: torch.Tensor | None = None
+    extra: torch.Tensor | None = None
+
+
+def encoder_units(config, kind: str, count: int, arguments: dict) -> list[torch.Tensor]:
+    """The patches of each of the ``count`` tower inputs of one ``get_image_features`` (``kind="image"``) or
+    ``get_video_features`` (``"video"``) call that reach the decoder: ``(n,)`` long patch indices (row-major over the
+    input's ``side x side``), in encoding order. LLaVA-NeXT's crops lose the patches the unpadding removes (read from
+    the call's ``image_sizes`` in ``arguments``); a fixed-resolution input keeps every patch."""
+    from ..grids import image_grids, video_grid
+
+    spec = get_family(config)
+    if kind == "video":
+        grids = [video_grid(config, 1)] * count
+    elif spec.image_layout == "single":
+        grids = [image_grids(config)[0]] * count
+    else:
+        sizes = arguments.get("image_sizes")
+        if sizes is None:
+            raise RuntimeError(f"vtw: {spec.display} encoded images without image_sizes; their crops are unknown")
+        grids = [g for size in sizes.tolist() for g in image_grids(config, tuple(size))]
+    units = [patches for g in grids for _, patches in tower_units(g)]
+    if len(units) != count:
+        raise RuntimeError(f"vtw: {spec.display}'s tower encoded {count} {kind} inputs, the layout gives {len(units)}")
+    return units
+
+
+@dataclass(frozen=True)
+class InTower(ClassTokenTower):
+    """Base of the methods acting in the vision encoder (:attr:`acts_in` ``"vision_encoder"``): each tower input's
+    patches are chosen (and may be merged) on the features the projector receives, from the class token's attention
+    in the layer that produced them (:meth:`tower_layer`); the mechanism projects the kept patches (and the added
+    tokens) only and places them at their cells, and the decoder's stage 0 drops the others (:meth:`select`). The
+    projector's FLOPs follow the kept tokens: every decoder vision token at layer 0 is one projected row, except the
+    tokens :meth:`unprojected_tokens` names."""
+
+    acts_in: ClassVar[str] = "vision_encoder"
+
+    def reduce_unit(self, attention, keys, features) -> UnitChoice:
+        """One unit of ``n`` patches: the class token's ``attention`` ``(n,)``, the patches' ``keys`` ``(n, D)`` and
+        the ``features`` ``(n, Dv)`` the projector would receive."""
+        raise NotImplementedError
+
+    def decide(self, layer: nn.Module, tower_hidden: torch.Tensor, features: torch.Tensor, units) -> list[UnitChoice]:
+        """Every tower input of one encoder call: ``tower_hidden`` ``(N, S_t, D)`` what ``layer`` received (class token
+        first), ``features`` ``(N, S, Dv)`` what the projector receives (its last ``side²`` rows are the patches),
+        ``units``: :func:`encoder_units`. Returns one :class:`UnitChoice` per input."""
+        offset = features.shape[1] - (tower_hidden.shape[1] - 1)  # rows before the patches (a class token kept)
+        rows = [i for i, patches in enumerate(units) if len(patches) >= 2]
+        out = [UnitChoice(None)] * len(units)
+        if rows:
+            attention, keys = class_token_attention(layer, tower_hidden[rows], mean_keys=False)
+            for r, i in enumerate(rows):
+                patches = units[i].to(features.device)
+                token = 1 + patches  # tower token 0 is the class token
+                out[i] = self.reduce_unit(attention[r, token], keys[r, token], features[i, offset + patches])
+        return out
+
+    def unprojected_tokens(self, grid) -> int:
+        """Decoder tokens of ``grid`` after the method that are no projector rows: its trailing tokens, and its row
+        newlines where no unit was reducible (a reduced crop grid loses them)."""
+        reducible = any(len(cells) >= 2 for cells, _ in tower_units(grid))
+        return grid.trail + (0 if reducible else grid.frames * grid.rows * grid.newline)
+
+    def select(self, ctx: StageContext) -> Merge:
+        """Stage 0: the cells of the patches each unit dropped go, the added tokens follow each unit's last cell."""
+        layouts, placed = self.placed_grids(ctx)
+        keep = torch.ones_like(ctx.vision)
+        anchors: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(keep.shape[0])]
+        for kind, found in self._tower_units(layouts, placed, keep).items():
+            chosen = (ctx.tower_choices or {}).get(kind, [])
+            if len(chosen) < len(found):
+                raise RuntimeError(f"{self.label}: the prompt has {len(found)} {kind} encoder inputs, the tower "
+                                   f"chose for {len(chosen)} (give pixel inputs, not features)")  # fmt: skip
+            for (b, cells, _), choice in zip(found, chosen[len(chosen) - len(found) :]):
+                if choice.kept is None:
+                    continue
+                keep[b, cells] = False
+                keep[b, cells[choice.kept.to(cells.device)]] = True
+                if choice.extra is not None:
+                    anchors[b].append((int(cells.max()), choice.extra))
+        return Merge(keep, None, _extra(anchors, ctx))
+
+    def _tower_units(self, layouts, placed, keep) -> dict[str, list]:
+        """Every tower input of the prompt, in encoding order: ``kind -> [(sample, cells (n,) sequence positions,
+        patches (n,) patch index in the tower input)]``; drops the row newlines of crop grids (in ``keep``)."""
+        units = {"image": [], "video": []}
+        for b, (layout, grids) in enumerate(zip(layouts, placed)):
+            for i, p in enumerate(grids):
+                kind = "image" if i < len(layout.images) else "video"
+                cells = p.cells.flatten().to(keep.device)
+                parts = tower_units(p.grid)
+                units[kind].extend((b, cells[local], patch) for local, patch in parts)
+                if p.newlines is not None and any(len(local) >= 2 for local, _ in parts):
+                    keep[b, p.newlines.flatten().to(keep.device)] = False
+        return units
+
+
+def _extra(anchors: list[list[tuple[int, torch.Tensor]]], ctx: StageContext) -> Extra | None:
+    """Added tokens: ``anchors[b]`` = ``[(column it follows, value (Dm,))]``; one whose column is not before the
+    sample's query (last prompt) column is left out."""
+    query = ctx.query_or_last().tolist()
+    anchors = [[(c, v) for c, v in row if c < q] for row, q in zip(anchors, query)]
+    slots = max(map(len, anchors))
+    if not slots:
+        return None
+    batch, _, width = ctx.hidden.shape
+    device = ctx.hidden.device
+    hidden = torch.zeros(batch, slots, width, dtype=ctx.hidden.dtype, device=device)
+    valid = torch.zeros(batch, slots, dtype=torch.bool, device=device)
+    after = torch.zeros(batch, slots, dtype=torch.long, device=device)
+    for b, row in enumerate(anchors):
+        for e, (column, value) in enumerate(row):
+            hidden[b, e], valid[b, e], after[b, e] = value.to(hidden.dtype), True, column
+    return Extra(hidden, valid, after)
