@@ -204,18 +204,31 @@ class _PreviousLayer(_Probe):
     """The input of layer ``k_s - 1`` of each stage ``s`` in a prefill (FastV scores with the layer before its
     stage). Install it after the stage hooks: it then sees each layer's inputs as they replaced them."""
 
-    def __init__(self, layers: nn.ModuleList, stages: tuple[int, ...], prefilling: Callable[[], bool]):
+    def __init__(self, layers: nn.ModuleList, stages: tuple[int, ...], prefilling: Callable[[], bool],
+                 projections: bool = False):  # fmt: skip
         super().__init__()
         self.seen: dict[int, LayerInput] = {}
         for s, k in enumerate(stages):
             if k >= 1:
                 self.hooks.append(layers[k - 1].register_forward_pre_hook(self._hook(s, prefilling), with_kwargs=True))
+                for name in ("q_proj", "k_proj") if projections else ():  # the layer's own projections, caught
+                    module = getattr(layers[k - 1].self_attn, name)
+                    self.hooks.append(module.register_forward_hook(self._projection(s, name, prefilling)))
 
     def _hook(self, s: int, prefilling):
         def hook(module, args, kwargs):
             if prefilling():
                 hidden = args[0] if args else kwargs["hidden_states"]
                 self.seen[s] = LayerInput(module, hidden, kwargs.get("position_embeddings"))
+
+        return hook
+
+    def _projection(self, s: int, name: str, prefilling):
+        field_name = "queries" if name == "q_proj" else "keys"
+
+        def hook(module, args, output):
+            if prefilling() and s in self.seen:
+                self.seen[s] = replace(self.seen[s], **{field_name: output})
 
         return hook
 
@@ -486,7 +499,8 @@ class WithdrawalHandle:
             for i in range(first + 1, stop):
                 self._hooks.append(lm.layers[i].register_forward_pre_hook(self._segment_hook(s), with_kwargs=True))
         if self.method.uses_previous_layer:  # installed last: it sees each layer's inputs as replaced above
-            self._previous = self._probe(_PreviousLayer(lm.layers, self.stages, lambda: self._prefill is not None))
+            self._previous = self._probe(_PreviousLayer(lm.layers, self.stages, lambda: self._prefill is not None,
+                                                        self.method.uses_previous_projections))  # fmt: skip
 
     def _probe(self, probe: _Probe) -> _Probe:
         self._probes.append(probe)

@@ -19,22 +19,26 @@ import torch
 from torch import nn
 
 
-def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, queries: slice | torch.Tensor):
+def _query_key(layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, queries: slice | torch.Tensor,
+               projected: tuple | None = None):  # fmt: skip
     """``(q (B, H, Tq, hd), k (B, H, T, hd))`` of ``layer`` on ``hidden`` ``(B, T, D)``, rotary applied with the layer's
     own function, key/value heads repeated to the query heads (GQA); ``queries`` selects the query positions: a slice
-    of ``T``, a ``(B,)`` long tensor, one position per sample (``Tq = 1``), or ``(B, Tq)`` positions per sample."""
+    of ``T``, a ``(B,)`` long tensor, one position per sample (``Tq = 1``), or ``(B, Tq)`` positions per sample.
+    ``projected``: the layer's own ``(q_proj (B, T, H·hd), k_proj (B, T, KV·hd))`` outputs on ``hidden``
+    (:attr:`vtw.methods.base.LayerInput.projected`): taken instead of projecting again."""
     attn = layer.self_attn
     batch, length, _ = hidden.shape
-    normed = layer.input_layernorm(hidden)
     head_dim = attn.head_dim
     cos, sin = position_embeddings
+    source = layer.input_layernorm(hidden) if projected is None else projected[0]
     if isinstance(queries, torch.Tensor):
         rows = queries if queries.dim() == 2 else queries[:, None]
-        qn, q_cos, q_sin = (gather_rows(t, rows) for t in (normed, cos, sin))
+        qn, q_cos, q_sin = (gather_rows(t, rows) for t in (source, cos, sin))
     else:
-        qn, q_cos, q_sin = normed[:, queries], cos[..., queries, :], sin[..., queries, :]
-    q = attn.q_proj(qn).view(batch, qn.shape[1], -1, head_dim).transpose(1, 2)
-    k = attn.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        qn, q_cos, q_sin = source[:, queries], cos[..., queries, :], sin[..., queries, :]
+    q = (attn.q_proj(qn) if projected is None else qn).view(batch, qn.shape[1], -1, head_dim).transpose(1, 2)
+    k = attn.k_proj(source) if projected is None else projected[1]
+    k = k.view(batch, length, -1, head_dim).transpose(1, 2)
     rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb
     q, _ = rotary(q, q, q_cos, q_sin)
     _, k = rotary(k[:, :1], k, cos, sin)  # its first output is thrown away: rotate one head there, not all again
@@ -86,13 +90,15 @@ def last_token_attention(
 
 
 def rows_attention(
-    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, attention_mask: torch.Tensor, rows
-) -> torch.Tensor:
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, attention_mask: torch.Tensor, rows,
+    projected: tuple | None = None,
+) -> torch.Tensor:  # fmt: skip
     """Softmax attention probabilities of the queries at columns ``rows`` ``(B, N)`` over every key, mean over heads:
     ``(B, N, T)`` float32 (causal: keys after a row's column and padding get 0; the numbers the layer's eager
-    attention weights hold). Queries are projected for the ``N`` rows only, keys for all ``T`` tokens; arguments
-    otherwise as :func:`last_token_attention`."""
-    q, k = _query_key(layer, hidden, position_embeddings, rows)
+    attention weights hold). Queries are projected for the ``N`` rows only, keys for all ``T`` tokens, or both taken
+    from ``projected``, the layer's own projections (:func:`_query_key`); arguments otherwise as
+    :func:`last_token_attention`."""
+    q, k = _query_key(layer, hidden, position_embeddings, rows, projected)
     scores = torch.matmul(q, k.transpose(2, 3)) * layer.self_attn.scaling  # (B, H, N, T)
     keys = torch.arange(hidden.shape[1], device=hidden.device)
     allowed = (keys[None, None, :] <= rows.to(hidden.device)[:, :, None]) & attention_mask.bool()[:, None, :]

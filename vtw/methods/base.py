@@ -117,11 +117,20 @@ class Merge:
 @dataclass(frozen=True)
 class LayerInput:
     """What one decoder layer received in a prefill: the layer, ``hidden`` ``(B, T, D)`` and ``position_embeddings``
-    ``(cos, sin)`` of the same ``T`` tokens."""
+    ``(cos, sin)`` of the same ``T`` tokens; for methods with ``uses_previous_projections``, the layer's own query
+    and key projections of them, ``queries`` ``(B, T, H·hd)`` and ``keys`` ``(B, T, KV·hd)`` (``q_proj`` / ``k_proj``
+    outputs as the layer computed them, before the rotary embedding), so a method scores without projecting again."""
 
     module: nn.Module
     hidden: torch.Tensor
     position_embeddings: tuple | None
+    queries: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+
+    @property
+    def projected(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(queries, keys)`` where both were caught, else ``None``."""
+        return None if self.queries is None or self.keys is None else (self.queries, self.keys)
 
 
 def check_layer(layer, num_layers: int, what: str = "withdrawal layer") -> int | None:
@@ -184,6 +193,8 @@ class Reduction:
     registered: ClassVar[bool] = True
     #: whether :meth:`select` needs the input of the layer before each stage (``StageContext.previous``)
     uses_previous_layer: ClassVar[bool] = False
+    #: whether :meth:`select` also needs that layer's query and key projections (``LayerInput.queries`` / ``keys``)
+    uses_previous_projections: ClassVar[bool] = False
     #: whether :meth:`select` needs the input of a vision tower layer (``StageContext.vision_layer``)
     uses_vision_layer: ClassVar[bool] = False
     #: where the method removes tokens: ``"decoder"`` (before decoder layers, :meth:`stages`), ``"projector"``

@@ -26,7 +26,7 @@ class SparseVLM(Reduction):
        vision tokens ``v`` of ``softmax_t(h_v · h_t)`` (softmax over the candidates; ``h``: the scoring layer's input
        hidden states); if no candidate is above the mean (all equal), every candidate rates.
     2. scores: ``P`` ``(R, V)``, the raters' attention probabilities to the ``V`` vision tokens in the scoring layer
-       (recomputed from its own input norm, q/k projections and rotary embedding on its input; softmax over every
+       (from the layer's own query and key projections, caught as it ran, and its rotary embedding; softmax over every
        key the row sees, mean over heads); a vision token's score is ``P``'s column mean.
     3. count: ``V - floor((1 - keep[s]) · (V - rank P))`` vision tokens with the highest scores go on (ties: the
        earlier first). This is the paper's rule (drop ``λ · (V - rank P)``) with ``λ = 1 - keep[s]``: ``keep[s]`` is
@@ -74,6 +74,7 @@ class SparseVLM(Reduction):
     name = "sparsevlm"
     free_parameter = "scale"
     uses_previous_layer = True
+    uses_previous_projections = True
     #: the realized token counts depend on the data (the rank); :meth:`layer_tokens` gives a lower bound of them
     counts_depend_on_data: ClassVar[bool] = True
     layers: tuple[int, ...] | None = None
@@ -137,10 +138,10 @@ class SparseVLM(Reduction):
 
     def scoring_flops(self, config, layout, tokens=None) -> int:
         """Per stage, on the ``(v, t)`` tokens of its scoring layer (``tokens[layers[s]]``): the relevance
-        ``h_v · h_t`` of every vision and text token (``2 v t D``), the query projection of every text token, the
-        key projection of every token and the text rows of ``q kᵀ`` over all heads. Softmax, means, the rank (an
-        SVD) and the clustering's distances are no matmuls; a stage with no vision or no text token spends
-        nothing."""
+        ``h_v · h_t`` of every vision and text token (``2 v t D``) and the text rows of ``q kᵀ`` over all heads (the
+        queries and keys are the scoring layer's own projections, caught as it ran: no projection is spent).
+        Softmax, means, the rank (an SVD) and the clustering's distances are no matmuls; a stage with no vision or no
+        text token spends nothing."""
         from ..flops.arch import architecture
 
         if tokens is None:
@@ -152,8 +153,7 @@ class SparseVLM(Reduction):
             v, t = (int(x) for x in tokens[stage - 1])
             if v == 0 or t == 0:
                 continue
-            total += 2 * v * t * dec.hidden + 2 * t * dec.hidden * dec.heads * dec.head_dim
-            total += 2 * (v + t) * dec.hidden * dec.kv_heads * dec.head_dim + 2 * dec.heads * t * (v + t) * dec.head_dim
+            total += 2 * v * t * dec.hidden + 2 * dec.heads * t * (v + t) * dec.head_dim
         return total
 
     def budget_candidates(self, num_layers: int) -> list[SparseVLM]:
@@ -186,7 +186,8 @@ class SparseVLM(Reduction):
         text_cols, text_valid = _columns(text)
         vis_cols, vis_valid = _columns(ctx.vision & ctx.attention_mask.bool())
         relevance = _relevance(prev.hidden, vis_cols, vis_valid & vision.gather(1, vis_cols), text_cols)
-        probs = rows_attention(prev.module, prev.hidden, prev.position_embeddings, ctx.attention_mask, text_cols)
+        probs = rows_attention(prev.module, prev.hidden, prev.position_embeddings, ctx.attention_mask, text_cols,
+                               prev.projected)  # fmt: skip
         cand_rows = candidates.gather(1, text_cols) & text_valid
         scores = torch.zeros(ctx.vision.shape, dtype=torch.float32, device=ctx.vision.device)
         counts, groups = [], []
