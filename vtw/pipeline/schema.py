@@ -74,6 +74,10 @@ class VtwConf:
     clusters: float | None = None  # sparsevlm: aggregates per recycled token
     plus: bool | None = None  # prumerge: PruMerge+ (adds spatially uniform samples)
     neighbours: int | None = None  # prumerge: nearest patches each kept one absorbs (32)
+    pivots: int | None = None  # dart: pivot tokens among the image and among the text tokens (4 each)
+    important: float | None = None  # vispruner: share of the kept tokens chosen by importance (1: FasterVLM)
+    threshold: float | None = None  # dycoke: cosine similarity above which a later frame's token is dropped
+    window: int | None = None  # dycoke: consecutive frames compared with the window's first frame (4)
     budget: float | None = None  # matched compute: the method's free parameter set for F x the full TFLOPs
     budget_limit: int = 32  # prompts per task the budget is matched on
     search: SearchConf = field(default_factory=SearchConf)
