@@ -73,6 +73,7 @@ class Sample:
     prefix: int = 3
     suffix: int = 4
     image_shape: tuple[int, int] = (32, 32)  # (H, W) in pixels (anyres families make several crops of it)
+    frames: int = 2  # frames per video where the family takes any number (Qwen: 2 per temporal patch)
 
 
 def _pixels(g: torch.Generator, *shape: int) -> torch.Tensor:
@@ -156,7 +157,7 @@ def _single(model, sample: Sample, seed: int) -> dict[str, torch.Tensor]:
     spec = get_family(model)
     g = torch.Generator().manual_seed(seed)
     img_kwargs, (ic,) = _image_inputs(spec.model_type, model, [sample], g)
-    vid_kwargs, (vc,) = _video_inputs(spec.model_type, model, [sample], g)
+    vid_kwargs, (vc,) = _video_inputs(spec.model_type, model, [sample], g, frames=sample.frames)
     image_id = model.config.image_token_id
     video_id = getattr(model.config, "video_token_id", None)
     ids = torch.randint(1, 140, (sample.prefix,), generator=g).tolist()

@@ -204,7 +204,8 @@ class Reduction:
     #: declared by :attr:`uses_previous_layer` / :attr:`uses_vision_layer`
     acts_in: ClassVar[str] = "decoder"
     #: whether the tokens a stage keeps depend on the data (SparseVLM's rank-based counts, PruMerge's outliers):
-    #: :meth:`stage_tokens` then gives the expected counts, and a run's realized counts differ from them
+    #: :meth:`stage_tokens` then gives the expected counts, and a run's realized counts differ from them; read it on
+    #: an instance (a method whose parameters decide it overrides it with a property: DyCoke's ``threshold``)
     counts_depend_on_data: ClassVar[bool] = False
 
     def resolve(self, num_layers: int) -> Reduction:

@@ -140,6 +140,9 @@ class InTower(ClassTokenTower):
     tokens :meth:`unprojected_tokens` names."""
 
     acts_in: ClassVar[str] = "vision_encoder"
+    #: whether a crop grid keeps its row newlines when its crops are reduced (VisPruner's reference does; PruMerge's
+    #: and vtw's VisionZip drop them)
+    keeps_newlines: ClassVar[bool] = False
 
     def reduce_unit(self, attention, keys, features) -> UnitChoice:
         """One unit of ``n`` patches: the class token's ``attention`` ``(n,)``, the patches' ``keys`` ``(n, D)`` and
@@ -163,9 +166,9 @@ class InTower(ClassTokenTower):
 
     def unprojected_tokens(self, grid) -> int:
         """Decoder tokens of ``grid`` after the method that are no projector rows: its trailing tokens, and its row
-        newlines where no unit was reducible (a reduced crop grid loses them)."""
-        reducible = any(len(cells) >= 2 for cells, _ in tower_units(grid))
-        return grid.trail + (0 if reducible else grid.frames * grid.rows * grid.newline)
+        newlines where they stay (:attr:`keeps_newlines`, or no unit was reducible)."""
+        dropped = not self.keeps_newlines and any(len(cells) >= 2 for cells, _ in tower_units(grid))
+        return grid.trail + (0 if dropped else grid.frames * grid.rows * grid.newline)
 
     def select(self, ctx: StageContext) -> Merge:
         """Stage 0: the cells of the patches each unit dropped go, the added tokens follow each unit's last cell."""
@@ -188,7 +191,8 @@ class InTower(ClassTokenTower):
 
     def _tower_units(self, layouts, placed, keep) -> dict[str, list]:
         """Every tower input of the prompt, in encoding order: ``kind -> [(sample, cells (n,) sequence positions,
-        patches (n,) patch index in the tower input)]``; drops the row newlines of crop grids (in ``keep``)."""
+        patches (n,) patch index in the tower input)]``; drops the row newlines of crop grids (in ``keep``) unless
+        :attr:`keeps_newlines`."""
         units = {"image": [], "video": []}
         for b, (layout, grids) in enumerate(zip(layouts, placed)):
             for i, p in enumerate(grids):
@@ -196,7 +200,7 @@ class InTower(ClassTokenTower):
                 cells = p.cells.flatten().to(keep.device)
                 parts = tower_units(p.grid)
                 units[kind].extend((b, cells[local], patch) for local, patch in parts)
-                if p.newlines is not None and any(len(local) >= 2 for local, _ in parts):
+                if p.newlines is not None and not self.keeps_newlines and any(len(local) >= 2 for local, _ in parts):
                     keep[b, p.newlines.flatten().to(keep.device)] = False
         return units
 
