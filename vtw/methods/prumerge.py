@@ -43,7 +43,8 @@ class PruMerge(InTower):
     samples fit. Counts depend on the data; the declared (expected) count of a unit (:meth:`grid_tokens`: FLOPs,
     ``mode=flops``, ``vtw.budget``) is ``min(n, ceil(keep · n))``, an upper bound of the realized count
     (``handle.last_layer_tokens``); without a cap, the papers' average share (:data:`NOMINAL_SHARE`), not a bound.
-    A unit that would keep ``n - 1`` patches or more stays whole and unchanged.
+    A unit that would keep ``n - 1`` patches or more stays whole and unchanged. ``keep=1`` keeps everything: nothing is
+    installed (the full model, as ``keep=1`` of every method; ``vtw.budget=1``); ``keep=None``: no cap.
 
     Towers with a class token only: LLaVA-1.5, Video-LLaVA (images and video frames), LLaVA-NeXT(-Video) images, per
     crop (the base crop; each crop of the unpadded crop grid on the patches the unpadding left, the IQR over those);
@@ -83,7 +84,7 @@ class PruMerge(InTower):
         check_int(self.neighbours, "prumerge neighbours", minimum=1)
 
     def stages(self) -> tuple[int, ...]:
-        return (0,)
+        return () if self.keep == 1 else (0,)  # keep=1: no cap at all would still prune; it is the full model
 
     @property
     def label(self) -> str:

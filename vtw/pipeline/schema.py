@@ -62,7 +62,7 @@ class SearchConf:
 class VtwConf:
     layer: Any = II("model.default_layer")  # null | int 0..L | auto
     positions: str = "keep"  # keep | compact: kept tokens keep their positions, or are renumbered (not on M-RoPE)
-    method: str = "vtw"  # vtw | fastv | pdrop | pool | random_vision | random (vtw.methods.METHODS)
+    method: str = "vtw"  # a name of vtw.methods.METHODS
     keep: Any = None  # fastv / random_vision: share of vision tokens kept; pdrop: one share per stage
     layers: Any = None  # pdrop: stage layers (null: the paper's 8, 16, 24 of 32 scaled to L)
     seed: int | None = None  # random_vision / random
@@ -77,7 +77,7 @@ class VtwConf:
     pivots: int | None = None  # dart: pivot tokens among the image and among the text tokens (4 each)
     important: float | None = None  # vispruner: share of the kept tokens chosen by importance (1: FasterVLM)
     threshold: float | None = None  # dycoke: cosine similarity above which a later frame's token is dropped
-    window: int | None = None  # dycoke: consecutive frames compared with the window's first frame (4)
+    window: int | None = None  # dycoke: frames per window, compared with an earlier frame of it (4)
     budget: float | None = None  # matched compute: the method's free parameter set for F x the full TFLOPs
     budget_limit: int = 32  # prompts per task the budget is matched on
     search: SearchConf = field(default_factory=SearchConf)
