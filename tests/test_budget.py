@@ -17,7 +17,7 @@ from test_lmms_fixtures import pipeline_overrides
 from vtw.flops import count_flops, load_model_config
 from vtw.flops.budget import Prompt, match_budget
 from vtw.io import read_json
-from vtw.methods import FastV, PyramidDrop, RandomVision, Withdrawal
+from vtw.methods import METHODS, FastV, PyramidDrop, RandomVision, Withdrawal
 from vtw.pipeline.config import compose_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +67,39 @@ def test_pdrop_budget_scales_every_share_and_one_is_the_full_model():
     for method in (Withdrawal(layer=3), FastV(), RandomVision(), PyramidDrop()):
         full = match_budget(CFG, PROMPTS, method, 1.0)
         assert full.ratio == 1.0 and not [k for k in full.method.resolve(32).stages() if k < 32], method
+
+
+VIDEO_CFG = load_model_config("video-llava-7b")
+VIDEO_PROMPTS = [
+    Prompt(8 * 257, 40, {"video_frames": 8}),
+    Prompt(8 * 257 + 256, 60, {"video_frames": 8, "vision_inputs": 1}),
+]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_registered_method_matches_a_budget_and_one_is_the_full_model(name):
+    """Every method of the registry, at its defaults, on LLaVA-1.5-7B (a video method: Video-LLaVA-7B videos): F = 0.5
+    is the candidate closest to 0.5 among all of its candidates (their ratios computed here, the full model's FLOPs
+    by hand at each), and F = 1 is the full model (ratio exactly 1)."""
+    method = METHODS[name]()
+    try:
+        method.check_supported(CFG)
+        cfg, prompts = CFG, PROMPTS
+    except ValueError:
+        cfg, prompts = VIDEO_CFG, VIDEO_PROMPTS
+    full = sum(count_flops(cfg, vision_tokens=p.vision_tokens, text_tokens=p.text_tokens, generated_tokens=1,
+                           **p.encoder).total for p in prompts)  # fmt: skip
+
+    def ratio(m):
+        return sum(count_flops(cfg, vision_tokens=p.vision_tokens, text_tokens=p.text_tokens, generated_tokens=1,
+                               method=m, **p.encoder).total for p in prompts) / full  # fmt: skip
+
+    ratios = [ratio(m) for m in method.budget_candidates(32)]
+    half = match_budget(cfg, prompts, method, 0.5)
+    assert all(abs(half.ratio - 0.5) <= abs(r - 0.5) + 1e-12 for r in ratios) and abs(half.ratio - 0.5) < 0.08
+    assert half.ratio == pytest.approx(ratio(half.method)) and type(half.method) is type(method)
+    one = match_budget(cfg, prompts, method, 1.0)
+    assert one.ratio == 1.0, one.method  # exactly: every layer sees every token and nothing is spent scoring
 
 
 def test_budget_config_checks():
