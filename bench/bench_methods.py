@@ -19,6 +19,7 @@ as not budget-matched. Printed, from one run:
   FastV's and PDrop's share to within 0.2 pp (IQR and range).
 
     python bench/bench_methods.py [--layers 16 --hidden 512 --reps 7 --budget 0.5]
+    python bench/bench_methods.py --video 8      # a Video-LLaVA-shaped model, one 8-frame video (DyCoke acts)
 
 On a GPU, a shipped checkpoint's shapes, random-initialised on the device (bench_withdraw.py's ``--config``), with
 peak GPU memory per method:
@@ -36,7 +37,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from bench_withdraw import describe, inputs_for, load, model_options, sync
+from bench_withdraw import describe, inputs_for, load, load_video, model_options, sync, video_inputs_for
 
 from vtw import get_family, withdraw
 from vtw.flops import count_flops
@@ -226,17 +227,34 @@ def realized_tokens(model, inputs: dict, method: Reduction | None) -> list | Non
         return handle.last_layer_tokens[0].tolist()
 
 
+def bench_prompt(args):
+    """``(model, device, dtype, inputs, prompt)``: the benchmark model and its one prompt (an image; with ``--video N``
+    a Video-LLaVA-shaped model and one video of ``N`` frames), and that prompt's :class:`Prompt` counts."""
+    if args.video:
+        if args.config:
+            raise SystemExit("--video builds its own Video-LLaVA-shaped model; give no --config")
+        model, device, dtype = load_video(args)
+        inputs = video_inputs_for(model, args.text_tokens, args.video)
+        n_vision = int((inputs["input_ids"] == model.config.video_token_id).sum())
+        return model, device, dtype, inputs, Prompt(n_vision, args.text_tokens, {"video_frames": args.video})
+    model, device, dtype = load(args)
+    inputs = inputs_for(model, args.text_tokens)
+    image_id = get_family(model.config).vision_token_ids(model.config)[0]
+    n_vision = int((inputs["input_ids"] == image_id).sum())
+    return model, device, dtype, inputs, Prompt(n_vision, args.text_tokens, {"vision_inputs": 1})
+
+
 def main(argv: list[str] | None = None, registry: dict[str, type[Reduction]] | None = None) -> None:
     """Run the benchmark (``argv``: its command line; ``registry``: the methods, :data:`vtw.methods.METHODS`)."""
     p = model_options(__doc__.split("\n")[0])
     p.add_argument("--budget", type=float, default=0.5)
+    p.add_argument(
+        "--video", type=int, default=0, help="> 0: a Video-LLaVA-shaped model, one video of that many frames"
+    )
     args = p.parse_args(argv)
-    model, device, dtype = load(args)
-    inputs = inputs_for(model, args.text_tokens)
-    image_id = get_family(model.config).vision_token_ids(model.config)[0]
-    cfg, n_vision, n_text = model.config, int((inputs["input_ids"] == image_id).sum()), args.text_tokens
-    setup = setup_methods(model, [Prompt(n_vision, n_text, {"vision_inputs": 1})], args.budget,
-                          METHODS if registry is None else registry)  # fmt: skip
+    model, device, dtype, inputs, prompt = bench_prompt(args)
+    cfg, n_vision, n_text = model.config, prompt.vision_tokens, prompt.text_tokens
+    setup = setup_methods(model, [prompt], args.budget, METHODS if registry is None else registry)
     flops = {
         name: count_flops(
             cfg,
@@ -245,6 +263,7 @@ def main(argv: list[str] | None = None, registry: dict[str, type[Reduction]] | N
             generated_tokens=1,
             method=method,
             layer_tokens=realized_tokens(model, inputs, method),
+            **prompt.encoder,
         )  # fmt: skip
         for name, method in {"vanilla": None, **setup.runs}.items()
     }

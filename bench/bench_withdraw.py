@@ -58,6 +58,38 @@ def build(args) -> T.LlavaForConditionalGeneration:
     return T.LlavaForConditionalGeneration(config).eval()
 
 
+def build_video(args) -> T.VideoLlavaForConditionalGeneration:
+    """A Video-LLaVA-shaped model: :func:`build`'s decoder, a small CLIP tower on 224 px frames of 14 px patches
+    (257 tokens per frame, its class token included), for the video methods (``bench_methods.py --video``)."""
+    image = build(args)
+    vision = T.CLIPVisionConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, image_size=224, patch_size=14
+    )
+    config = T.VideoLlavaConfig(
+        text_config=image.config.text_config, vision_config=vision, image_token_index=1998, video_token_index=1999
+    )
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return T.VideoLlavaForConditionalGeneration(config).eval()
+
+
+def video_inputs_for(model, text_tokens: int, frames: int) -> dict:
+    """One prompt: 35 text tokens, one video of ``frames`` frames (``frames x 257`` tokens), the rest of the text."""
+    config = model.config
+    vision = config.vision_config
+    per_frame = (vision.image_size // vision.patch_size) ** 2 + 1
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(2, 1900, (text_tokens,), generator=g)
+    ids = torch.cat([text[:35], torch.full((frames * per_frame,), config.video_token_id), text[35:]])[None]
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+    pixels = torch.rand(1, frames, 3, vision.image_size, vision.image_size, generator=g).to(device, dtype)
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.ones_like(ids).to(device),
+        "pixel_values_videos": pixels,
+    }
+
+
 def build_shipped(name: str, device: torch.device, dtype: torch.dtype, shrink: bool = False):
     """A shipped checkpoint's architecture (``--config``), random-initialised directly on ``device`` in ``dtype``."""
     config = load_model_config(name)
@@ -159,9 +191,21 @@ def load(args):
     return model, device, dtype
 
 
+def load_video(args):
+    """:func:`build_video` on the device and dtype of ``args`` (as :func:`load`). Returns ``(model, device, dtype)``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    return build_video(args).to(device, dtype), device, dtype
+
+
 def describe(args, device: torch.device, dtype: torch.dtype, n_vision: int) -> str:
     """The first words of a benchmark's header: the model's shapes, the prompt, device and dtype."""
     shape = f"{args.config} shapes (random init)" if args.config else "LLaVA-1.5-shaped model"
+    if getattr(args, "video", 0):
+        shape = "Video-LLaVA-shaped model"
     threads = f", CPU threads={torch.get_num_threads()}" if device.type == "cpu" else ""
     return (f"{shape}: L={args.layers}, d={args.hidden}, {n_vision} vision + {args.text_tokens} text tokens, "
             f"{device}, {str(dtype).removeprefix('torch.')}{threads}")  # fmt: skip

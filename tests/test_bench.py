@@ -89,6 +89,17 @@ def test_bench_methods_small():
     assert "sparsevlm" not in speed or scoring["sparsevlm"][-2] == "<=5%"
 
 
+def test_bench_methods_on_a_video():
+    """``--video``: a Video-LLaVA-shaped model and one video (2 frames x 257 tokens), so the video methods act: every
+    registered method is timed (none refuses a Video-LLaVA video), DyCoke among them."""
+    out = _bench("bench_methods.py", "--layers", "4", "--hidden", "64", "--reps", "1", "--video", "2")
+    assert "Video-LLaVA-shaped model: L=4" in out and "514 vision + 60 text tokens" in out, out
+    speed, scoring, skipped = _tables(out)
+    assert not skipped and set(METHODS) <= set(speed), out
+    assert "dycoke keep=" in speed["dycoke"] and float(speed["dycoke"].split()[3]) < 1, speed["dycoke"]
+    _check_scoring_row(scoring["dycoke"])
+
+
 def test_bench_methods_on_a_shipped_config_shrunk():
     out = _bench("bench_methods.py", "--config", "llava-1.5-7b", "--shrink", "--reps", "1", "--device", "cpu")
     assert "llava-1.5-7b shapes (random init): L=4" in out and "576 vision + 60 text tokens" in out
