@@ -206,3 +206,14 @@ def counting(cls, sink: list, *, with_inputs: bool = False):
     if hasattr(cls, "decide"):
         body["decide"] = decide
     return type(f"Counted{cls.__name__}", (cls,), body)
+
+
+def counted_prefill(model, inputs: dict, method, sink: list) -> list:
+    """One prefill of ``inputs`` under ``method`` (an instance of a :func:`counting` class whose entries go to
+    ``sink``, cleared first): returns the realized ``(vision, text)`` tokens of each layer of sample 0."""
+    from vtw import withdraw
+
+    sink.clear()
+    with torch.no_grad(), withdraw(model, method=method) as handle:
+        model(**inputs)
+    return handle.last_layer_tokens[0].tolist()

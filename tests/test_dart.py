@@ -226,11 +226,8 @@ def test_scoring_flops_equal_flop_counter(family, sample, params):
     formula, and what ``count_flops`` books as the prefill's reduction work."""
     model = _model(family)
     (inputs,) = make_singles(model, [sample])
-    COUNTED.clear()
     method = _Counted(**params)
-    with torch.no_grad(), withdraw(model, method=method) as handle:
-        model(**inputs)
-    tokens = handle.last_layer_tokens[0].tolist()
+    tokens = reference.counted_prefill(model, inputs, method, COUNTED)
     expected = method.scoring_flops(model.config, None, tokens)
     assert COUNTED == [expected]
     v, t = tokens[1]

@@ -341,11 +341,8 @@ def test_scoring_flops_equal_flop_counter(family):
     model = _model(family, "sdpa")
     for sample, params in ((_sample(family), dict(recycle=1.0, clusters=0.5)), (Sample(prefix=5), {})):
         (inputs,) = make_singles(model, [sample])
-        COUNTED.clear()
         method = _Counted(**params)
-        with torch.no_grad(), withdraw(model, method=method) as handle:
-            model(**inputs)
-        tokens = handle.last_layer_tokens[0].tolist()
+        tokens = reference.counted_prefill(model, inputs, method, COUNTED)
         expected = method.scoring_flops(model.config, None, tokens)
         assert len(COUNTED) == 3 and sum(COUNTED) == expected
         assert (expected > 0) == (sample.images > 0)

@@ -14,7 +14,7 @@ from torch import nn
 from .attention import class_token_attention_flops
 from .base import check_int
 from .ranking import KEEP_GRID, check_keep, kept_count
-from .towers import InTower, UnitChoice, tower_units
+from .towers import InTower, UnitChoice, feature_layer_module, tower_units
 
 #: the papers' average share of LLaVA-1.5's 576 patches kept: PruMerge 32 (5.5 %), PruMerge+ 144 (25 %); the expected
 #: count of a unit without a cap (``keep=None``)
@@ -101,7 +101,7 @@ class PruMerge(InTower):
     reads: ClassVar[str] = "counts and ranks patches by"
 
     def tower_layer(self, tower: nn.Module, feature_layer, display: str) -> nn.Module:
-        return _scoring_layer(tower, feature_layer, display)
+        return feature_layer_module(tower, feature_layer, display, self.name, receives=True)
 
     def acts_on(self, model: nn.Module) -> bool:
         """True where a tower input has at least 2 patches (whether a unit shrinks depends on the image)."""
@@ -184,18 +184,3 @@ def outlier_count(scores: torch.Tensor) -> int:
         return 0
     q1, q3 = torch.quantile(x, torch.tensor([0.25, 0.75], dtype=x.dtype, device=x.device))
     return int((x > q3 + 1.5 * (q3 - q1)).sum())
-
-
-def _scoring_layer(tower: nn.Module, feature_layer, display: str) -> nn.Module:
-    """The encoder layer of a CLIP ``tower`` that receives ``hidden_states[feature_layer]`` (``hidden_states[0]`` is
-    the embeddings, ``hidden_states[i]`` the output of layer ``i - 1``); the last layer where it is the last output."""
-    layers = (getattr(tower, "encoder", None) or tower.vision_model.encoder).layers
-    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
-        raise ValueError(f"prumerge needs one vision_feature_layer; {display}'s config has {feature_layer!r}")
-    index = feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer
-    if not 0 <= index <= len(layers):
-        raise ValueError(
-            f"prumerge: vision_feature_layer={feature_layer} of {display} selects no hidden state of its tower "
-            f"(the tower has {len(layers)} layers)"
-        )
-    return layers[min(index, len(layers) - 1)]

@@ -58,6 +58,21 @@ class ClassTokenTower(BeforeDecoder):
         vc = model.config.vision_config
         return (int(vc.image_size) // int(vc.patch_size)) ** 2
 
+    def prompt_units(self, layouts, placed, keep: torch.Tensor, whole: int) -> dict[str, list]:
+        """Every tower input of the prompt, in encoding order: ``kind -> [(sample, cells (n,) sequence positions,
+        patches (n,) patch index in the tower input)]``; the row newlines of a crop grid with a unit of more than
+        ``whole`` cells (one the method reduces) are dropped in ``keep`` ``(B, T)``."""
+        units = {"image": [], "video": []}
+        for b, (layout, grids) in enumerate(zip(layouts, placed)):
+            for i, p in enumerate(grids):
+                kind = "image" if i < len(layout.images) else "video"
+                cells = p.cells.flatten().to(keep.device)
+                parts = tower_units(p.grid)
+                units[kind].extend((b, cells[local], patch) for local, patch in parts)
+                if p.newlines is not None and any(len(local) > whole for local, _ in parts):
+                    keep[b, p.newlines.flatten().to(keep.device)] = False
+        return units
+
     def tower_inputs(self, ctx: StageContext, kind: str, count: int) -> tuple[nn.Module, torch.Tensor]:
         """The layer read in the tower that encoded ``kind`` and its last ``count`` inputs ``(count, S, D)``."""
         seen = (ctx.vision_layer or {}).get(kind)
@@ -68,6 +83,23 @@ class ClassTokenTower(BeforeDecoder):
             )
         layer, hidden = seen
         return layer, hidden[hidden.shape[0] - count :]
+
+
+def feature_layer_module(tower: nn.Module, feature_layer, display: str, what: str, receives: bool = False) -> nn.Module:
+    """The encoder layer of a CLIP or SigLIP ``tower`` whose output is ``hidden_states[feature_layer]``
+    (``hidden_states[0]`` is the embeddings, ``hidden_states[i]`` the output of layer ``i - 1``); ``receives``: the
+    layer that receives it as input instead (the last layer where it is the last output). ``what``: the method, for
+    the one-line ``ValueError`` of a list-valued or out-of-range ``feature_layer``."""
+    layers = (getattr(tower, "encoder", None) or tower.vision_model.encoder).layers
+    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
+        raise ValueError(f"{what} needs one vision_feature_layer; {display}'s config has {feature_layer!r}")
+    index = (feature_layer if feature_layer >= 0 else len(layers) + 1 + feature_layer) - (0 if receives else 1)
+    if not 0 <= index < len(layers) + int(receives):
+        raise ValueError(
+            f"{what}: vision_feature_layer={feature_layer} of {display} selects no hidden state its tower's "
+            f"{len(layers)} layers produce"
+        )
+    return layers[min(index, len(layers) - 1)]
 
 
 def tower_units(grid) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -175,7 +207,8 @@ class InTower(ClassTokenTower):
         layouts, placed = self.placed_grids(ctx)
         keep = torch.ones_like(ctx.vision)
         anchors: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(keep.shape[0])]
-        for kind, found in self._tower_units(layouts, placed, keep).items():
+        whole = len(keep[0]) if self.keeps_newlines else 1  # newlines go where a unit of more cells is
+        for kind, found in self.prompt_units(layouts, placed, keep, whole).items():
             chosen = (ctx.tower_choices or {}).get(kind, [])
             if len(chosen) < len(found):
                 raise RuntimeError(f"{self.label}: the prompt has {len(found)} {kind} encoder inputs, the tower "
@@ -188,21 +221,6 @@ class InTower(ClassTokenTower):
                 if choice.extra is not None:
                     anchors[b].append((int(cells.max()), choice.extra))
         return Merge(keep, None, _extra(anchors, ctx))
-
-    def _tower_units(self, layouts, placed, keep) -> dict[str, list]:
-        """Every tower input of the prompt, in encoding order: ``kind -> [(sample, cells (n,) sequence positions,
-        patches (n,) patch index in the tower input)]``; drops the row newlines of crop grids (in ``keep``) unless
-        :attr:`keeps_newlines`."""
-        units = {"image": [], "video": []}
-        for b, (layout, grids) in enumerate(zip(layouts, placed)):
-            for i, p in enumerate(grids):
-                kind = "image" if i < len(layout.images) else "video"
-                cells = p.cells.flatten().to(keep.device)
-                parts = tower_units(p.grid)
-                units[kind].extend((b, cells[local], patch) for local, patch in parts)
-                if p.newlines is not None and not self.keeps_newlines and any(len(local) >= 2 for local, _ in parts):
-                    keep[b, p.newlines.flatten().to(keep.device)] = False
-        return units
 
 
 def _extra(anchors: list[list[tuple[int, torch.Tensor]]], ctx: StageContext) -> Extra | None:

@@ -23,7 +23,7 @@ from ..families import get_family
 from ..grids import best_resolution, has_class_token
 from .attention import class_token_attention, class_token_attention_flops
 from .base import Merge, StageContext, check_int
-from .towers import ClassTokenTower, tower_units
+from .towers import ClassTokenTower, feature_layer_module, tower_units
 
 #: tokens per image (per frame) the matched-compute search tries (``vtw.budget``), least compute first: up to 576,
 #: CLIP-L/336's 24 x 24 patches (the largest grid of the supported towers)
@@ -157,7 +157,7 @@ class VisionZip(ClassTokenTower):
                 )
 
     def tower_layer(self, tower: nn.Module, feature_layer, display: str) -> nn.Module:
-        return _feature_layer(tower, feature_layer, display)
+        return feature_layer_module(tower, feature_layer, display, self.name)
 
     def vision_layers(self, model: nn.Module) -> dict[str, nn.Module]:
         """The class-token variant: the feature layer of each tower; received: the tower's scored layer (SigLIP's
@@ -221,17 +221,7 @@ class VisionZip(ClassTokenTower):
         layouts, placed = self.placed_grids(ctx)
         keep = torch.ones_like(ctx.vision)
         hidden = ctx.hidden.clone()
-        # every tower input of the prompt, in batch order (an image, a crop, a video frame): kind -> [(sample, cells,
-        # sequence positions (n,) of its cells, patch index (n,) of each in the tower input)]
-        units = {"image": [], "video": []}
-        for b, (layout, grids) in enumerate(zip(layouts, placed)):
-            for i, p in enumerate(grids):
-                kind = "image" if i < len(layout.images) else "video"
-                cells = p.cells.flatten().to(hidden.device)
-                parts = tower_units(p.grid)
-                units[kind].extend((b, cells[local], patch) for local, patch in parts)
-                if p.newlines is not None and any(len(local) > self.tokens for local, _ in parts):
-                    keep[b, p.newlines.flatten().to(hidden.device)] = False  # as the reference: no newlines left
+        units = self.prompt_units(layouts, placed, keep, self.tokens)  # a reduced crop grid: no newlines left
         for kind, found in units.items():
             if not found:
                 continue
@@ -429,19 +419,3 @@ def qwen_received(
     q, k = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision(q, k, cos, sin)
     q, k = q.transpose(0, 1), k.transpose(0, 1)  # (H, S, hd)
     return received_attention(q, k, attn.scaling), k.mean(0)
-
-
-def _feature_layer(tower: nn.Module, feature_layer, display: str) -> nn.Module:
-    """The encoder layer of a CLIP or SigLIP ``tower`` whose output ``hidden_states[feature_layer]`` is
-    (``hidden_states[0]`` is the embeddings, ``hidden_states[i]`` the output of layer ``i - 1``)."""
-    encoder = getattr(tower, "encoder", None) or tower.vision_model.encoder
-    layers = encoder.layers
-    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
-        raise ValueError(f"visionzip needs one vision_feature_layer; {display}'s config has {feature_layer!r}")
-    index = feature_layer - 1 if feature_layer >= 0 else len(layers) + feature_layer
-    if not 0 <= index < len(layers):
-        raise ValueError(
-            f"visionzip: vision_feature_layer={feature_layer} of {display} selects no encoder layer's output "
-            f"(the tower has {len(layers)} layers)"
-        )
-    return layers[index]

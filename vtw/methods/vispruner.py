@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import class_token_attention_flops
 from .ranking import KEEP_GRID, check_keep, kept_count
-from .towers import InTower, UnitChoice, tower_units
+from .towers import InTower, UnitChoice, feature_layer_module, tower_units
 
 #: the reference's most near-duplicates removed per round
 PER_ROUND = 8
@@ -94,7 +94,7 @@ class VisPruner(InTower):
     reads: ClassVar[str] = "ranks patches by"
 
     def tower_layer(self, tower: nn.Module, feature_layer, display: str) -> nn.Module:
-        return _producing_layer(tower, feature_layer, display)
+        return feature_layer_module(tower, feature_layer, display, self.name)
 
     def acts_on(self, model: nn.Module) -> bool:
         """False where a whole tower input keeps all its patches (so does every smaller LLaVA-NeXT crop)."""
@@ -169,18 +169,3 @@ def remove_duplicates(unit: torch.Tensor, residual: torch.Tensor, diverse: int) 
         order = torch.sort(scores, descending=True, stable=True).indices
         left = torch.cat([a[order[removed:]], b])
     return residual[left]
-
-
-def _producing_layer(tower: nn.Module, feature_layer, display: str) -> nn.Module:
-    """The encoder layer of a CLIP ``tower`` whose output is ``hidden_states[feature_layer]`` (``hidden_states[0]``
-    is the embeddings, ``hidden_states[i]`` the output of layer ``i - 1``)."""
-    layers = (getattr(tower, "encoder", None) or tower.vision_model.encoder).layers
-    if isinstance(feature_layer, bool) or not isinstance(feature_layer, int):
-        raise ValueError(f"vispruner needs one vision_feature_layer; {display}'s config has {feature_layer!r}")
-    index = feature_layer - 1 if feature_layer >= 0 else len(layers) + feature_layer
-    if not 0 <= index < len(layers):
-        raise ValueError(
-            f"vispruner: vision_feature_layer={feature_layer} of {display} selects no encoder layer's output "
-            f"(the tower has {len(layers)} layers)"
-        )
-    return layers[index]
