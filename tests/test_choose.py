@@ -1,0 +1,109 @@
+"""``vtw.choose.choose_method`` (the core of ``vtw.method=auto``) against a brute force written here: every candidate run
+alone at its budget setting on the same prompts, its agreement with the full model recomputed from the logits, the
+winner by the documented rule; the 95% intervals by hand; bad input before any forward."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from test_flops import _token_counts
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+from vtw import withdraw
+from vtw.choose import choose_method, mean_ci, wilson
+from vtw.flops.budget import Prompt, match_budget
+from vtw.methods import make_method
+from vtw.synthvqa.generator import iter_items
+from vtw.synthvqa.train import conversation_text
+
+STEPS = 3
+BUDGET = 0.5
+ASSET = Path(__file__).resolve().parent.parent / "vtw" / "assets" / "tiny-llava"
+
+
+@functools.cache
+def _setup():
+    """The shipped tiny-llava (vision matters to its answers) and 8 synthvqa *train* items, one prompt each."""
+    model = LlavaForConditionalGeneration.from_pretrained(ASSET, local_files_only=True).eval()
+    processor = AutoProcessor.from_pretrained(ASSET, local_files_only=True)
+    samples = []
+    for item in iter_items("train", 8):
+        text = conversation_text(processor.tokenizer, [(item.prompt, item.answer)], add_generation_prompt=True)
+        samples.append(dict(processor(images=[item.image()], text=[text], return_tensors="pt")))
+    prompts = [Prompt(*_token_counts(model, s["input_ids"]), {"vision_inputs": 1}) for s in samples]
+    return model, samples, prompts
+
+
+def _candidates():
+    return [make_method("vtw", layer=2), make_method("fastv", layer=2), make_method("random_vision", layer=2),
+            make_method("pool"), make_method("visionzip"), make_method("divprune")]  # fmt: skip
+
+
+def _brute_force(model, samples, prompts, method):
+    """``(agreement, top-1 agreement, mean KL(P_full || P))`` of ``method``'s budget setting, run here."""
+    setting = match_budget(model.config, prompts, method, BUDGET).method
+    agree = top1 = 0
+    kls = []
+    for s in samples:
+        with torch.no_grad():
+            full = model.generate(**s, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                                  return_dict_in_generate=True)  # fmt: skip
+            with withdraw(model, method=setting):
+                mine = model.generate(**s, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                                      return_dict_in_generate=True)  # fmt: skip
+        n = s["input_ids"].shape[1]
+        agree += full.sequences[0, n:].tolist() == mine.sequences[0, n:].tolist()
+        p, q = (torch.softmax(x.logits[0][0].double(), -1) for x in (full, mine))
+        top1 += int(p.argmax()) == int(q.argmax())
+        kls.append(float(sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p.tolist(), q.tolist()) if pi > 0)))
+    return agree / len(samples), top1 / len(samples), sum(kls) / len(kls)
+
+
+def test_the_choice_equals_a_brute_force_of_every_candidate_alone():
+    model, samples, prompts = _setup()
+    choice = choose_method(model, samples, prompts, _candidates(), BUDGET, max_new_tokens=STEPS)
+    expected = {}
+    for method in _candidates():
+        agree, top1, kl = _brute_force(model, samples, prompts, method)
+        score = choice.score(method.name)
+        assert (score.agree, score.top1) == (agree, top1), method.name
+        assert score.kl == pytest.approx(kl, rel=1e-3, abs=1e-6), method.name  # float32 log-softmax
+        expected[method.name] = (-agree, kl, -top1)
+    assert choice.chosen == min(expected, key=expected.get)
+    assert len({s.agree for s in choice.scores}) > 1, "the prompts do not tell the candidates apart"
+    assert choice.prompts == len(samples) and choice.budget == BUDGET
+    shares = [s.budget_ratio for s in choice.scores]
+    assert choice.cost["prefills_per_prompt"] == pytest.approx(1 + sum(shares))
+    assert choice.cost["flops_per_prompt_in_full_prefills"] <= choice.cost["bound"]
+
+
+def test_the_intervals_by_hand():
+    assert wilson(0, 0) == (0.0, 1.0)
+    lo, hi = wilson(8, 10)  # p = 0.8, z = 1.96: centre 0.7138, half 0.2126 (by hand)
+    assert lo == pytest.approx(0.4902, abs=1e-3) and hi == pytest.approx(0.9433, abs=1e-3)
+    mean, (a, b) = mean_ci([1.0, 2.0, 3.0])  # sd 1, half 1.96 / sqrt(3)
+    assert mean == 2.0 and b - mean == pytest.approx(1.959964 / math.sqrt(3)) and mean - a == b - mean
+    assert mean_ci([0.5]) == (0.5, (0.5, 0.5))
+
+
+def test_bad_input_fails_before_any_forward():
+    model, samples, prompts = _setup()
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        for args, needle in [
+            (([], [], _candidates(), BUDGET), "no calibration prompts"),
+            ((samples, prompts[:2], _candidates(), BUDGET), "8 calibration prompts"),
+            ((samples, prompts, [], BUDGET), "no candidate"),
+            ((samples, prompts, _candidates(), 1.5), "budget must be a number in (0, 1]"),
+        ]:
+            with pytest.raises(ValueError, match=None) as info:
+                choose_method(model, *args)
+            assert needle in str(info.value), str(info.value)
+    finally:
+        hook.remove()
+    assert not calls
