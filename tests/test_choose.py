@@ -107,3 +107,57 @@ def test_bad_input_fails_before_any_forward():
     finally:
         hook.remove()
     assert not calls
+
+
+# ------------------------------------------------------------------------------------------------ the pipeline
+def _spec(tiny_llava_dir, tiny_tasks, *extra):
+    from test_lmms_fixtures import pipeline_overrides
+
+    from vtw.pipeline.config import compose_config, validate_config
+
+    root, names = tiny_tasks
+    overrides = pipeline_overrides(tiny_llava_dir, root, [names["gen"]], "logger=none", *extra)
+    return validate_config(compose_config(overrides))
+
+
+def test_config_errors_before_any_weights(tiny_llava_dir, tiny_tasks):
+    from vtw.pipeline.config import ConfigError
+
+    for extra, needle in [
+        (["vtw.method=auto"], "vtw.method=auto chooses at a compute budget: give vtw.budget=F"),
+        (["vtw.method=[vtw,dycoke]", "vtw.budget=0.5"], "vtw.method candidate dycoke with model=tinytest: dycoke"),
+        (["vtw.method=[vtw,nope]", "vtw.budget=0.5"], "vtw.method='nope' is not allowed"),
+        (["vtw.method=auto", "vtw.budget=0.5", "vtw.keep=0.3"], "vtw.keep does not combine with vtw.method=auto"),
+        (["mode=choose", "vtw.budget=0.5"], "mode=choose chooses a method: give vtw.method=auto"),
+        (["vtw.method=auto", "vtw.budget=0.5", "vtw.choose.limit=0"], "vtw.choose.limit=0 must be >= 1"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            _spec(tiny_llava_dir, tiny_tasks, *extra)
+        assert needle in str(info.value) and "\n" not in str(info.value), (extra, str(info.value))
+    spec = _spec(tiny_llava_dir, tiny_tasks, "vtw.method=auto", "vtw.budget=0.5", "vtw.layer=1")
+    assert spec.method == "auto" and "vtw" in spec.candidates and "dycoke" not in spec.candidates  # no video: out
+
+
+def test_the_cache_is_reused_without_a_forward_and_an_empty_calibration_set_fails(tiny_llava_dir, tiny_tasks,
+                                                                                  tmp_path, monkeypatch):  # fmt: skip
+    from vtw.pipeline.choose import prepare_choice, run_choose
+    from vtw.pipeline.evaluate import build_task_manager, make_model
+
+    monkeypatch.setenv("VTW_CACHE_DIR", str(tmp_path / "cache"))
+    spec = _spec(tiny_llava_dir, tiny_tasks, "vtw.method=[vtw,fastv]", "vtw.budget=0.5", "vtw.layer=1",
+                 "vtw.choose.limit=2", "dataset.limit=3")  # fmt: skip
+    tm = build_task_manager(spec.dataset)
+    docs, sources = prepare_choice(spec, tm)
+    assert len(docs) == 2 and "after the evaluated ones" in next(iter(sources.values()))["source"]
+    first = run_choose(spec, make_model(spec), 1, docs, sources, tmp_path / "a")
+    again = run_choose(spec, None, 1, docs, sources, tmp_path / "b")  # a cache hit never touches the model
+    assert not first["reused_cache"] and again["reused_cache"] and again["choice"] == first["choice"]
+    assert {s["name"] for s in first["choice"]["scores"]} == {"vtw", "fastv"}
+    assert (tmp_path / "b" / "choose.json").exists() and (tmp_path / "b" / "choose.png").stat().st_size > 1000
+    other = _spec(tiny_llava_dir, tiny_tasks, "vtw.method=[vtw,fastv]", "vtw.budget=0.3", "vtw.layer=1",
+                  "vtw.choose.limit=2", "dataset.limit=3")  # fmt: skip
+    with pytest.raises(AttributeError):  # another budget: not the cached choice, so it computes (on no model)
+        run_choose(other, None, 1, docs, sources)
+    whole = _spec(tiny_llava_dir, tiny_tasks, "vtw.method=auto", "vtw.budget=0.5", "vtw.layer=1")
+    with pytest.raises(ValueError, match="vtw.method=auto has no calibration prompts"):
+        prepare_choice(whole, tm)  # every document evaluated, no validation split

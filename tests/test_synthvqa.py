@@ -182,10 +182,17 @@ def test_shipped_parquet_matches_the_generator():
 
 def test_build_task_writes_loadable_files(tmp_path):
     written = build_task.write_task(tmp_path, count=5)
-    assert sorted(p.name for p in written) == ["test.parquet", "vtw_synthvqa.yaml", "vtw_synthvqa_mc.yaml"]
+    names = ["test.parquet", "validation.parquet", "vtw_synthvqa.yaml", "vtw_synthvqa_mc.yaml"]
+    assert sorted(p.name for p in written) == names
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], "temporary files left behind"
     answers = pq.read_table(tmp_path / "test.parquet").column("answer").to_pylist()
     assert answers == [make_item("test", i).answer for i in range(5)]
+    validation = pq.read_table(tmp_path / "validation.parquet").to_pylist()  # the calibration split of method=auto
+    assert [r["seed"] for r in validation] == [
+        make_item("validation", i).seed for i in range(build_task.VALIDATION_ITEMS)
+    ]
+    shipped_seeds = set(pq.read_table(TASK_DIR / "vtw_synthvqa" / build_task.DATA_FILE).column("seed").to_pylist())
+    assert not shipped_seeds & {r["seed"] for r in validation}  # never an evaluated item
     for task in build_task.TASKS:
         shipped = (TASK_DIR / "vtw_synthvqa" / f"{task}.yaml").read_text()
         assert (tmp_path / f"{task}.yaml").read_text() == shipped.replace("items: 500", "items: 5")

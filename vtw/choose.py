@@ -117,11 +117,14 @@ def mean_ci(values: Sequence[float]) -> tuple[float, tuple[float, float]]:
 
 
 @torch.no_grad()
-def greedy_run(model: nn.Module, inputs: dict, max_new_tokens: int, method: Reduction | None = None) -> Run:
-    """``model``'s greedy answer to one prompt (``inputs``: a batch of one), under ``method`` (``None``: as it is)."""
+def greedy_run(
+    model: nn.Module, inputs: dict, max_new_tokens: int, method: Reduction | None = None, positions: str = "keep"
+) -> Run:
+    """``model``'s greedy answer to one prompt (``inputs``: a batch of one), under ``method`` (``None``: as it is;
+    ``positions``: :data:`vtw.withdraw.POSITIONS`)."""
     if inputs["input_ids"].shape[0] != 1:
         raise ValueError(f"a calibration prompt is a batch of one, got {inputs['input_ids'].shape[0]}")
-    handle = None if method is None else withdraw(model, method=method)
+    handle = None if method is None else withdraw(model, method=method, positions=positions)
     try:
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)  # fmt: skip
@@ -150,9 +153,11 @@ def choose_method(
     candidates: Sequence[Reduction],
     budget: float,
     max_new_tokens: int = 8,
+    positions: str = "keep",
 ) -> Choice:
     """Set every candidate to ``budget`` on ``prompts`` (the counts of ``samples``, :class:`vtw.flops.budget.Prompt`),
-    run it on ``samples`` (model inputs, a batch of one each) and choose by the rule of the module docstring.
+    run it on ``samples`` (model inputs, a batch of one each; ``positions`` as ``withdraw``'s) and choose by the rule
+    of the module docstring.
 
     Raises:
         ValueError: no sample, counts that do not match the samples, no candidate, a candidate without a free
@@ -172,7 +177,7 @@ def choose_method(
                                    generated_tokens=1, **p.encoder).total for p in prompts)  # fmt: skip
     scores = []
     for match in matched:
-        runs = [greedy_run(model, s, max_new_tokens, match.method) for s in samples]
+        runs = [greedy_run(model, s, max_new_tokens, match.method, positions) for s in samples]
         scores.append(_score(match, reference, runs, [_run_flops(config, p, r, match.method)
                                                        for p, r in zip(prompts, runs)], sum(full)))  # fmt: skip
     best = min(range(len(scores)), key=lambda i: (*scores[i].key(), i))
@@ -196,7 +201,8 @@ def _run_flops(config, prompt: Prompt, run: Run, method: Reduction | None) -> in
 def _score(match, reference: list[Run], runs: list[Run], flops: list[int], full_flops: int) -> Score:
     kl, top1, agree = zip(*(compare(r, x) for r, x in zip(reference, runs)))
     n = len(runs)
-    kl_mean, kl_ci = mean_ci(kl)
+    kl_mean, (kl_lo, kl_hi) = mean_ci(kl)
+    kl_ci = (max(0.0, kl_lo), kl_hi)  # a divergence is never negative
     return Score(
         name=match.method.name,
         label=match.method.label,

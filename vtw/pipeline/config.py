@@ -40,7 +40,7 @@ from .resolvers import register_resolvers
 from .schema import Config, LoggerConf, register_schema
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-MODES = ("eval", "flops", "search", "analyze")
+MODES = ("eval", "flops", "search", "analyze", "choose")
 LOGGERS = ("wandb", "none")
 WANDB_MODES = ("online", "offline", "disabled")
 COMPARE = ("auto", True, False)
@@ -122,12 +122,17 @@ class RunSpec:
     budget: float | None = None
     budget_limit: int = 32
     analyze_limit: int = 32
+    candidates: tuple[str, ...] = ()  # vtw.method=auto: the methods it chooses among (those that act on the model)
+    choose: dict = field(default_factory=dict)  # vtw.choose: tasks, limit, max_new_tokens
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def reduction(self, layer: int | None) -> Reduction:
-        """The method object this job evaluates at ``layer`` (``None``: the full model, whatever the method)."""
+        """The method object this job evaluates at ``layer`` (``None``: the full model, whatever the method; for
+        ``vtw.method=auto``, once chosen: ``dataclasses.replace(spec, method=name)``)."""
+        if self.method == "auto" and layer is not None:
+            raise ValueError("vtw.method=auto: choose the method first (vtw.pipeline.choose.run_choose)")
         return build_method(self.method, layer, self.method_params)
 
 
@@ -403,6 +408,48 @@ def _method(vtw: dict, layer, model: ModelSpec, hf_config, video: bool = False) 
     return name, params, budget
 
 
+def _auto(vtw: dict, layer, model: ModelSpec, hf_config) -> tuple[str, dict, float, tuple[str, ...]]:
+    """``("auto", {}, budget, candidates)`` of ``vtw.method=auto`` (every registered method that can act on the
+    model) or ``vtw.method=[a, b]`` (those, each of which must act on it); one-line errors before any weights load."""
+    from ..flops.budget import check_budget
+
+    given = vtw["method"]
+    names = list(method_names()) if given == "auto" else [_choice(n, method_names(), "vtw.method") for n in given]
+    if not names:
+        raise ValueError("vtw.method=[] names no candidate; give vtw.method=auto or a list of method names")
+    if vtw.get("budget") is None:
+        raise ValueError("vtw.method=auto chooses at a compute budget: give vtw.budget=F (0 < F <= 1)")
+    try:
+        budget = check_budget(vtw["budget"])
+    except ValueError as e:
+        raise ValueError(f"vtw.{e}") from None
+    if layer == "auto":
+        raise ValueError("vtw.layer=auto (the KL layer search) chooses VTW's K; vtw.method=auto needs a layer")
+    given_params = [k for k in parameter_names() if vtw.get(k) is not None]
+    if given_params:
+        raise ValueError(f"vtw.{given_params[0]} does not combine with vtw.method=auto: the budget sets each candidate")
+    candidates = []
+    for name in dict.fromkeys(names):
+        try:
+            if layer is not None:
+                build_method(name, layer, {}).resolve(model.num_layers).check_supported(hf_config)
+        except ValueError as e:
+            if given != "auto":
+                raise ValueError(f"vtw.method candidate {name} with model={model.name}: {e}") from None
+            continue  # auto: the methods that cannot act on the model are no candidates
+        candidates.append(name)
+    return "auto", {}, budget, tuple(candidates)
+
+
+def _choose(choose: dict) -> dict:
+    tasks = choose.get("tasks")
+    return {
+        "tasks": None if tasks is None else list(_str_list(tasks, "vtw.choose.tasks")),
+        "limit": _int(choose["limit"], "vtw.choose.limit", 1),
+        "max_new_tokens": _int(choose["max_new_tokens"], "vtw.choose.max_new_tokens", 1),
+    }
+
+
 def logger_spec(lg: dict | None) -> LoggerSpec:
     if lg is None:
         raise ValueError(f"logger is missing; allowed: {', '.join(LOGGERS)}")
@@ -462,7 +509,13 @@ def _validate(cfg: DictConfig | dict) -> RunSpec:
     vtw = data["vtw"]
     layer = _layer(vtw["layer"], model.num_layers, model.name)
     video = mode == "flops" and bool(data["flops"].get("video_frames"))  # the sample mode=flops plans is a video
-    method, params, budget = _method(vtw, layer, model, hf_config, video)
+    auto = vtw["method"] == "auto" or isinstance(vtw["method"], (list, tuple))
+    if auto:
+        method, params, budget, candidates = _auto(vtw, layer, model, hf_config)
+    else:
+        (method, params, budget), candidates = _method(vtw, layer, model, hf_config, video), ()
+    if mode == "choose" and not auto:
+        raise ValueError(f"mode=choose chooses a method: give vtw.method=auto (or a list of candidates), not {method}")
     positions = _choice(vtw["positions"], POSITIONS, "vtw.positions")
     try:
         check_positions(positions, hf_config)
@@ -496,6 +549,8 @@ def _validate(cfg: DictConfig | dict) -> RunSpec:
         budget=budget,
         budget_limit=_int(vtw["budget_limit"], "vtw.budget_limit", 1),
         analyze_limit=_int(data["analyze"]["limit"], "analyze.limit", 1),
+        candidates=candidates,
+        choose=_choose(vtw["choose"]),
     )
 
 

@@ -148,6 +148,10 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
             _run_search(spec, out)
             status.finish("ok")
             return JobOutcome("ok", out)
+        if spec.mode == "choose":
+            _run_choose(spec, out, console)
+            status.finish("ok")
+            return JobOutcome("ok", out)
         if spec.mode == "analyze":
             from .analyze import run_analyze
             from .wandb_logger import default_group, log_analysis
@@ -188,11 +192,19 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
     started = now_iso()
     tm = build_task_manager(spec.dataset)
     check_tasks(tm, spec.dataset.tasks, spec.dataset.primary_metric)  # unknown task / metric: before the weights load
+    calibration = _calibration(spec, tm)  # vtw.method=auto: an empty calibration set fails before the weights load
     lm = make_model(spec)
     main_rank = distributed.world().main
-    # the layer search and the budget match run once, on rank 0; every rank evaluates what rank 0 chose
+    # the layer search, the choice of vtw.method=auto and the budget match run once, on rank 0; every rank evaluates
+    # what rank 0 chose
     layer = resolve_layer(spec, lm=lm, task_manager=tm, out_dir=ctx.output_dir) if main_rank else None
     layer = distributed.broadcast(layer)
+    choice = None
+    if calibration is not None and layer is not None:
+        from .choose import run_choose
+
+        choice = distributed.broadcast(run_choose(spec, lm, layer, *calibration, ctx.output_dir) if main_rank else None)
+        spec = dataclasses.replace(spec, method=choice["choice"]["chosen"])
     method, match = spec.reduction(layer).resolve(spec.model.num_layers), None
     if spec.budget is not None and layer is not None:
         from .budget import match_job_budget
@@ -240,6 +252,7 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         layer_requested=spec.layer,
         primary_metric=primary,
         budget=None if match is None else match.to_dict(),
+        choice=choice,
         result=main,
         baseline=baseline,
         config=resolved,
@@ -262,6 +275,31 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         conventions={"tflops": EXACT_CONVENTION, "paper_tflops": PAPER_CONVENTION},
     )
     return result, samples
+
+
+def _calibration(spec: RunSpec, task_manager) -> tuple[list, dict] | None:
+    """``vtw.method=auto``'s calibration documents and their sources (:mod:`vtw.pipeline.choose`), else ``None``."""
+    if spec.method != "auto":
+        return None
+    from .choose import prepare_choice
+
+    return prepare_choice(spec, task_manager)
+
+
+def _run_choose(spec: RunSpec, out: Path, console) -> None:
+    """``mode=choose``: only the choice of ``vtw.method=auto`` (``choose.json`` / ``.png`` in the job dir)."""
+    from .choose import print_choice, run_choose
+    from .evaluate import build_task_manager, check_tasks, make_model
+
+    tasks = list(spec.choose["tasks"] or spec.dataset.tasks)
+    tm = build_task_manager(spec.dataset, tasks)
+    check_tasks(tm, tasks)
+    calibration = _calibration(spec, tm)
+    lm = make_model(spec)
+    layer = resolve_layer(spec, lm=lm, task_manager=tm, out_dir=out)
+    if layer is None:
+        raise ValueError("mode=choose with vtw.layer=null: the full model has nothing to choose; give vtw.layer")
+    print_choice(run_choose(spec, lm, layer, *calibration, out), out, console)
 
 
 def _run_flops(spec: RunSpec, out: Path, console) -> None:

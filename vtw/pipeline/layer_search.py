@@ -70,18 +70,25 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
-def cached_search(fields: dict, compute, directory: Path | None = None) -> SearchOutcome:
-    """The cached result for ``fields``, or ``compute()`` (a :class:`SearchResult`) stored under the lock."""
-    directory = Path(directory) if directory is not None else cache_dir()
+def cached_json(fields: dict, compute, directory: Path) -> tuple[dict, str, Path, bool]:
+    """``(result, key, file, reused)``: the result stored for ``fields`` in ``directory``, or ``compute()`` (a
+    JSON-able dict) stored there; under a lock, so concurrent jobs with the same fields compute once."""
+    directory = Path(directory)
     key = cache_key(fields)
     target = directory / f"{key}.json"
     with _locked(directory / f"{key}.lock"):
         if target.exists():
-            stored = json.loads(target.read_text())
-            return SearchOutcome(SearchResult.from_dict(stored["result"]), key, fields, target, reused=True)
-        result = compute()
-        atomic_write_json(target, {"key_fields": fields, "result": result.to_dict()})
-    return SearchOutcome(result, key, fields, target, reused=False)
+            return json.loads(target.read_text())["result"], key, target, True
+        atomic_write_json(target, {"key_fields": fields, "result": compute()})
+        result = json.loads(target.read_text())["result"]  # as a later reuse reads it (tuples as lists)
+    return result, key, target, False
+
+
+def cached_search(fields: dict, compute, directory: Path | None = None) -> SearchOutcome:
+    """The cached result for ``fields``, or ``compute()`` (a :class:`SearchResult`) stored under the lock."""
+    directory = Path(directory) if directory is not None else cache_dir()
+    stored, key, target, reused = cached_json(fields, lambda: compute().to_dict(), directory)
+    return SearchOutcome(SearchResult.from_dict(stored), key, fields, target, reused=reused)
 
 
 def task_samples(lm, task_manager, tasks, limit: int) -> Iterator[dict]:

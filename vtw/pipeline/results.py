@@ -126,6 +126,7 @@ class RunResult:
     conventions: dict = field(default_factory=dict)
     lock: dict = field(default_factory=dict)  # envinfo.lock_status(): the lock's sha256 and whether it is installed
     budget: dict | None = None  # vtw.budget: vtw.flops.budget.BudgetMatch.to_dict() (asked, chosen, reached)
+    choice: dict | None = None  # vtw.method=auto: what choose.json holds (the table, the chosen method, the cost)
     schema: str = SCHEMA
     status: str = "ok"
 

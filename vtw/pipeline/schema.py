@@ -59,10 +59,17 @@ class SearchConf:
 
 
 @dataclass
+class ChooseConf:
+    tasks: list[str] | None = None  # calibration tasks; null: the dataset's tasks
+    limit: int = 32  # calibration prompts per task
+    max_new_tokens: int = 8  # length of the short greedy answers compared
+
+
+@dataclass
 class VtwConf:
     layer: Any = II("model.default_layer")  # null | int 0..L | auto
     positions: str = "keep"  # keep | compact: kept tokens keep their positions, or are renumbered (not on M-RoPE)
-    method: str = "vtw"  # a name of vtw.methods.METHODS
+    method: Any = "vtw"  # a name of vtw.methods.METHODS | auto | [names]: the candidates of auto
     keep: Any = None  # fastv / random_vision: share of vision tokens kept; pdrop: one share per stage
     layers: Any = None  # pdrop: stage layers (null: the paper's 8, 16, 24 of 32 scaled to L)
     seed: int | None = None  # random_vision / random
@@ -81,6 +88,7 @@ class VtwConf:
     budget: float | None = None  # matched compute: the method's free parameter set for F x the full TFLOPs
     budget_limit: int = 32  # prompts per task the budget is matched on
     search: SearchConf = field(default_factory=SearchConf)
+    choose: ChooseConf = field(default_factory=ChooseConf)
 
 
 @dataclass

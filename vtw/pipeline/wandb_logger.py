@@ -134,6 +134,25 @@ def _failed(run, error: Exception, message: str) -> dict:
     return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
 
 
+def _log_choice(run, outcome: dict | None, plot: Path) -> None:
+    """With ``vtw.method=auto``: the chosen method, its cost and the table of every candidate, and the plot."""
+    if outcome is None:
+        return
+    import wandb
+
+    from ..choose import Choice
+    from .choose import TABLE_COLUMNS, choice_table
+
+    choice = Choice.from_dict(outcome["choice"])
+    run.summary.update({"choose/method": choice.chosen, "choose/budget": choice.budget,
+                        "choose/prefills_per_prompt": choice.cost["prefills_per_prompt"],
+                        "choose/reused_cache": outcome["reused_cache"]})  # fmt: skip
+    payload = {"choose": wandb.Table(columns=TABLE_COLUMNS, data=choice_table(choice))}
+    if plot.exists():
+        payload["choose_plot"] = wandb.Image(str(plot))
+    run.log(payload)
+
+
 def _log_layer_search(run, path: Path) -> None:
     """With ``vtw.layer=auto``: the chosen K, eta, the KL-per-layer table and the plot of the job's layer search."""
     if not path.exists():
@@ -174,6 +193,7 @@ def log_job(spec: LoggerSpec, result: RunResult, samples: list[dict], *, out_dir
         if spec.log_samples and samples:
             run.log({"samples": wandb.Table(columns=list(SAMPLE_COLUMNS), data=[_sample_row(s) for s in samples])})
         _log_layer_search(run, Path(out_dir) / "layer_search.json")
+        _log_choice(run, result.choice, Path(out_dir) / "choose.png")
         info = _finish_info(run, mode, group)
         run.finish()
         return info

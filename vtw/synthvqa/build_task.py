@@ -3,6 +3,8 @@
 Writes into `vtw/assets/tasks/vtw_synthvqa/` (next to its hand-written `utils.py`):
 
 - `test.parquet`: the first `TEST_ITEMS` items of the test split, with an HF `Image` column, read offline by lmms-eval.
+- `validation.parquet`: the first `VALIDATION_ITEMS` items of the validation split (seeds disjoint from test and
+  train): the calibration prompts of `vtw.method=auto`, never scored.
 - `vtw_synthvqa.yaml`: short answer (`generate_until`, one word), scored with lmms-eval's `exact_match`.
 - `vtw_synthvqa_mc.yaml`: multiple choice (`multiple_choice`: the likelihood of each of the item's four candidate
   answers after the same prompt; the most likely one is the prediction), scored with lmms-eval's `acc`.
@@ -27,6 +29,8 @@ from vtw.synthvqa.generator import iter_items
 TASK_DIR = Path(__file__).resolve().parent.parent / "assets" / "tasks" / "vtw_synthvqa"
 TEST_ITEMS = 500
 DATA_FILE = "test.parquet"
+VALIDATION_ITEMS = 64
+VALIDATION_FILE = "validation.parquet"
 TASKS: tuple[str, ...] = ("vtw_synthvqa", "vtw_synthvqa_mc")
 
 _HF_FEATURES = {
@@ -47,8 +51,8 @@ task: {task}
 dataset_path: parquet
 dataset_kwargs:
   data_files:
-    test: {data_file}
-test_split: test
+    test: {data_file}{validation_files}
+test_split: test{validation_split}
 doc_to_visual: !function utils.doc_to_visual
 doc_to_text: !function utils.doc_to_text
 doc_to_target: answer
@@ -95,27 +99,34 @@ _BODIES = {
 
 
 def render_task_yaml(
-    bodies: dict[str, tuple[str, str]], task: str, items: int, *, script: str, metadata: str = ""
-) -> str:
+    bodies: dict[str, tuple[str, str]], task: str, items: int, *, script: str, metadata: str = "",
+    validation_file: str | None = None,
+) -> str:  # fmt: skip
     """The YAML text of ``task`` (a key of ``bodies``: ``(description, body)``) over ``items`` items of
-    `DATA_FILE`, written by ``python -m script``; ``metadata``: more ``key: value`` lines of its metadata."""
+    `DATA_FILE`, written by ``python -m script``; ``metadata``: more ``key: value`` lines of its metadata;
+    ``validation_file``: a validation split's data file, declared as the task's ``validation_split``."""
     if task not in bodies:
         raise ValueError(f"unknown task {task!r}; allowed: {tuple(bodies)}")
     description, body = bodies[task]
-    header = _HEADER.format(script=script, description=description, task=task, data_file=DATA_FILE)
+    header = _HEADER.format(
+        script=script, description=description, task=task, data_file=DATA_FILE,
+        validation_files="" if validation_file is None else f"\n    validation: {validation_file}",
+        validation_split="" if validation_file is None else "\nvalidation_split: validation",
+    )  # fmt: skip
     extra = "".join(f"  {line}\n" for line in metadata.splitlines() if line)
     return f"{header}{body}metadata:\n  version: 1.0\n  items: {items}\n{extra}"
 
 
 def task_yaml(task: str, items: int) -> str:
     """The YAML text of `task` (one of `TASKS`)."""
-    return render_task_yaml(_BODIES, task, items, script="vtw.synthvqa.build_task")
+    return render_task_yaml(_BODIES, task, items, script="vtw.synthvqa.build_task", validation_file=VALIDATION_FILE)
 
 
-def item_table(count: int) -> pa.Table:
-    """The first `count` test items as an Arrow table with HF `datasets` feature metadata (`choices` joined by `|`)."""
+def item_table(count: int, split: str = "test") -> pa.Table:
+    """The first `count` items of `split` as an Arrow table with HF `datasets` feature metadata (`choices` joined by
+    `|`)."""
     columns: dict[str, list] = {name: [] for name in _HF_FEATURES}
-    for item in iter_items("test", count):
+    for item in iter_items(split, count):
         columns["id"].append(item.item_id)
         columns["kind"].append(item.kind)
         columns["question"].append(item.question)
@@ -135,9 +146,11 @@ def write_task(task_dir: Path = TASK_DIR, count: int = TEST_ITEMS) -> list[Path]
     if isinstance(count, bool) or not isinstance(count, int) or count <= 0:
         raise ValueError(f"count must be a positive integer, got {count!r}")
     task_dir = Path(task_dir)
-    buffer = io.BytesIO()
-    pq.write_table(item_table(count), buffer, compression="zstd")
-    written = [atomic_write_bytes(task_dir / DATA_FILE, buffer.getvalue())]
+    written = []
+    for name, split, items in ((DATA_FILE, "test", count), (VALIDATION_FILE, "validation", VALIDATION_ITEMS)):
+        buffer = io.BytesIO()
+        pq.write_table(item_table(items, split), buffer, compression="zstd")
+        written.append(atomic_write_bytes(task_dir / name, buffer.getvalue()))
     for task in TASKS:
         written.append(atomic_write_bytes(task_dir / f"{task}.yaml", task_yaml(task, count).encode()))
     return written

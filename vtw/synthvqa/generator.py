@@ -79,7 +79,7 @@ IMAGE_SIZE = 192
 
 SHORT_SUFFIX = "Answer the question using a single word."
 
-SPLIT_SEEDS: dict[str, int] = {"train": 0, "test": 1_000_000_000}
+SPLIT_SEEDS: dict[str, int] = {"train": 0, "test": 1_000_000_000, "validation": 2_000_000_000}
 """First seed of each split; a split holds at most `SPLIT_CAPACITY` items, so the seed ranges are disjoint."""
 SPLIT_CAPACITY = 1_000_000_000
 
