@@ -14,7 +14,7 @@ from test_flops import _token_counts
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vtw import withdraw
-from vtw.choose import choose_method, mean_ci, wilson
+from vtw.choose import Score, choose_method, mean_ci, pick, wilson
 from vtw.flops.budget import Prompt, match_budget
 from vtw.methods import make_method
 from vtw.synthvqa.generator import iter_items
@@ -39,13 +39,16 @@ def _setup():
 
 
 def _candidates():
-    return [make_method("vtw", layer=2), make_method("fastv", layer=2), make_method("random_vision", layer=2),
-            make_method("pool"), make_method("visionzip"), make_method("divprune")]  # fmt: skip
+    return [make_method("vtw", layer=2), make_method("fastv", layer=6), make_method("random_vision", layer=2),
+            make_method("pool"), make_method("visionzip"), make_method("divprune"),
+            make_method("dart", layer=2)]  # fmt: skip  # FastV at layer 6 of 8 cannot go down to half: over budget
 
 
 def _brute_force(model, samples, prompts, method):
-    """``(agreement, top-1 agreement, mean KL(P_full || P))`` of ``method``'s budget setting, run here."""
-    setting = match_budget(model.config, prompts, method, BUDGET).method
+    """``(agreement, top-1 agreement, mean KL(P_full || P), over budget)`` of ``method``'s budget setting, run
+    here."""
+    match = match_budget(model.config, prompts, method, BUDGET)
+    setting = match.method
     agree = top1 = 0
     kls = []
     for s in samples:
@@ -60,7 +63,7 @@ def _brute_force(model, samples, prompts, method):
         p, q = (torch.softmax(x.logits[0][0].double(), -1) for x in (full, mine))
         top1 += int(p.argmax()) == int(q.argmax())
         kls.append(float(sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p.tolist(), q.tolist()) if pi > 0)))
-    return agree / len(samples), top1 / len(samples), sum(kls) / len(kls)
+    return agree / len(samples), top1 / len(samples), sum(kls) / len(kls), match.ratio > BUDGET + 0.05
 
 
 def test_the_choice_equals_a_brute_force_of_every_candidate_alone():
@@ -68,17 +71,32 @@ def test_the_choice_equals_a_brute_force_of_every_candidate_alone():
     choice = choose_method(model, samples, prompts, _candidates(), BUDGET, max_new_tokens=STEPS)
     expected = {}
     for method in _candidates():
-        agree, top1, kl = _brute_force(model, samples, prompts, method)
+        agree, top1, kl, over = _brute_force(model, samples, prompts, method)
         score = choice.score(method.name)
         assert (score.agree, score.top1) == (agree, top1), method.name
         assert score.kl == pytest.approx(kl, rel=1e-3, abs=1e-6), method.name  # float32 log-softmax
-        expected[method.name] = (-agree, kl, -top1)
+        assert score.over_budget == over, method.name
+        expected[method.name] = (over, -agree, kl, -top1)
     assert choice.chosen == min(expected, key=expected.get)
     assert len({s.agree for s in choice.scores}) > 1, "the prompts do not tell the candidates apart"
+    assert [s.name for s in choice.scores if s.over_budget] == ["fastv"]
     assert choice.prompts == len(samples) and choice.budget == BUDGET
     shares = [s.budget_ratio for s in choice.scores]
     assert choice.cost["prefills_per_prompt"] == pytest.approx(1 + sum(shares))
     assert choice.cost["flops_per_prompt_in_full_prefills"] <= choice.cost["bound"]
+
+
+def test_the_rule_by_hand():
+    """Within the budget first, then agreement, KL, top-1, order; over budget wins only where everything is."""
+
+    def score(agree, kl, top1, over=False):
+        return Score("m", "m", {}, 0.5, agree, (0, 1), top1, (0, 1), kl, (0, 1), 8, 0.5, over)
+
+    assert pick([score(1.0, 0.0, 1.0, over=True), score(0.5, 1.0, 0.5)]) == 1
+    assert pick([score(0.5, 1.0, 0.5), score(0.75, 2.0, 0.5), score(0.75, 1.0, 0.5)]) == 2
+    assert pick([score(0.75, 1.0, 0.5), score(0.75, 1.0, 0.75)]) == 1
+    assert pick([score(0.75, 1.0, 0.5), score(0.75, 1.0, 0.5)]) == 0
+    assert pick([score(0.25, 1.0, 0.5, over=True), score(0.5, 1.0, 0.5, over=True)]) == 1
 
 
 def test_the_intervals_by_hand():

@@ -9,8 +9,10 @@ compared with the full model's run on the same prompt, which is computed once an
 * ``agree``: whether the whole short greedy answer is the same (its token ids up to the end of sequence): loyalty.
 
 Each is averaged over the prompts with a 95% interval (Wilson's score interval for the two agreements, the normal
-interval of the mean for the KL). **The rule**: the highest answer agreement; between equal agreements the lower mean
-KL, then the higher top-1 agreement, then the earlier candidate. Cost: one prefill of the full model and one of each
+interval of the mean for the KL). **The rule**: among the candidates that reach the budget (their matched share of the
+full prefill FLOPs at most ``budget +`` :data:`TOLERANCE`; a method whose settings cannot go that low, such as one
+acting at a late layer, is *over budget* and wins only where every candidate is), the highest answer agreement;
+between equal agreements the lower mean KL, then the higher top-1 agreement, then the earlier candidate. Cost: one prefill of the full model and one of each
 candidate per prompt, plus their decode steps (:attr:`Choice.cost`).
 
 Only torch, transformers and the FLOPs model are used here; the calibration prompts, the cache, the outputs and the
@@ -33,6 +35,8 @@ from .withdraw import withdraw
 
 #: z of a two-sided 95% interval
 Z95 = 1.959964
+#: how far above the budget a candidate's matched share may be and still count as reaching it
+TOLERANCE = 0.05
 
 
 @dataclass(frozen=True)
@@ -64,10 +68,12 @@ class Score:
     kl_ci: tuple[float, float]
     prompts: int
     flops_share: float  # realized prefill + decode FLOPs of its runs over the full model's runs
+    over_budget: bool = False  # its matched share exceeds the budget by more than TOLERANCE
 
     def key(self) -> tuple:
-        """The rule's order (smaller first): the highest agreement, the lowest KL, the highest top-1."""
-        return (-self.agree, self.kl, -self.top1)
+        """The rule's order (smaller first): within the budget, the highest agreement, the lowest KL, the highest
+        top-1."""
+        return (self.over_budget, -self.agree, self.kl, -self.top1)
 
 
 @dataclass
@@ -80,7 +86,10 @@ class Choice:
     chosen: str | None
     scores: list[Score]
     prompts: int
-    rule: str = "highest answer agreement, then lowest first-token KL, then highest top-1 agreement"
+    rule: str = (
+        f"within the budget (+{TOLERANCE:g}): highest answer agreement, then lowest first-token KL, then highest "
+        "top-1 agreement"
+    )
     cost: dict = field(default_factory=dict)
 
     def score(self, name: str) -> Score:
@@ -180,7 +189,7 @@ def choose_method(
         runs = [greedy_run(model, s, max_new_tokens, match.method, positions) for s in samples]
         scores.append(_score(match, reference, runs, [_run_flops(config, p, r, match.method)
                                                        for p, r in zip(prompts, runs)], sum(full)))  # fmt: skip
-    best = min(range(len(scores)), key=lambda i: (*scores[i].key(), i))
+    best = pick(scores)
     cost = {
         "prefills_per_prompt": 1 + sum(m.ratio for m in matched),
         "flops_per_prompt_in_full_prefills": (sum(full) + sum(s.flops_share * sum(full) for s in scores))
@@ -189,6 +198,11 @@ def choose_method(
         "bound": 1.5 * (1 + sum(m.ratio for m in matched)),
     }
     return Choice(budget=budget, chosen=scores[best].name, scores=scores, prompts=len(samples), cost=cost)
+
+
+def pick(scores: Sequence[Score]) -> int:
+    """The index of the best of ``scores`` by the rule (:meth:`Score.key`; ties: the earlier)."""
+    return min(range(len(scores)), key=lambda i: (*scores[i].key(), i))
 
 
 def _run_flops(config, prompt: Prompt, run: Run, method: Reduction | None) -> int:
@@ -216,4 +230,5 @@ def _score(match, reference: list[Run], runs: list[Run], flops: list[int], full_
         kl_ci=kl_ci,
         prompts=n,
         flops_share=sum(flops) / full_flops,
+        over_budget=match.ratio > match.budget + TOLERANCE,
     )

@@ -12,7 +12,8 @@ budget.
 * Candidates: every registered method that can act on the model (``vtw.method=auto``), or the listed ones
   (``vtw.method=[fastv,pdrop]``); each at ``vtw.layer`` where it takes a layer, its free parameter set by the budget.
 * Cache: ``<cache>/choose/<key>.json``, the key hashing what the choice depends on (checkpoint, dtype, tasks, limit,
-  the documents' source, budget, layer, positions, candidates, answer length, vtw and transformers versions); a lock
+  the documents' source, budget, layer, positions, candidates, answer length, the rule, vtw and transformers
+  versions); a lock
   makes concurrent jobs wait for the first one's choice. ``$VTW_CACHE_DIR`` or ``outputs/.cache``.
 * Outputs in the job dir: ``choose.json`` (the table, the choice, the rule, the cost, whether the cache was reused)
   and ``choose.png`` (each candidate's answer agreement with its 95% interval, and its first-token KL).
@@ -95,6 +96,7 @@ def choose_fields(spec, layer: int, sources: dict) -> dict:
         "positions": spec.positions,
         "candidates": list(spec.candidates),
         "max_new_tokens": spec.choose["max_new_tokens"],
+        "rule": Choice.rule,
         "vtw": __version__,
         "transformers": transformers.__version__,
     }
