@@ -89,6 +89,18 @@ def test_bench_methods_small():
     assert "sparsevlm" not in speed or scoring["sparsevlm"][-2] == "<=5%"
 
 
+def test_bench_choose_small():
+    """The cost of vtw.method=auto beside the lone runs: both rows, and the prefill counts of the module docstring
+    (the lone runs repeat the full model once per candidate: n candidates more full prefills per prompt)."""
+    out = _bench("bench_choose.py", "--prompts", "2", "--max-new-tokens", "2")
+    rows = dict(re.findall(r"^(choice|lone runs) +[\d.]+ +([\d.]+)$", out, re.M))
+    assert set(rows) == {"choice", "lone runs"}, out
+    candidates = int(re.search(r"(\d+) candidates", out).group(1))
+    assert candidates == len(METHODS) - 1, out  # every method but dycoke (videos only) acts on tiny-llava
+    assert float(rows["lone runs"]) - float(rows["choice"]) == pytest.approx(candidates - 1, abs=0.011), out
+    assert "bound 1.5 x (1 + sum of shares)" in out
+
+
 def test_bench_methods_on_a_video():
     """``--video``: a Video-LLaVA-shaped model and one video (2 frames x 257 tokens), so the video methods act: every
     registered method is timed (none refuses a Video-LLaVA video), DyCoke among them."""

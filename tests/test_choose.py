@@ -5,6 +5,7 @@ winner by the documented rule; the 95% intervals by hand; bad input before any f
 from __future__ import annotations
 
 import functools
+import json
 import math
 from pathlib import Path
 
@@ -179,3 +180,39 @@ def test_the_cache_is_reused_without_a_forward_and_an_empty_calibration_set_fail
     whole = _spec(tiny_llava_dir, tiny_tasks, "vtw.method=auto", "vtw.budget=0.5", "vtw.layer=1")
     with pytest.raises(ValueError, match="vtw.method=auto has no calibration prompts"):
         prepare_choice(whole, tm)  # every document evaluated, no validation split
+
+
+def test_auto_end_to_end_evaluates_the_choice_and_a_choose_job_reuses_it(tiny_llava_dir, tiny_tasks, tmp_path,
+                                                                          monkeypatch):  # fmt: skip
+    """``vtw.method=[vtw,fastv] vtw.budget=0.5`` through ``run_job``: the chosen method is the one evaluated at the
+    budget and ``results.json`` records the table; a ``mode=choose`` job with the same settings reuses the cached
+    choice, and the sweep summary of both names the chosen method (no loyalty note for the choose-only job)."""
+    from test_lmms_fixtures import pipeline_overrides
+
+    from vtw.pipeline.config import compose_config
+    from vtw.pipeline.job import JobContext, run_job
+    from vtw.pipeline.summary import summarize_sweep
+
+    monkeypatch.setenv("VTW_CACHE_DIR", str(tmp_path / "cache"))
+    root, names = tiny_tasks
+    common = pipeline_overrides(tiny_llava_dir, root, [names["gen"]], "logger=none", "vtw.method=[vtw,fastv]",
+                                "vtw.budget=0.5", "vtw.layer=1", "vtw.choose.limit=2", "dataset.limit=3",
+                                "vtw.choose.max_new_tokens=2")  # fmt: skip
+    assert run_job(compose_config(common), JobContext(output_dir=tmp_path / "sweep" / "0")).status == "ok"
+    results = json.loads((tmp_path / "sweep" / "0" / "results.json").read_text())
+    choice = results["choice"]["choice"]
+    evaluated = results["result"]
+    assert evaluated["method"] == choice["chosen"] in ("vtw", "fastv") and evaluated["budget"] == 0.5
+    assert {s["name"] for s in choice["scores"]} == {"vtw", "fastv"} and not results["choice"]["reused_cache"]
+    assert (
+        run_job(compose_config([*common, "mode=choose"]), JobContext(output_dir=tmp_path / "sweep" / "1")).status
+        == "ok"
+    )
+    again = json.loads((tmp_path / "sweep" / "1" / "choose.json").read_text())
+    assert (
+        again["reused_cache"] and again["choice"] == choice and not (tmp_path / "sweep" / "1" / "results.json").exists()
+    )
+    summary = summarize_sweep(tmp_path / "sweep", write=False, plot=False, console=False)
+    (row,) = [r for r in summary.rows if r["job"] == "1"]
+    assert row["method"] == choice["chosen"] and row["method_label"].startswith("auto: ") and row["budget"] == 0.5
+    assert not any("no baseline job" in n for n in summary.notes), summary.notes

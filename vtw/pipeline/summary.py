@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..io import atomic_write_text, read_jsonl
+from ..io import atomic_write_text, read_json, read_jsonl
 from .loyalty import FIELDS as LOYALTY_FIELDS
 from .loyalty import loyalty
 from .results import CSV, MD, SAMPLES_FILE, TABLE, RunResult, cell, columns, row_label, row_ok
@@ -112,8 +112,25 @@ def rows_for_job(job_dir: Path, root: Path) -> list[dict]:
             "dataset": job.get("dataset"),
             "layer": layer if isinstance(layer, int) and not isinstance(layer, bool) else None,
             "error": (job.get("error") or None) if status == "failed" else None,
+            **(_choice_fields(job_dir) if status == "ok" else {}),
         }
     ]
+
+
+def _choice_fields(job_dir: Path) -> dict:
+    """A ``mode=choose`` job (no ``results.json``): the chosen method, its setting and the budget from its
+    ``choose.json``; ``{}`` for any other job."""
+    try:
+        choice = read_json(job_dir / "choose.json")["choice"]
+        chosen = next(s for s in choice["scores"] if s["name"] == choice["chosen"])
+    except (OSError, ValueError, KeyError, TypeError, StopIteration):
+        return {}
+    return {
+        "method": chosen["name"],
+        "method_label": f"auto: {chosen['label']}",
+        "budget": choice["budget"],
+        "budget_ratio": chosen["budget_ratio"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -216,12 +233,18 @@ def _samples(job_dir: str, variant: str) -> list[dict]:
         return []
 
 
+def _evaluated(row: dict) -> bool:
+    """Whether a row is a variant of a ``results.json`` (a ``mode=choose`` or ``mode=flops`` job scored no samples,
+    so it has no loyalty to fill)."""
+    return "variant" in row
+
+
 def add_loyalty(rows: list[dict]) -> list[str]:
     """Fill each finished row's loyalty (:mod:`vtw.pipeline.loyalty`) against the sweep's baseline job of the same
     model and dataset (a job whose variant is ``baseline``), from both jobs' ``samples.jsonl``; rows that carry it
     already (their job evaluated its own baseline) keep theirs. Returns notes for the rows it could not fill (no
     baseline in the sweep: it says so instead of inventing one)."""
-    missing = {(r["model"], r["dataset"]) for r in rows if row_ok(r) and r.get("loyalty") is None}
+    missing = {(r["model"], r["dataset"]) for r in rows if row_ok(r) and r.get("loyalty") is None and _evaluated(r)}
     notes, reference = [], {}
     for model, dataset in sorted(missing, key=str):
         base = next((r for r in rows if row_ok(r) and r.get("variant") == "baseline" and r.get("model") == model
