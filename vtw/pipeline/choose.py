@@ -28,22 +28,9 @@ from pathlib import Path
 from ..choose import Choice, choose_method
 from ..io import atomic_write_json
 from .config import build_method
-from .layer_search import cached_json
+from .layer_search import cached_json, task_leaves
 
 log = logging.getLogger("vtw")
-
-
-def _tasks(task_manager, names) -> list[tuple[str, object]]:
-    from lmms_eval.tasks import get_task_dict
-
-    def leaves(d):
-        for name, value in d.items():
-            if isinstance(value, dict):
-                yield from leaves(value)
-            else:
-                yield getattr(name, "group_name", name), value
-
-    return list(leaves(get_task_dict(list(names), task_manager)))
 
 
 def calibration_docs(task_manager, names, limit: int, evaluated) -> tuple[list[tuple[object, object]], dict]:
@@ -54,7 +41,7 @@ def calibration_docs(task_manager, names, limit: int, evaluated) -> tuple[list[t
             below 1: that share, as lmms-eval reads it).
     """
     docs, sources = [], {}
-    for name, task in _tasks(task_manager, names):
+    for name, task in task_leaves(task_manager, names):
         eval_split = getattr(task.config, "test_split", None) or getattr(task.config, "validation_split", None)
         validation = getattr(task.config, "validation_split", None)
         if validation and validation != eval_split and task.has_validation_docs():

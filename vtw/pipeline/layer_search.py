@@ -91,13 +91,8 @@ def cached_search(fields: dict, compute, directory: Path | None = None) -> Searc
     return SearchOutcome(SearchResult.from_dict(stored), key, fields, target, reused=reused)
 
 
-def task_samples(lm, task_manager, tasks, limit: int) -> Iterator[dict]:
-    """Model inputs (one sample each) for the first ``limit`` documents of every task, prepared by ``lm``.
-
-    Args:
-        lm: a :class:`vtw.lmms.model.VTWModel` (its :class:`vtw.lmms.inputs.InputBuilder`, ``lm.inputs``).
-        task_manager: an lmms-eval ``TaskManager`` that knows ``tasks``.
-    """
+def task_leaves(task_manager, names) -> list[tuple[str, object]]:
+    """``[(task name, lmms-eval task), ...]`` for ``names`` (groups expanded to their tasks, in order)."""
     from lmms_eval.tasks import get_task_dict
 
     def leaves(d):
@@ -107,7 +102,17 @@ def task_samples(lm, task_manager, tasks, limit: int) -> Iterator[dict]:
             else:
                 yield getattr(name, "group_name", name), value
 
-    found = list(leaves(get_task_dict(list(tasks), task_manager)))
+    return list(leaves(get_task_dict(list(names), task_manager)))
+
+
+def task_samples(lm, task_manager, tasks, limit: int) -> Iterator[dict]:
+    """Model inputs (one sample each) for the first ``limit`` documents of every task, prepared by ``lm``.
+
+    Args:
+        lm: a :class:`vtw.lmms.model.VTWModel` (its :class:`vtw.lmms.inputs.InputBuilder`, ``lm.inputs``).
+        task_manager: an lmms-eval ``TaskManager`` that knows ``tasks``.
+    """
+    found = task_leaves(task_manager, tasks)
     if not found:
         raise ValueError(f"the layer search found no tasks among {list(tasks)}")
     for _name, task in found:
