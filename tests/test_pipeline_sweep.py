@@ -274,3 +274,36 @@ def test_job_index_finds_finished_jobs_by_config_hash_under_a_root(tmp_path):
     f = job(tmp_path / "mine", "fff")
     record_finished("fff", f)
     assert job_index(tmp_path).find("fff") == f
+
+
+def test_a_sweep_with_bad_points_is_refused_whole_before_any_job(tiny_llava_dir, tiny_tasks, tmp_path):
+    """The sweep check (``hydra.callbacks.sweep_check``): every bad point named with what is allowed, nothing run,
+    no sweep directory, exit 1; ``enabled=false`` gives back the point-by-point failures (the good point runs)."""
+    root, names = tiny_tasks
+    sweep = tmp_path / "sweep"
+    over = pipeline_overrides(tiny_llava_dir, root, [names["gen"]], "logger=none")
+    p = _run(["-m", "vtw.layer=1,50", "vtw.method=vtw,nosuch", *over, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = [ln.strip() for ln in p.stderr.splitlines() if ln.startswith("  #")]
+    assert "vtw: 3 of 4 sweep points are invalid; nothing ran" in p.stderr
+    assert [ln.split(":")[0] for ln in lines] == ["#1 vtw.layer=1 vtw.method=nosuch", "#2 vtw.layer=50 vtw.method=vtw",
+                                                  "#3 vtw.layer=50 vtw.method=nosuch"]  # fmt: skip
+    assert "is not allowed; allowed: vtw, " in lines[0] and "allowed 0..4" in lines[1], lines
+    assert not sweep.exists() and "Launching" not in p.stdout + p.stderr
+    p = _run(["-m", "vtw.layer=1,50", *over, f"hydra.sweep.dir={sweep}", "hydra.callbacks.sweep_check.enabled=false"],
+             cwd=tmp_path)  # fmt: skip
+    assert p.returncode == 1 and [r["status"] for r in _csv(sweep / "summary.csv")] == ["ok", "failed"]
+
+
+def test_sweep_points_by_hand():
+    from vtw.pipeline.sweep_check import sweep_points
+
+    assert sweep_points(["a=1,2", "b=x", "c=range(0,3)"]) == [
+        ["a=1", "b=x", "c=0"], ["a=1", "b=x", "c=1"], ["a=1", "b=x", "c=2"],
+        ["a=2", "b=x", "c=0"], ["a=2", "b=x", "c=1"], ["a=2", "b=x", "c=2"],
+    ]  # fmt: skip
+    assert sweep_points(["b=1", "a=3,4"], {"a": "1,2", "c": "choice(u,v)"}) == [
+        ["a=3", "c=u", "b=1"], ["a=3", "c=v", "b=1"], ["a=4", "c=u", "b=1"], ["a=4", "c=v", "b=1"]
+    ]  # fmt: skip  # the command line's value of a params key replaces it, in the key's place
+    assert sweep_points(["model=glob(*)"]) is None and sweep_points(["lr=interval(0,1)"]) is None
+    assert sweep_points([]) == [[]]

@@ -157,25 +157,33 @@ def compose_config(overrides: Sequence[str] = (), config_dir: str | os.PathLike 
         ValueError: an unknown group option (``model=foo``), naming it and listing the available ones, or an
             override that does not parse / does not exist.
     """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from hydra import initialize_config_dir
 
     register_resolvers()
     register_schema()
     config_dir = str(Path(config_dir or CONF_DIR).resolve())
     with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        try:
-            return compose(config_name="config", overrides=list(overrides))
-        except MissingConfigException as e:
-            group = _missing_group(str(e))
-            if group:
-                bad = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == group]
-                raise ValueError(
-                    f"unknown {group} {bad[0] if bad else '?'!r}; allowed: {', '.join(group_options(group))}"
-                ) from e
-            raise ValueError(str(e)) from e
-        except ConfigCompositionException as e:
-            raise ValueError(f"bad override: {e}") from e
+        return compose_in_app(overrides)
+
+
+def compose_in_app(overrides: Sequence[str], config_name: str = "config") -> DictConfig:
+    """Compose ``config_name`` with ``overrides`` through the Hydra already initialised (inside ``run.py``'s app, or
+    :func:`compose_config`'s context); the same ``ValueError`` lines as :func:`compose_config`."""
+    from hydra import compose
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    try:
+        return compose(config_name=config_name, overrides=list(overrides))
+    except MissingConfigException as e:
+        group = _missing_group(str(e))
+        if group:
+            bad = [o.split("=", 1)[1] for o in overrides if o.lstrip("+~").split("=", 1)[0] == group]
+            raise ValueError(
+                f"unknown {group} {bad[0] if bad else '?'!r}; allowed: {', '.join(group_options(group))}"
+            ) from e
+        raise ValueError(str(e)) from e
+    except ConfigCompositionException as e:
+        raise ValueError(f"bad override: {e}") from e
 
 
 def _missing_group(message: str) -> str | None:
