@@ -20,8 +20,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vtw.choose import choose_method, greedy_run
 from vtw.flops.budget import Prompt, match_budget
-from vtw.methods import METHODS
-from vtw.pipeline.config import build_method
+from vtw.pipeline.config import build_method, compose_config, validate_config
 from vtw.synthvqa.generator import iter_items
 from vtw.synthvqa.train import conversation_text
 
@@ -51,14 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     model = LlavaForConditionalGeneration.from_pretrained(ASSET, local_files_only=True).eval()
     processor = AutoProcessor.from_pretrained(ASSET, local_files_only=True)
     samples, prompts = prompts_of(model, processor, args.prompts)
-    candidates = []
-    for name in METHODS:
-        method = build_method(name, args.layer, {}).resolve(model.config.get_text_config().num_hidden_layers)
-        try:
-            method.check_supported(model.config)
-        except ValueError:
-            continue
-        candidates.append(method)
+    spec = validate_config(compose_config(["vtw.method=auto", f"vtw.budget={args.budget}", f"vtw.layer={args.layer}",
+                                           "logger=none"]))  # fmt: skip  # the candidates as vtw.method=auto has them
+    layers = model.config.get_text_config().num_hidden_layers
+    candidates = [build_method(name, args.layer, {}).resolve(layers) for name in spec.candidates]
     t0 = time.perf_counter()
     choice = choose_method(model, samples, prompts, candidates, args.budget, args.max_new_tokens)
     choose_s = time.perf_counter() - t0
