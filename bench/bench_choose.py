@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     spec = validate_config(compose_config(["vtw.method=auto", f"vtw.budget={args.budget}", f"vtw.layer={args.layer}",
                                            "logger=none"]))  # fmt: skip  # the candidates as vtw.method=auto has them
     layers = model.config.get_text_config().num_hidden_layers
-    candidates = [build_method(name, args.layer, {}).resolve(layers) for name in spec.candidates]
+    candidates = [build_method(name, args.layer, {}).resolve(layers) for name in spec.vtw.candidates]
     t0 = time.perf_counter()
     choice = choose_method(model, samples, prompts, candidates, args.budget, args.max_new_tokens)
     choose_s = time.perf_counter() - t0

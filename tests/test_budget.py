@@ -116,7 +116,7 @@ def test_budget_config_checks():
             validate_config(compose_config(overrides))
         assert needle in str(info.value), (overrides, str(info.value))
     spec = validate_config(compose_config(["vtw.method=pdrop", "vtw.layers=[1,3,5]", "vtw.budget=0.4"]))
-    assert spec.reduction(2) == PyramidDrop(layers=(1, 3, 5)) and spec.budget == 0.4
+    assert spec.reduction(2) == PyramidDrop(layers=(1, 3, 5)) and spec.vtw.budget == 0.4
     assert spec.reduction(None) == Withdrawal()  # vtw.layer=null: the full model, whatever the method
 
 

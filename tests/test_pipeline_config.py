@@ -39,14 +39,14 @@ def test_every_shipped_model_validates_with_its_own_layer_count(model):
     hf = json.loads((HF_CONFIGS / f"{model}.json").read_text())
     n_layers = (hf.get("text_config") or hf)["num_hidden_layers"]
     spec = validate_config(compose_config([f"model={model}", "vtw.layer=null"]))
-    assert spec.model.num_layers == n_layers and spec.layer is None
+    assert spec.model.num_layers == n_layers and spec.vtw.layer is None
     assert spec.model.family == hf["model_type"]
     spec = validate_config(compose_config([f"model={model}", f"vtw.layer={n_layers}"]))
-    assert spec.layer == n_layers
+    assert spec.vtw.layer == n_layers
     with pytest.raises(ValueError, match=rf"vtw.layer={n_layers + 1}.*{model}.*0\.\.{n_layers}.*auto"):
         validate_config(compose_config([f"model={model}", f"vtw.layer={n_layers + 1}"]))
     assert (
-        validate_config(compose_config([f"model={model}"])).layer
+        validate_config(compose_config([f"model={model}"])).vtw.layer
         == OmegaConf.load(CONF_DIR / "model" / f"{model}.yaml").default_layer
     )
 
@@ -97,19 +97,19 @@ def test_bad_values_name_the_value_and_the_allowed_ones(overrides, needles):
 
 def test_auto_layer_and_search_settings_are_valid_values():
     spec = validate_config(compose_config(["model=llava-1.5-7b", "vtw=auto"]))
-    assert spec.layer == "auto" and spec.search.eta == 0.003 and spec.search.min_layer is None
-    assert validate_config(compose_config(["model=llava-1.5-13b", "vtw=auto"])).search.eta == 0.0005
-    assert validate_config(compose_config(["model=llava-1.5-7b", "vtw=baseline"])).layer is None
+    assert spec.vtw.layer == "auto" and spec.vtw.search.eta == 0.003 and spec.vtw.search.min_layer is None
+    assert validate_config(compose_config(["model=llava-1.5-13b", "vtw=auto"])).vtw.search.eta == 0.0005
+    assert validate_config(compose_config(["model=llava-1.5-7b", "vtw=baseline"])).vtw.layer is None
 
 
 def test_unknown_task_is_named_with_suggestions(tmp_path):
     from test_lmms_fixtures import build_tiny_tasks
 
-    from vtw.pipeline.config import DatasetSpec
+    from vtw.pipeline.schema import DatasetConf
     from vtw.pipeline.evaluate import build_task_manager, check_tasks
 
     names = build_tiny_tasks(tmp_path)
-    ds = DatasetSpec(name="x", tasks=(names["gen"],), include_path=(str(tmp_path),), limit=None, primary_metric=None)
+    ds = DatasetConf(name="x", tasks=[names["gen"]], include_path=[str(tmp_path)]).check()
     tm = build_task_manager(ds)
     check_tasks(tm, [names["gen"]])
     with pytest.raises(ValueError, match=r"'vtwtest_gne' \(did you mean: vtwtest_gen"):
@@ -193,7 +193,7 @@ def test_plain_dict_gets_the_schema_defaults():
     data = resolved_config(compose_config(["model=llava-1.5-7b"]))
     del data["seed"], data["vtw"]["search"]["limit"]
     spec = validate_config(data)
-    assert spec.seed == 1234 and spec.search.limit == 20
+    assert spec.seed == 1234 and spec.vtw.search.limit == 20
     data["model"]["batch_size"] = "eight"
     with pytest.raises(ValueError, match="eight"):
         validate_config(data)

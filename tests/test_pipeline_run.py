@@ -131,7 +131,7 @@ def test_resume_skips_a_finished_identical_config(first_run, overrides, tmp_path
 def test_wandb_trouble_never_fails_the_job(first_run, monkeypatch):
     import wandb
 
-    from vtw.pipeline.config import LoggerSpec
+    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.results import read_results
     from vtw.pipeline.wandb_logger import log_job
 
@@ -142,9 +142,9 @@ def test_wandb_trouble_never_fails_the_job(first_run, monkeypatch):
         raise RuntimeError("W&B is down")
 
     monkeypatch.setattr(wandb, "init", broken)
-    info = log_job(LoggerSpec(name="wandb", mode="offline"), result, [], out_dir=out / "wb2", group="g")
+    info = log_job(LoggerConf(name="wandb", mode="offline"), result, [], out_dir=out / "wb2", group="g")
     assert info["status"] == "failed" and "W&B is down" in info["error"]
-    assert log_job(LoggerSpec(name="none"), result, [], out_dir=out, group="g") == {"status": "disabled"}
+    assert log_job(LoggerConf(name="none"), result, [], out_dir=out, group="g") == {"status": "disabled"}
 
 
 def test_wandb_trouble_after_init_closes_the_run_as_failed(first_run, monkeypatch, tmp_path):
@@ -152,7 +152,7 @@ def test_wandb_trouble_after_init_closes_the_run_as_failed(first_run, monkeypatc
     the failed status with the error; nothing raises."""
     import wandb
 
-    from vtw.pipeline.config import LoggerSpec
+    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.results import read_results
     from vtw.pipeline.wandb_logger import log_job, log_sweep
 
@@ -179,7 +179,7 @@ def test_wandb_trouble_after_init_closes_the_run_as_failed(first_run, monkeypatc
 
     out, _ = first_run
     monkeypatch.setattr(wandb, "init", lambda *a, **k: FakeRun())
-    spec = LoggerSpec(name="wandb", mode="offline")
+    spec = LoggerConf(name="wandb", mode="offline")
     info = log_job(spec, read_results(out), [], out_dir=tmp_path / "wb", group="g")
     assert info == {"status": "failed", "error": "OSError: disk full"}
     assert log_sweep(spec, FakeSummary(), group="g") == {"status": "failed", "error": "OSError: disk full"}

@@ -183,7 +183,7 @@ def test_a_column_added_to_the_one_list_shows_everywhere(tmp_path, monkeypatch):
     from wandb_offline import find_offline_runs, read_offline_run
 
     from vtw.pipeline import results
-    from vtw.pipeline.config import LoggerSpec
+    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.report import run_table
     from vtw.pipeline.results import Column, read_results
     from vtw.pipeline.wandb_logger import log_job, log_sweep
@@ -212,7 +212,7 @@ def test_a_column_added_to_the_one_list_shows_everywhere(tmp_path, monkeypatch):
     (line,) = [line for line in job.file.getvalue().splitlines() if "wall clock s" in line]
     assert [c.strip() for c in line.split("│")[2:4]] == ["12.5", "7.25"]
 
-    spec = LoggerSpec(name="wandb", mode="offline")
+    spec = LoggerConf(name="wandb", mode="offline")
     assert log_job(spec, result, [], out_dir=tmp_path / "0", group="g")["status"] == "logged"
     assert log_sweep(spec, s, group="g")["status"] == "logged"
     (run,) = [read_offline_run(r) for r in find_offline_runs(tmp_path / "0" / "wandb")]

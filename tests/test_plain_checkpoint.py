@@ -40,7 +40,7 @@ def test_model_config_points_at_the_plain_checkpoint():
     spec = validate_config(compose_config(["model=tiny-llava-plain", "logger=none"]))
     assert Path(spec.model.pretrained) == PLAIN and spec.model.name == "tiny-llava-plain"
     assert spec.model.num_layers == 8 and spec.model.family == "llava"
-    assert spec.layer == OmegaConf.load(CONF_DIR / "model" / "tiny-llava-plain.yaml").default_layer
+    assert spec.vtw.layer == OmegaConf.load(CONF_DIR / "model" / "tiny-llava-plain.yaml").default_layer
     model, _ = _plain()
     assert model.name_or_path == str(PLAIN) and model.config.text_config.num_hidden_layers == 8
     assert json.loads((PLAIN / "config.json").read_text()) == json.loads((DEFAULT / "config.json").read_text())

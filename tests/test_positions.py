@@ -48,7 +48,7 @@ def test_config_refuses_compact_on_mrope_models_before_any_weights(model):
         assert text.startswith(f"vtw.positions=compact with model={model}: positions=compact is not defined for ")
         assert "\n" not in text
     else:
-        assert validate_config(composed).positions == "compact"
+        assert validate_config(composed).vtw.positions == "compact"
 
 
 def test_config_and_model_args_refuse_a_value_not_allowed(tiny_llava_dir, tiny_qwen_dir, monkeypatch):

@@ -61,7 +61,7 @@ from lmms_eval.api.model import lmms
 
 from ..families import get_family, num_decoder_layers
 from ..methods import Reduction, Withdrawal, make_method, method_names, parameter_names, parse_params
-from ..options import SUPPORTED_ATTENTION, parse_device_map, resolve_dtype
+from ..options import ModelArgs, resolve_dtype
 from ..withdraw import check_positions, validate_layer, withdraw
 from . import distributed
 from .batching import plan_batches
@@ -157,6 +157,25 @@ def method_from_args(method: str, layer, **params) -> Reduction:
         raise ValueError(f"vtw model: {e}") from None
 
 
+def _parse_args(pretrained, method: str, layer, kwargs: dict) -> tuple[ModelArgs, Reduction]:
+    """The loading args (:class:`vtw.options.ModelArgs`, checked) and the method of the model args; a
+    ``ValueError`` naming an unknown arg and listing the allowed ones."""
+    method_args = {k: kwargs.pop(k) for k in list(kwargs) if k in parameter_names()}
+    unknown = sorted(set(kwargs) - set(ModelArgs.names()))
+    if unknown:
+        raise ValueError(
+            f"vtw model: unknown model_args {unknown}; allowed: pretrained, layer, method, positions, the methods' "
+            f"parameters ({', '.join(parameter_names())}), device, {', '.join(ModelArgs.names()[1:])}, progress"
+        )
+    if not pretrained or not isinstance(pretrained, str):
+        raise ValueError(f"vtw model: pretrained must be a hub id or a local directory, got {pretrained!r}")
+    reduction = method_from_args(method, layer, **method_args)
+    try:
+        return ModelArgs(pretrained=pretrained, **kwargs).check(), reduction
+    except ValueError as e:
+        raise ValueError(f"vtw model: {e}") from None
+
+
 class VTWModel(lmms):
     """lmms-eval model class registered as ``vtw`` (see the module docstring for its arguments)."""
 
@@ -169,107 +188,39 @@ class VTWModel(lmms):
         method: str = "vtw",
         positions: str = "keep",
         device: str = "auto",
-        device_map: str | dict | None = None,
-        max_memory: str | dict | None = None,
-        dtype: str = "auto",
-        batch_size: int | str = 1,
-        attn_implementation: str = "sdpa",
-        max_new_tokens: int = 128,
-        chat_template: str | None = None,
-        max_frames_num: int = 8,
-        revision: str | None = None,
-        trust_remote_code: bool = False,
         max_batch_size: int | None = None,  # lmms-eval passes it; unused (no automatic batch size)
         progress: bool = True,
-        **unknown,
+        **kwargs,
     ) -> None:
         super().__init__()
-        method_args = {k: unknown.pop(k) for k in list(unknown) if k in parameter_names()}
-        if unknown:
-            raise ValueError(
-                f"vtw model: unknown model_args {sorted(unknown)}; allowed: pretrained, layer, method, positions, the methods' "
-                f"parameters ({', '.join(parameter_names())}), device, device_map, max_memory, dtype, batch_size, "
-                "attn_implementation, max_new_tokens, chat_template, max_frames_num, revision, trust_remote_code, "
-                "progress"
-            )
-        if not pretrained or not isinstance(pretrained, str):
-            raise ValueError(f"vtw model: pretrained must be a hub id or a local directory, got {pretrained!r}")
-        reduction = method_from_args(method, layer, **method_args)
-        if attn_implementation not in SUPPORTED_ATTENTION:
-            raise ValueError(
-                f"vtw model: attn_implementation must be one of {SUPPORTED_ATTENTION}, got {attn_implementation!r}"
-            )
-        try:
-            batch_size = int(batch_size)
-        except (TypeError, ValueError):
-            raise ValueError(f"vtw model: batch_size must be a positive integer, got {batch_size!r}") from None
-        if batch_size < 1:
-            raise ValueError(f"vtw model: batch_size must be a positive integer, got {batch_size}")
-        if int(max_new_tokens) < 1:
-            raise ValueError(f"vtw model: max_new_tokens must be >= 1, got {max_new_tokens}")
-        read_template(chat_template)  # neither a file nor a template: ValueError before any weight is loaded
-        try:
-            device_map, max_memory = parse_device_map(device_map, max_memory)
-        except ValueError as e:
-            raise ValueError(f"vtw model: {e}") from None
+        args, reduction = _parse_args(pretrained, method, layer, kwargs)
+        read_template(args.chat_template)  # neither a file nor a template: ValueError before any weight is loaded
         world = distributed.world()
-        if world.size > 1 and device_map is not None:
+        if world.size > 1 and args.device_map is not None:
             raise ValueError(
-                f"vtw model: device_map={device_map!r} (model parallel) cannot be combined with data parallel "
+                f"vtw model: device_map={args.device_map!r} (model parallel) cannot be combined with data parallel "
                 f"(WORLD_SIZE={world.size}); use one process with device_map, or N processes without it"
             )
+        self.args = args
         self._device = replica_device(resolve_device(device), world)
-        self._dtype = resolve_dtype(dtype, self._device)
-        self._batch_size = batch_size
-        self.max_new_tokens = int(max_new_tokens)
-        self.max_frames_num = int(max_frames_num)
-        self.pretrained = pretrained
-        self.progress = bool(progress)
+        self._dtype = resolve_dtype(args.dtype, self._device)
+        self._batch_size = args.batch_size
+        self.max_new_tokens, self.max_frames_num = args.max_new_tokens, args.max_frames_num
+        self.pretrained, self.progress = args.pretrained, bool(progress)
 
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
-        hub_kw = {"revision": revision, "trust_remote_code": bool(trust_remote_code)}
-        hub_kw = {k: v for k, v in hub_kw.items() if v is not None}
         try:
-            config = AutoConfig.from_pretrained(pretrained, **hub_kw)
+            config = AutoConfig.from_pretrained(args.pretrained, **args.hub_kwargs())
         except OSError as e:
-            raise ValueError(f"vtw model: cannot read a model config from pretrained={pretrained!r}: {e}") from e
-        family = get_family(config)  # unsupported: ValueError listing the supported families
+            raise ValueError(f"vtw model: cannot read a model config from pretrained={args.pretrained!r}: {e}") from e
+        self.family = get_family(config)  # unsupported: ValueError listing the supported families
         try:  # layers out of range, positions the family cannot take: ValueError, weights not loaded yet
             reduction = reduction.resolve(num_decoder_layers(config))
             self.positions = check_positions(positions, config)
         except ValueError as e:
             raise ValueError(f"vtw model: {e}") from None
-
-        import transformers
-
-        model_cls = getattr(transformers, family.model_class)
-        if world.size > 1:  # before the weights: the process group (gloo on CPU, NCCL on GPUs)
-            from accelerate import Accelerator
-
-            self.accelerator = Accelerator(cpu=self._device.type == "cpu")
-            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
-        placement = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
-        model = model_cls.from_pretrained(
-            pretrained, dtype=self._dtype, attn_implementation=attn_implementation, **placement, **hub_kw
-        )
-        if device_map is None:
-            model = model.to(self._device)
-        else:  # inputs go where the embeddings are; accelerate's hooks move hidden states from layer to layer
-            self._device = model.get_input_embeddings().weight.device
-        self.device_map = getattr(model, "hf_device_map", None) or device_map  # where each module went
-        self._model = model.eval()
-        self.inputs = InputBuilder(
-            AutoProcessor.from_pretrained(pretrained, **hub_kw),
-            family,
-            device=self._device,
-            dtype=self._dtype,
-            chat_template=chat_template,
-            max_frames_num=max_frames_num,
-            name=pretrained,
-        )
-        self._processor, self._tokenizer = self.inputs.processor, self.inputs.tokenizer
-        self.family = family
+        self._load(world)
         self._handle = None
         self._padding: set[int] = set()  # indices of the current call's padding requests
         #: ``{(task, doc_id): (V,) float32 log-probs}`` of the first generated token, filled while it is a dict
@@ -283,6 +234,42 @@ class VTWModel(lmms):
         self.failures: dict[tuple[str, int], str] = {}
         self.warmed_up = False
         self.set_method(reduction)
+
+    def _load(self, world: distributed.World) -> None:
+        """The weights (on this rank's device, or spread by ``device_map``) and the processor."""
+        import transformers
+        from transformers import AutoProcessor
+
+        args = self.args
+        if world.size > 1:  # before the weights: the process group (gloo on CPU, NCCL on GPUs)
+            from accelerate import Accelerator
+
+            self.accelerator = Accelerator(cpu=self._device.type == "cpu")
+            self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        placement = {} if args.device_map is None else {"device_map": args.device_map, "max_memory": args.max_memory}
+        model = getattr(transformers, self.family.model_class).from_pretrained(
+            args.pretrained,
+            dtype=self._dtype,
+            attn_implementation=args.attn_implementation,
+            **placement,
+            **args.hub_kwargs(),
+        )
+        if args.device_map is None:
+            model = model.to(self._device)
+        else:  # inputs go where the embeddings are; accelerate's hooks move hidden states from layer to layer
+            self._device = model.get_input_embeddings().weight.device
+        self.device_map = getattr(model, "hf_device_map", None) or args.device_map  # where each module went
+        self._model = model.eval()
+        self.inputs = InputBuilder(
+            AutoProcessor.from_pretrained(args.pretrained, **args.hub_kwargs()),
+            self.family,
+            device=self._device,
+            dtype=self._dtype,
+            chat_template=args.chat_template,
+            max_frames_num=args.max_frames_num,
+            name=args.pretrained,
+        )
+        self._processor, self._tokenizer = self.inputs.processor, self.inputs.tokenizer
 
     # ------------------------------------------------------------------ properties
     @property

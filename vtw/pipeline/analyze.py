@@ -18,14 +18,14 @@ from pathlib import Path
 
 from ..analysis import PARTS, Analysis, analyze, verdict
 from ..io import atomic_write_bytes, atomic_write_json
-from .config import RunSpec
+from .schema import Config
 
 log = logging.getLogger("vtw")
 FIGURES = ("attention_share.png", "migration.png", "attention_map.png")
 _COLORS = {"vision": "tab:red", "sink": "tab:gray", "text": "tab:blue"}
 
 
-def run_analyze(spec: RunSpec, out_dir: str | Path) -> tuple[Analysis, str]:
+def run_analyze(spec: Config, out_dir: str | Path) -> tuple[Analysis, str]:
     """Load the model, analyse the prompts, write the files; returns ``(analysis, verdict)``."""
     from .evaluate import build_task_manager, check_tasks, make_model
     from .layer_search import task_samples
@@ -34,14 +34,14 @@ def run_analyze(spec: RunSpec, out_dir: str | Path) -> tuple[Analysis, str]:
     tm = build_task_manager(spec.dataset)
     check_tasks(tm, spec.dataset.tasks)
     lm = make_model(spec)
-    result = analyze(lm.model, task_samples(lm, tm, spec.dataset.tasks, spec.analyze_limit))
-    text = verdict(result, spec.search.eta)
+    result = analyze(lm.model, task_samples(lm, tm, spec.dataset.tasks, spec.analyze.limit))
+    text = verdict(result, spec.vtw.search.eta)
     atomic_write_json(
         out / "analysis.json",
         {"model": spec.model.name, "dataset": spec.dataset.name, "tasks": list(spec.dataset.tasks),
-         "eta": spec.search.eta, "verdict": text, **result.to_dict()},
+         "eta": spec.vtw.search.eta, "verdict": text, **result.to_dict()},
     )  # fmt: skip
-    plot_analysis(result, out, eta=spec.search.eta, title=f"{spec.model.name} on {spec.dataset.name}")
+    plot_analysis(result, out, eta=spec.vtw.search.eta, title=f"{spec.model.name} on {spec.dataset.name}")
     return result, text
 
 

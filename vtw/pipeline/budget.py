@@ -11,17 +11,17 @@ import logging
 
 from ..flops.budget import BudgetMatch, match_budget
 from ..methods import Reduction
-from .config import RunSpec
+from .schema import Config
 
 log = logging.getLogger("vtw")
 
 
-def match_job_budget(spec: RunSpec, lm, task_manager, method: Reduction) -> BudgetMatch:
-    """The setting of ``method`` closest to ``spec.budget`` on the job's prompts (see the module docstring)."""
+def match_job_budget(spec: Config, lm, task_manager, method: Reduction) -> BudgetMatch:
+    """The setting of ``method`` closest to ``spec.vtw.budget`` on the job's prompts (see the module docstring)."""
     from .layer_search import task_samples
 
-    prompts = [lm.meter.prompt(x) for x in task_samples(lm, task_manager, spec.dataset.tasks, spec.budget_limit)]
-    match = match_budget(lm.config, prompts, method, spec.budget)
+    prompts = [lm.meter.prompt(x) for x in task_samples(lm, task_manager, spec.dataset.tasks, spec.vtw.budget_limit)]
+    match = match_budget(lm.config, prompts, method, spec.vtw.budget)
     log.info(
         "budget %.3g of the full TFLOPs: %s (%s chosen) reaches %.3f on %d prompts",
         match.budget,

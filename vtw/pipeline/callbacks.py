@@ -22,14 +22,14 @@ log = logging.getLogger("vtw")
 def finish_sweep(config: DictConfig, sweep_dir: str | Path, *, console=None):
     """Summarise the sweep in ``sweep_dir`` and log its W&B sweep run with the sweep's ``logger`` settings (from
     ``config``, the sweep's primary config); returns the :class:`~vtw.pipeline.summary.SweepSummary`."""
-    from .config import logger_spec
+    from .config import logger_conf
     from .summary import summarize_sweep
     from .wandb_logger import default_group, log_sweep
 
     sweep_dir = Path(sweep_dir)
     summary = summarize_sweep(sweep_dir, console=console)
     try:
-        logger = logger_spec(OmegaConf.to_container(config.get("logger"), resolve=True))
+        logger = logger_conf(OmegaConf.to_container(config.get("logger"), resolve=True))
     except ValueError as e:
         log.warning("sweep summary: not logging to W&B: %s", e)
     else:

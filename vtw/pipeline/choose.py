@@ -27,8 +27,8 @@ from pathlib import Path
 
 from ..choose import Choice, choose_method
 from ..io import atomic_write_json
-from .config import build_method
 from .layer_search import cached_json, task_leaves
+from .schema import build_method
 
 log = logging.getLogger("vtw")
 
@@ -77,12 +77,12 @@ def choose_fields(spec, layer: int, sources: dict) -> dict:
         "dtype": spec.model.dtype,
         "tasks": sorted(sources),
         "sources": sources,
-        "limit": spec.choose["limit"],
-        "budget": spec.budget,
+        "limit": spec.vtw.choose.limit,
+        "budget": spec.vtw.budget,
         "layer": layer,
-        "positions": spec.positions,
-        "candidates": list(spec.candidates),
-        "max_new_tokens": spec.choose["max_new_tokens"],
+        "positions": spec.vtw.positions,
+        "candidates": list(spec.vtw.candidates),
+        "max_new_tokens": spec.vtw.choose.max_new_tokens,
         "rule": Choice.rule,
         "vtw": __version__,
         "transformers": transformers.__version__,
@@ -91,8 +91,8 @@ def choose_fields(spec, layer: int, sources: dict) -> dict:
 
 def prepare_choice(spec, task_manager) -> tuple[list, dict]:
     """The calibration documents and their sources (before the weights load: an empty set fails here)."""
-    names = spec.choose["tasks"] or spec.dataset.tasks
-    return calibration_docs(task_manager, names, spec.choose["limit"], spec.dataset.limit)
+    names = spec.vtw.choose.tasks or spec.dataset.tasks
+    return calibration_docs(task_manager, names, spec.vtw.choose.limit, spec.dataset.limit)
 
 
 def run_choose(spec, lm, layer: int, docs: list, sources: dict, out_dir: str | Path | None = None) -> dict:
@@ -103,12 +103,12 @@ def run_choose(spec, lm, layer: int, docs: list, sources: dict, out_dir: str | P
     def compute() -> dict:
         samples = [lm.inputs.sample(str(task.doc_to_text(doc)), task.doc_to_visual, doc) for task, doc in docs]
         prompts = [lm.meter.prompt(x) for x in samples]
-        candidates = [build_method(name, layer, {}) for name in spec.candidates]
+        candidates = [build_method(name, layer, {}) for name in spec.vtw.candidates]
         previous = lm.method
         lm.set_method(build_method("vtw", None, {}))  # the choice runs each candidate on the untouched model
         try:
-            choice = choose_method(lm.model, samples, prompts, candidates, spec.budget,
-                                   spec.choose["max_new_tokens"], spec.positions)  # fmt: skip
+            choice = choose_method(lm.model, samples, prompts, candidates, spec.vtw.budget,
+                                   spec.vtw.choose.max_new_tokens, spec.vtw.positions)  # fmt: skip
         finally:
             lm.set_method(previous)
         return choice.to_dict()

@@ -16,9 +16,10 @@ from types import SimpleNamespace
 
 from ..lmms import distributed
 from ..lmms.records import sum_records
-from .config import DatasetSpec, RunSpec
+from ..options import ModelArgs
 from .memory import PeakMemory
 from .results import VariantResult, jsonable
+from .schema import Config, DatasetConf
 
 log = logging.getLogger("vtw")
 
@@ -27,7 +28,7 @@ _SAMPLE_KEYS = {"doc_id", "doc", "target", "arguments", "resps", "filtered_resps
 _SAMPLE_KEYS |= {"input_media"}
 
 
-def build_task_manager(dataset: DatasetSpec, tasks=None):
+def build_task_manager(dataset: DatasetConf, tasks=None):
     """An lmms-eval ``TaskManager`` that knows ``tasks`` (default: the dataset's).
 
     Local-only tasks: indexed from ``dataset.include_path`` alone. Otherwise lmms-eval's full index plus the
@@ -81,27 +82,13 @@ def task_metrics(task_manager, name: str) -> tuple[str, ...]:
     return tuple(m["metric"] for m in items if isinstance(m, dict) and m.get("metric"))
 
 
-def make_model(spec: RunSpec, layer=None):
+def make_model(spec: Config, layer=None):
     """The ``vtw`` lmms-eval model for ``spec`` (weights loaded here), VTW at ``layer`` (``None``: the full model;
     each evaluation sets its method, :func:`evaluate_variant`)."""
     from ..lmms.model import VTWModel
 
-    m = spec.model
-    return VTWModel(
-        pretrained=m.pretrained,
-        layer=layer,
-        positions=spec.positions,
-        device=spec.device,
-        dtype=m.dtype,
-        batch_size=m.batch_size,
-        attn_implementation=m.attn_implementation,
-        max_new_tokens=m.max_new_tokens,
-        chat_template=m.chat_template,
-        max_frames_num=m.max_frames_num,
-        device_map=m.device_map,
-        max_memory=m.max_memory,
-        progress=spec.progress,
-    )
+    args = vars(ModelArgs.of(spec.model))
+    return VTWModel(**args, layer=layer, positions=spec.vtw.positions, device=spec.device, progress=spec.progress)
 
 
 def flatten_metrics(results: dict) -> dict[str, float]:
@@ -180,7 +167,7 @@ def _mean(values) -> float:
 
 
 def evaluate_variant(
-    lm, spec: RunSpec, task_manager, *, method, label: str, out_dir: str | Path, tasks=None, limit=None, budget=None
+    lm, spec: Config, task_manager, *, method, label: str, out_dir: str | Path, tasks=None, limit=None, budget=None
 ):
     """Evaluate ``lm`` under ``method`` (a :class:`vtw.methods.Reduction`) on the dataset's tasks; ``budget``: the
     :class:`vtw.flops.budget.BudgetMatch` that chose it, if any.

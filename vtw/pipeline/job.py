@@ -19,12 +19,13 @@ from omegaconf import DictConfig
 
 from ..io import atomic_write_bytes, atomic_write_json
 from ..lmms import distributed
-from .config import RunSpec, config_hash, resolved_config, validate_config
+from .config import config_hash, resolved_config, validate_config
 from .envinfo import git_info, lock_status, package_versions
 from .layer import resolve_layer
 from .loyalty import FIELDS as LOYALTY_FIELDS
 from .loyalty import loyalty
 from .results import RESULTS_FILE, SAMPLES_FILE, RunResult, write_results
+from .schema import Config
 from .status import JobStatus, job_index, now_iso, read_job_dir, record_finished
 
 log = logging.getLogger("vtw")
@@ -105,7 +106,7 @@ def _adopt(found: Path, output_dir: Path) -> None:
             atomic_write_bytes(output_dir / name, src.read_bytes())
 
 
-def _compare_baseline(spec: RunSpec, ctx: JobContext, reduces: bool) -> bool:
+def _compare_baseline(spec: Config, ctx: JobContext, reduces: bool) -> bool:
     if not reduces:
         return False
     if spec.compare_baseline == "auto":
@@ -140,27 +141,9 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
                 log.info("resume: %s already has results for this config; skipping", found)
                 status.finish("skipped", resumed_from=str(found))
                 return JobOutcome("skipped", out, resumed_from=found)
-        if spec.mode == "flops":
-            _run_flops(spec, out, console)
-            status.finish("ok")
-            return JobOutcome("ok", out)
-        if spec.mode == "search":
-            _run_search(spec, out)
-            status.finish("ok")
-            return JobOutcome("ok", out)
-        if spec.mode == "choose":
-            _run_choose(spec, out, console)
-            status.finish("ok")
-            return JobOutcome("ok", out)
-        if spec.mode == "analyze":
-            from .analyze import run_analyze
-            from .wandb_logger import default_group, log_analysis
-
-            analysis, verdict = run_analyze(spec, out)
-            wandb_info = log_analysis(spec, analysis, out, group=default_group(ctx.launch_dir), verdict=verdict)
-            (console or _print)(f"analysis: {verdict}\nwrote {out}/analysis.json and {out}/attention_share.png, "
-                                "migration.png, attention_map.png")  # fmt: skip
-            status.finish("ok", wandb=wandb_info)
+        if spec.mode != "eval":
+            wandb_info = _run_other_mode(spec, out, ctx, console)
+            status.finish("ok", **({} if wandb_info is None else {"wandb": wandb_info}))
             return JobOutcome("ok", out)
         evaluated = _run_eval(spec, resolved, ctx)
         if evaluated is None:  # a data-parallel rank > 0: rank 0 writes the results, W&B and the summary
@@ -182,12 +165,30 @@ def run_job(cfg: DictConfig | dict, ctx: JobContext, *, console=None) -> JobOutc
         raise
 
 
-def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult, list[dict]] | None:
+def _run_other_mode(spec: Config, out: Path, ctx: JobContext, console) -> dict | None:
+    """``mode=flops|search|choose|analyze`` (what each writes: the module docstring); the W&B info of an analysis."""
+    if spec.mode == "flops":
+        _run_flops(spec, out, console)
+    elif spec.mode == "search":
+        _run_search(spec, out)
+    elif spec.mode == "choose":
+        _run_choose(spec, out, console)
+    else:
+        from .analyze import run_analyze
+        from .wandb_logger import default_group, log_analysis
+
+        analysis, verdict = run_analyze(spec, out)
+        wandb_info = log_analysis(spec, analysis, out, group=default_group(ctx.launch_dir), verdict=verdict)
+        (console or _print)(f"analysis: {verdict}\nwrote {out}/analysis.json and {out}/attention_share.png, "
+                            "migration.png, attention_map.png")  # fmt: skip
+        return wandb_info
+    return None
+
+
+def _run_eval(spec: Config, resolved: dict, ctx: JobContext) -> tuple[RunResult, list[dict]] | None:
     """Evaluate the job (and the baseline when it compares): ``(result, sample rows)``; ``None`` on a
     data-parallel rank > 0 (it evaluated its share of the documents; rank 0 holds the whole)."""
-    from ..flops import PAPER_CONVENTION
-    from ..flops.plan import EXACT_CONVENTION
-    from .evaluate import build_task_manager, check_tasks, evaluate_variant, make_model
+    from .evaluate import build_task_manager, check_tasks, make_model
 
     started = now_iso()
     tm = build_task_manager(spec.dataset)
@@ -204,13 +205,26 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         from .choose import run_choose
 
         choice = distributed.broadcast(run_choose(spec, lm, layer, *calibration, ctx.output_dir) if main_rank else None)
-        spec = dataclasses.replace(spec, method=choice["choice"]["chosen"])
+        spec = spec.with_vtw(method=choice["choice"]["chosen"])
     method, match = spec.reduction(layer).resolve(spec.model.num_layers), None
-    if spec.budget is not None and layer is not None:
+    if spec.vtw.budget is not None and layer is not None:
         from .budget import match_job_budget
 
         match = distributed.broadcast(match_job_budget(spec, lm, tm, method) if main_rank else None)
         method = match.method
+    evaluated = _evaluate_variants(spec, lm, tm, ctx, method, match)
+    if evaluated is None:
+        return None
+    (main, baseline, primary), samples = evaluated
+    result = _run_result(spec, resolved, ctx, lm, (main, baseline, primary), match, choice, started)
+    return result, samples
+
+
+def _evaluate_variants(spec: Config, lm, tm, ctx: JobContext, method, match):
+    """The baseline (when the job compares) and ``method``: ``((main, baseline, primary metric), sample rows)``, the
+    loyalty of ``main`` to the baseline filled in; ``None`` on a data-parallel rank > 0."""
+    from .evaluate import evaluate_variant
+
     reduces = any(k < spec.model.num_layers for k in method.stages())
     samples: list[dict] = []
     baseline = None
@@ -226,7 +240,7 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         if evaluated is not None:
             baseline, base_rows, _ = evaluated
             samples += base_rows
-    label = spec.method if reduces else "baseline"
+    label = spec.vtw.method if reduces else "baseline"
     try:
         evaluated = evaluate_variant(lm, spec, tm, method=method, label=label, out_dir=ctx.output_dir, budget=match)
     finally:
@@ -240,7 +254,16 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         self_loyal["first_token_kl"] = None if self_loyal["first_token_agreement"] is None else 0.0
         baseline = dataclasses.replace(baseline, **{k: self_loyal[k] for k in LOYALTY_FIELDS})
         main = dataclasses.replace(main, **{k: v for k, v in loyalty(rows, base_rows).items() if k in LOYALTY_FIELDS})
-    result = RunResult(
+    return (main, baseline, primary), samples
+
+
+def _run_result(spec: Config, resolved: dict, ctx: JobContext, lm, variants, match, choice, started) -> RunResult:
+    """The job's :class:`~vtw.pipeline.results.RunResult` (one result schema: CSV, Markdown, the table, W&B)."""
+    from ..flops import PAPER_CONVENTION
+    from ..flops.plan import EXACT_CONVENTION
+
+    main, baseline, primary = variants
+    return RunResult(
         name=_job_name(resolved),
         model=spec.model.name,
         pretrained=spec.model.pretrained,
@@ -249,7 +272,7 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         dataset=spec.dataset.name,
         tasks=list(spec.dataset.tasks),
         limit=spec.dataset.limit,
-        layer_requested=spec.layer,
+        layer_requested=spec.vtw.layer,
         primary_metric=primary,
         budget=None if match is None else match.to_dict(),
         choice=choice,
@@ -274,24 +297,23 @@ def _run_eval(spec: RunSpec, resolved: dict, ctx: JobContext) -> tuple[RunResult
         },
         conventions={"tflops": EXACT_CONVENTION, "paper_tflops": PAPER_CONVENTION},
     )
-    return result, samples
 
 
-def _calibration(spec: RunSpec, task_manager) -> tuple[list, dict] | None:
+def _calibration(spec: Config, task_manager) -> tuple[list, dict] | None:
     """``vtw.method=auto``'s calibration documents and their sources (:mod:`vtw.pipeline.choose`), else ``None``."""
-    if spec.method != "auto":
+    if not spec.vtw.auto:
         return None
     from .choose import prepare_choice
 
     return prepare_choice(spec, task_manager)
 
 
-def _run_choose(spec: RunSpec, out: Path, console) -> None:
+def _run_choose(spec: Config, out: Path, console) -> None:
     """``mode=choose``: only the choice of ``vtw.method=auto`` (``choose.json`` / ``.png`` in the job dir)."""
     from .choose import print_choice, run_choose
     from .evaluate import build_task_manager, check_tasks, make_model
 
-    tasks = list(spec.choose["tasks"] or spec.dataset.tasks)
+    tasks = list(spec.vtw.choose.tasks or spec.dataset.tasks)
     tm = build_task_manager(spec.dataset, tasks)
     check_tasks(tm, tasks)
     calibration = _calibration(spec, tm)
@@ -302,27 +324,26 @@ def _run_choose(spec: RunSpec, out: Path, console) -> None:
     print_choice(run_choose(spec, lm, layer, *calibration, out), out, console)
 
 
-def _run_flops(spec: RunSpec, out: Path, console) -> None:
+def _run_flops(spec: Config, out: Path, console) -> None:
     from ..flops import plan_flops
     from .report import make_console
 
-    f = spec.flops
-    size = f.get("image_size")
+    f, layer = spec.flops, spec.vtw.layer
     plan = plan_flops(
-        spec.model.config,
-        text_tokens=int(f.get("text_tokens", 64)),
-        generated_tokens=int(f.get("generated_tokens", 16)),
-        image_size=tuple(size) if size else None,
-        video_frames=int(f.get("video_frames") or 0),
+        spec.model.config_ref,
+        text_tokens=int(f.text_tokens),
+        generated_tokens=int(f.generated_tokens),
+        image_size=tuple(f.image_size) if f.image_size else None,
+        video_frames=int(f.video_frames or 0),
         console=console or make_console(),
-        method=spec.reduction(spec.layer) if isinstance(spec.layer, int) else None,  # a peer: its settings
+        method=spec.reduction(layer) if isinstance(layer, int) else None,  # a peer: its settings
     )
     rows = [dataclasses.asdict(r) | {"tflops": r.tflops, "paper_tflops": r.paper_tflops} for r in plan.rows]
     atomic_write_json(
         out / "flops.json",
         {
             "model": spec.model.name,
-            "config": spec.model.config,
+            "config": spec.model.config_ref,
             "vision_tokens": plan.vision_tokens,
             "text_tokens": plan.text_tokens,
             "generated_tokens": plan.generated_tokens,
@@ -338,13 +359,13 @@ def _print(text: str) -> None:
     make_console().print(text)
 
 
-def _run_search(spec: RunSpec, out: Path) -> None:
+def _run_search(spec: Config, out: Path) -> None:
     """``mode=search``: only the layer search (``layer_search.json`` / ``.png`` in the job dir)."""
     from .evaluate import build_task_manager, check_tasks, make_model
 
-    tasks = list(spec.search.tasks or spec.dataset.tasks)
+    tasks = list(spec.vtw.search.tasks or spec.dataset.tasks)
     tm = build_task_manager(spec.dataset, tasks)
     check_tasks(tm, tasks)
     lm = make_model(spec)
-    layer = resolve_layer(dataclasses.replace(spec, layer="auto"), lm=lm, task_manager=tm, out_dir=out)
+    layer = resolve_layer(spec.with_vtw(layer="auto"), lm=lm, task_manager=tm, out_dir=out)
     log.info("layer search: K=%s for %s (details in %s/layer_search.json)", layer, spec.model.name, out)

@@ -131,7 +131,7 @@ def search_key_fields(spec, tasks, settings: SearchSettings) -> dict:
         "model": spec.model.pretrained,
         "dtype": spec.model.dtype,
         "tasks": sorted(tasks),
-        "limit": spec.search.limit,
+        "limit": spec.vtw.search.limit,
         "eta": settings.eta,
         "min_layer": settings.min_layer,
         "max_layer": settings.max_layer,
@@ -143,12 +143,12 @@ def search_key_fields(spec, tasks, settings: SearchSettings) -> dict:
 
 def run_search(spec, lm, task_manager, out_dir: str | Path | None = None) -> SearchOutcome:
     """Search (or reuse the cached search) for ``spec``; write ``layer_search.json``/``.png`` into ``out_dir``."""
-    tasks = list(spec.search.tasks or spec.dataset.tasks)
+    tasks = list(spec.vtw.search.tasks or spec.dataset.tasks)
     settings = SearchSettings(
-        eta=spec.search.eta,
-        min_layer=spec.search.min_layer,
-        max_layer=spec.search.max_layer,
-        direction=getattr(spec.search, "direction", "reference"),
+        eta=spec.vtw.search.eta,
+        min_layer=spec.vtw.search.min_layer,
+        max_layer=spec.vtw.search.max_layer,
+        direction=getattr(spec.vtw.search, "direction", "reference"),
     ).validate(lm.num_layers)
     fields = search_key_fields(spec, tasks, settings)
 
@@ -156,7 +156,7 @@ def run_search(spec, lm, task_manager, out_dir: str | Path | None = None) -> Sea
         previous = lm.method
         lm.set_method(Withdrawal())  # the search compares against the full model
         try:
-            return search_layer(lm.model, task_samples(lm, task_manager, tasks, spec.search.limit), settings)
+            return search_layer(lm.model, task_samples(lm, task_manager, tasks, spec.vtw.search.limit), settings)
         finally:
             lm.set_method(previous)
 

@@ -18,9 +18,9 @@ import logging
 import os
 from pathlib import Path
 
-from .config import LoggerSpec
 from .resolvers import layer_tag, slug
 from .results import WANDB, RunResult, columns
+from .schema import LoggerConf
 
 log = logging.getLogger("vtw")
 
@@ -91,7 +91,7 @@ def _sample_row(s: dict) -> list:
     return [shown.get(c) for c in SAMPLE_COLUMNS]
 
 
-def _init(spec: LoggerSpec, *, out_dir: Path, group: str, name: str, config: dict, job_type: str):
+def _init(spec: LoggerConf, *, out_dir: Path, group: str, name: str, config: dict, job_type: str):
     import wandb
 
     mode, message = resolve_mode(spec.mode)
@@ -176,7 +176,7 @@ def _log_layer_search(run, path: Path) -> None:
     run.log(payload)
 
 
-def log_job(spec: LoggerSpec, result: RunResult, samples: list[dict], *, out_dir: str | Path, group: str) -> dict:
+def log_job(spec: LoggerConf, result: RunResult, samples: list[dict], *, out_dir: str | Path, group: str) -> dict:
     """Log one job; returns what happened (``status``: ``logged`` | ``disabled`` | ``failed``), never raises."""
     if spec.name != "wandb" or spec.mode == "disabled":
         return {"status": "disabled"}
@@ -201,7 +201,7 @@ def log_job(spec: LoggerSpec, result: RunResult, samples: list[dict], *, out_dir
         return _failed(run, e, "W&B logging failed (%s: %s); local results are complete")
 
 
-def log_sweep(spec: LoggerSpec, summary, *, group: str) -> dict:
+def log_sweep(spec: LoggerConf, summary, *, group: str) -> dict:
     """Log a sweep's summary run (table, accuracy-vs-TFLOPs scatter, Pareto image); never raises."""
     if spec.name != "wandb" or spec.mode == "disabled":
         return {"status": "disabled"}
