@@ -154,7 +154,9 @@ def test_config_errors_before_any_weights(tiny_llava_dir, tiny_tasks):
             _spec(tiny_llava_dir, tiny_tasks, *extra)
         assert needle in str(info.value) and "\n" not in str(info.value), (extra, str(info.value))
     spec = _spec(tiny_llava_dir, tiny_tasks, "vtw.method=auto", "vtw.budget=0.5", "vtw.layer=1")
-    assert spec.vtw.method == "auto" and "vtw" in spec.vtw.candidates and "dycoke" not in spec.vtw.candidates  # no video: out
+    assert (
+        spec.vtw.method == "auto" and "vtw" in spec.vtw.candidates and "dycoke" not in spec.vtw.candidates
+    )  # no video: out
 
 
 def test_the_cache_is_reused_without_a_forward_and_an_empty_calibration_set_fails(tiny_llava_dir, tiny_tasks,

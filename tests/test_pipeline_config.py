@@ -105,8 +105,8 @@ def test_auto_layer_and_search_settings_are_valid_values():
 def test_unknown_task_is_named_with_suggestions(tmp_path):
     from test_lmms_fixtures import build_tiny_tasks
 
-    from vtw.pipeline.schema import DatasetConf
     from vtw.pipeline.evaluate import build_task_manager, check_tasks
+    from vtw.pipeline.schema import DatasetConf
 
     names = build_tiny_tasks(tmp_path)
     ds = DatasetConf(name="x", tasks=[names["gen"]], include_path=[str(tmp_path)]).check()

@@ -131,8 +131,8 @@ def test_resume_skips_a_finished_identical_config(first_run, overrides, tmp_path
 def test_wandb_trouble_never_fails_the_job(first_run, monkeypatch):
     import wandb
 
-    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.results import read_results
+    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.wandb_logger import log_job
 
     out, _ = first_run
@@ -152,8 +152,8 @@ def test_wandb_trouble_after_init_closes_the_run_as_failed(first_run, monkeypatc
     the failed status with the error; nothing raises."""
     import wandb
 
-    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.results import read_results
+    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.wandb_logger import log_job, log_sweep
 
     class BrokenSummary(dict):

@@ -183,9 +183,9 @@ def test_a_column_added_to_the_one_list_shows_everywhere(tmp_path, monkeypatch):
     from wandb_offline import find_offline_runs, read_offline_run
 
     from vtw.pipeline import results
-    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.report import run_table
     from vtw.pipeline.results import Column, read_results
+    from vtw.pipeline.schema import LoggerConf
     from vtw.pipeline.wandb_logger import log_job, log_sweep
 
     outputs = (results.CSV, results.MD, results.TABLE, results.WANDB, results.SUMMARY, results.JOB)
