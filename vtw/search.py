@@ -131,6 +131,32 @@ def divergence(logits_k: torch.Tensor, logits_full: torch.Tensor, direction: str
 
 
 @torch.no_grad()
+def _full_forward(model: nn.Module, inputs: dict, wanted: list[int]) -> tuple[torch.Tensor, dict, dict]:
+    """One full forward: ``(last-position logits (B, V), {K: input hidden states of layer K (B, T, D)}, the decoder
+    layers' keyword arguments)``; ``K = L`` is the final norm's input."""
+    lm = language_model(model)
+    num_layers = num_decoder_layers(model)
+    captured: dict[int, torch.Tensor] = {}
+    layer_kwargs: dict = {}
+
+    def keep_input(index):
+        def hook(module, args, kwargs):
+            captured[index] = args[0] if args else kwargs["hidden_states"]
+            if index < num_layers and not layer_kwargs:
+                layer_kwargs.update(kwargs)
+
+        return hook
+
+    hooks = [lm.layers[k].register_forward_pre_hook(keep_input(k), with_kwargs=True) for k in wanted if k < num_layers]
+    hooks.append(lm.norm.register_forward_pre_hook(keep_input(num_layers), with_kwargs=True))
+    try:
+        full = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    return full, captured, layer_kwargs
+
+
 def candidate_logits(model: nn.Module, inputs: dict, layers: list[int]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Last-position logits of the full model and of withdrawal before each of ``layers``, from one full forward.
 
@@ -144,27 +170,7 @@ def candidate_logits(model: nn.Module, inputs: dict, layers: list[int]) -> tuple
     lm = language_model(model)
     num_layers = num_decoder_layers(model)
     wanted = sorted(set(layers))
-    captured: dict[int, torch.Tensor] = {}
-    layer_kwargs: dict = {}
-
-    def keep_input(index):
-        def hook(module, args, kwargs):
-            captured[index] = args[0] if args else kwargs["hidden_states"]
-            if not layer_kwargs:
-                layer_kwargs.update(kwargs)
-
-        return hook
-
-    def keep_final(module, args, kwargs):  # the norm's input is the input of "layer L"
-        captured[num_layers] = args[0] if args else kwargs["hidden_states"]
-
-    hooks = [lm.layers[k].register_forward_pre_hook(keep_input(k), with_kwargs=True) for k in wanted if k < num_layers]
-    hooks.append(lm.norm.register_forward_pre_hook(keep_final, with_kwargs=True))
-    try:
-        full = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1]
-    finally:
-        for h in hooks:
-            h.remove()
+    full, captured, layer_kwargs = _full_forward(model, inputs, wanted)
     input_ids = inputs["input_ids"]
     attn2d = inputs.get("attention_mask")
     if attn2d is None:

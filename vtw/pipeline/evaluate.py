@@ -7,6 +7,7 @@ those directories alone (``include_defaults=False``): no scan of lmms-eval's ~1,
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 import time
@@ -220,12 +221,19 @@ def evaluate_variant(
     if len(ranks) > 1:
         _document_order(results)
     rows = sample_rows(results, records, label=label, layer=layer, failures=failures)
-    metrics = flatten_metrics(results)
     primary = primary_metric_name(results, tasks, spec.dataset.primary_metric)
+    result = _variant_result(lm, label, layer, flatten_metrics(results), primary, records, budget)
+    result = dataclasses.replace(result, samples_per_s=result.num_samples / busiest if busiest > 0 else 0.0,
+                                 peak_mem_gb=peak, peak_mem_kind=mem.kind, wall_s=wall, processes=len(ranks))  # fmt: skip
+    return result, rows, primary
+
+
+def _variant_result(lm, label: str, layer, metrics: dict, primary: str, records, budget) -> VariantResult:
+    """The scores and the mean per-request cost of one evaluation (timing and memory: the caller's)."""
     costs = list(sum_records(records).values())
     flops, full = sum(c.flops for c in costs), sum(c.flops_full for c in costs)
     pflops, pfull = sum(c.paper_flops for c in costs), sum(c.paper_flops_full for c in costs)
-    result = VariantResult(
+    return VariantResult(
         label=label,
         layer=layer,
         method=lm.method.name,
@@ -244,16 +252,15 @@ def evaluate_variant(
         paper_tflops_full=_mean(c.paper_flops_full for c in costs) / 1e12,
         paper_tflops_saved_pct=100.0 * (1.0 - pflops / pfull) if pfull else 0.0,
         latency_s=_mean(c.latency_s for c in costs),
-        samples_per_s=len(costs) / busiest if busiest > 0 else 0.0,
+        samples_per_s=0.0,
         generated_tokens=_mean(c.generated_tokens for c in costs),
         vision_tokens=_mean(c.vision_tokens for c in costs),
         text_tokens=_mean(c.text_tokens for c in costs),
-        peak_mem_gb=peak,
-        peak_mem_kind=mem.kind,
-        wall_s=wall,
-        processes=len(ranks),
+        peak_mem_gb=None,
+        peak_mem_kind=None,
+        wall_s=0.0,
+        processes=1,
     )
-    return result, rows, primary
 
 
 def _document_order(results: dict) -> None:
