@@ -23,7 +23,8 @@ from tiny_models import Sample, build_tiny_model, make_singles
 from vtw import withdraw
 from vtw.flops import count_flops, load_model_config
 from vtw.grids import Grid
-from vtw.methods import make_method, parse_params
+from vtw.lmms.args import method_args
+from vtw.methods import make_method
 from vtw.methods.vispruner import VisPruner, removal_rounds
 
 NUM_LAYERS = 4
@@ -196,7 +197,7 @@ def test_defaults_label_budget_and_config_values():
     cands = VisPruner(important=1).budget_candidates(NUM_LAYERS)
     assert [c.keep for c in cands] == sorted(c.keep for c in cands) and cands[-1].keep == 1.0
     assert {c.important for c in cands} == {1.0} and VisPruner.free_parameter == "keep"
-    assert make_method("vispruner", **parse_params("vispruner", {"important": "1", "keep": "0.25"})) == VisPruner(
+    assert make_method("vispruner", **method_args("vispruner", {"important": "1", "keep": "0.25"})) == VisPruner(
         0.25, 1.0
     )
 

@@ -60,10 +60,11 @@ from lmms_eval.api.instance import GenerationResult, Instance, TokenCounts
 from lmms_eval.api.model import lmms
 
 from ..families import get_family, num_decoder_layers
-from ..methods import Reduction, Withdrawal, make_method, method_names, parameter_names, parse_params
+from ..methods import Reduction, Withdrawal, make_method, method_names, parameter_names
 from ..options import ModelArgs, resolve_dtype
 from ..withdraw import check_positions, validate_layer, withdraw
 from . import distributed
+from .args import method_args
 from .batching import plan_batches
 from .inputs import InputBuilder, Prepared, read_template
 from .meter import FlopsMeter
@@ -148,7 +149,7 @@ def method_from_args(method: str, layer, **params) -> Reduction:
     if method not in method_names():
         raise ValueError(f"vtw model: method must be one of {method_names()}, got {method!r}")
     try:
-        params = parse_params(method, params)
+        params = method_args(method, params)
         layer = parse_layer(layer)
         if layer is not None:
             params["layer"] = layer

@@ -58,68 +58,6 @@ def parameter_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
-def parse_params(name: str, raw: dict) -> dict:
-    """The parameters of method ``name`` from text or config values, converted to the types its fields declare:
-    ``"0.5"`` -> 0.5 for a float, ``"8;16;24"`` (lmms-eval model args split on commas) or a list -> a tuple.
-
-    Raises:
-        ValueError: a parameter the method does not take (naming those it takes), or a value of the wrong kind.
-    """
-    import types
-    import typing
-
-    cls = _method_class(name)
-    hints = typing.get_type_hints(cls)
-    taken = [f.name for f in fields(cls)]
-    out = {}
-    for key, value in raw.items():
-        if value is None:
-            continue
-        if key not in taken:
-            raise ValueError(f"{key}={value!r} is not a parameter of method {name}; it takes: {', '.join(taken)}")
-        kind = hints[key]
-        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None: X
-            kind = next(a for a in typing.get_args(kind) if a is not type(None))
-        try:
-            if typing.get_origin(kind) is tuple:
-                item = typing.get_args(kind)[0]
-                items = value.replace(",", ";").split(";") if isinstance(value, str) else value
-                items = items if isinstance(items, (list, tuple)) else [items]
-                out[key] = tuple(_convert(item, v) for v in items if str(v).strip())
-            elif kind in (int, float, bool):
-                out[key] = _convert(kind, value)
-            else:
-                out[key] = value
-        except ValueError:
-            raise ValueError(f"method {name}: {key}={value!r} must be {_kind_text(kind)}") from None
-    return out
-
-
-def _convert(kind, value):
-    if kind is bool and isinstance(value, str):
-        text = value.strip().lower()
-        if text not in ("true", "false"):
-            raise ValueError(value)
-        return text == "true"
-    if kind is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if kind is int and isinstance(value, str):
-        return int(value.strip())
-    if kind is float and isinstance(value, str):
-        return float(value.strip())
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value  # the method's own check names a wrong value
-
-
-def _kind_text(kind) -> str:
-    import typing
-
-    if typing.get_origin(kind) is tuple:
-        return f"a ';'-separated list of {_kind_text(typing.get_args(kind)[0]).split()[-1]}s"
-    return {int: "an integer", float: "a number", bool: "true or false"}.get(kind, getattr(kind, "__name__", str(kind)))
-
-
 def _method_class(name) -> type[Reduction]:
     if name not in METHODS:
         raise ValueError(f"unknown withdrawal method {name!r}; allowed: {', '.join(METHODS)}")
@@ -165,5 +103,4 @@ __all__ = [
     "method_names",
     "method_params",
     "parameter_names",
-    "parse_params",
 ]

@@ -11,9 +11,9 @@ objects are what a job runs on (``spec.model.num_layers``, ``spec.vtw.params`` .
 
 The model group extends :class:`vtw.options.ModelArgs`, the arguments the lmms-eval model ``vtw`` takes too, so a
 loading option and its check are written once. The ``vtw`` group's method parameters are generated from the method
-registry (:data:`vtw.methods.METHODS`): a new parameter of a method needs no line here; each is typed from the
-method's own field where the methods that take it agree on a scalar type (OmegaConf converts and rejects values),
-and its values are checked by the method itself (:func:`vtw.methods.parse_params`, the method's ``__post_init__``).
+registry (:data:`vtw.methods.METHODS`): a new parameter of a method needs no line here; the values given are
+converted by OmegaConf against a schema generated from the chosen method's own fields (:func:`vtw.lmms.args.method_args`,
+which the lmms-eval model uses too) and checked by the method itself (its ``__post_init__``).
 """
 
 from __future__ import annotations
@@ -21,14 +21,14 @@ from __future__ import annotations
 import copy
 import os
 import re
-import typing
-from dataclasses import dataclass, field, fields, make_dataclass
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
 from omegaconf import II, MISSING
 
-from ..methods import METHODS, method_names, method_params, parameter_names, parse_params
+from ..lmms.args import method_args
+from ..methods import method_names, method_params, parameter_names
 from ..options import ModelArgs, check_choice, check_count, check_text
 from ..search import SearchSettings
 from ..withdraw import POSITIONS, check_positions
@@ -170,17 +170,6 @@ class ChooseConf:
         return self
 
 
-def _param_type(name: str):
-    """The config type of method parameter ``name``: the scalar its methods agree on (optional), else ``Any``."""
-    kinds = set()
-    for cls in METHODS.values():
-        hint = typing.get_type_hints(cls).get(name) if name in {f.name for f in fields(cls)} else None
-        args = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_args(hint) else [hint]
-        kinds.update(args if hint is not None else [])
-    (kind,) = kinds if len(kinds) == 1 else (None,)
-    return kind | None if kind in (int, float, bool) else Any
-
-
 @dataclass
 class _VtwKeys:
     layer: Any = II("model.default_layer")  # null | int 0..L | auto
@@ -230,7 +219,7 @@ class _VtwKeys:
 #: ``vtw``: the keys above plus every parameter of a registered method (``vtw.keep``, ``vtw.stride`` ...)
 VtwConf = make_dataclass(
     "VtwConf",
-    [(name, _param_type(name), field(default=None)) for name in parameter_names()],
+    [(name, Any, field(default=None)) for name in parameter_names()],
     bases=(_VtwKeys,),
 )
 VtwConf.__module__ = __name__
@@ -285,7 +274,7 @@ def _params(vtw: _VtwKeys, model: ModelConf) -> dict:
             raise ValueError(f"vtw.{key}={value!r} is not a parameter of vtw.method={name}; it takes: "
                              f"{', '.join(p for p in method_params(name) if p != 'keep_fn')}")  # fmt: skip
         try:
-            params.update(parse_params(name, {key: value}))
+            params.update(method_args(name, {key: value}))
         except ValueError as e:
             raise ValueError(f"vtw.{e}") from None
     if vtw.layer == "auto" and name != "vtw":
