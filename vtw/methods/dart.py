@@ -4,17 +4,17 @@ keep the vision tokens least similar to a few pivot tokens, chosen by the larges
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .base import OneLayer, StageContext, check_int, check_layer
-from .ranking import KEEP_GRID, check_keep, kept_count
+from .ranking import KeepShare, check_keep, kept_count
 
 
 @dataclass(frozen=True)
-class DART(OneLayer):
+class DART(KeepShare, OneLayer):
     """Keep ``n = ceil(keep · V_b)`` of each sample's ``V_b`` vision tokens from layer ``K`` on, chosen for being
     unlike a few *pivot* tokens rather than for their importance, with every text token, at their positions.
 
@@ -55,9 +55,6 @@ class DART(OneLayer):
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         return kept_count(self.keep, vision), text
-
-    def budget_candidates(self, num_layers: int) -> list[DART]:
-        return [replace(self, keep=k) for k in KEEP_GRID]
 
     @property
     def label(self) -> str:

@@ -3,17 +3,17 @@ max-min cosine distance, before the decoder."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .base import BeforeDecoder, StageContext
-from .ranking import KEEP_GRID, check_keep, kept_count
+from .ranking import KeepShare, check_keep, kept_count
 
 
 @dataclass(frozen=True)
-class DivPrune(BeforeDecoder):
+class DivPrune(KeepShare, BeforeDecoder):
     """Keep ``ceil(keep · n)`` of the ``n`` grid cells of each image and each video frame: the subset a greedy
     max-min diversity search picks on the cosine distance ``1 - cos(x_i, x_j)`` between the projected tokens (the
     decoder's inputs). The first pick is the token whose nearest other token is farthest; each next pick is the
@@ -50,9 +50,6 @@ class DivPrune(BeforeDecoder):
     @property
     def label(self) -> str:
         return f"divprune keep={self.keep:.3g}"
-
-    def budget_candidates(self, num_layers: int) -> list[DivPrune]:
-        return [replace(self, keep=k) for k in KEEP_GRID]
 
     def _reduces(self, grid) -> bool:
         """Whether a frame of ``grid`` loses cells (``ceil(keep · n) < n`` of its ``n = rows · cols``)."""

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .attention import last_token_attention
 from .base import Reduction, StageContext, check_layer
-from .ranking import KEEP_GRID, check_keep, keep_top_vision, kept_count
+from .ranking import KeepShare, check_keep, keep_top_vision, kept_count
 
 
 @dataclass(frozen=True)
-class FastV(Reduction):
+class FastV(KeepShare, Reduction):
     """Rank each sample's ``V_b`` vision tokens by the attention probability the last prompt token gives them in
     layer ``K-1`` (softmax, mean over query heads; GQA included) and keep the top ``ceil(keep · V_b)`` from layer
     ``K`` on, with every text token, at their original positions. The scores are recomputed from layer ``K-1``'s
@@ -50,9 +50,6 @@ class FastV(Reduction):
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         return kept_count(self.keep, vision), text
-
-    def budget_candidates(self, num_layers: int) -> list[FastV]:
-        return [replace(self, keep=k) for k in KEEP_GRID]
 
     @property
     def label(self) -> str:

@@ -5,7 +5,7 @@ projector receives, so the projector runs on the kept tokens only."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -13,7 +13,7 @@ from torch import nn
 
 from .attention import class_token_attention_flops
 from .base import check_int
-from .ranking import KEEP_GRID, check_keep, kept_count
+from .ranking import KeepShare, check_keep, kept_count
 from .towers import InTower, UnitChoice, feature_layer_module, tower_units
 
 #: the papers' average share of LLaVA-1.5's 576 patches kept: PruMerge 32 (5.5 %), PruMerge+ 144 (25 %); the expected
@@ -22,7 +22,7 @@ NOMINAL_SHARE = {False: 32 / 576, True: 144 / 576}
 
 
 @dataclass(frozen=True)
-class PruMerge(InTower):
+class PruMerge(KeepShare, InTower):
     """Per tower input (image, video frame, LLaVA-NeXT crop) of ``n`` patches, from the class token's attention
     ``a`` (softmax over all the input's tokens, mean over heads) and the keys ``k`` (``k_proj`` output, all heads:
     ``D`` wide) in the tower layer that *receives* the features the projector reads (``hidden_states[-2]`` for
@@ -92,10 +92,6 @@ class PruMerge(InTower):
         if self.keep is not None:
             out += f" keep={self.keep:.3g}"
         return out if self.neighbours == 32 else f"{out} neighbours={self.neighbours}"
-
-    def budget_candidates(self, num_layers: int) -> list[PruMerge]:
-        """Caps ``keep`` of ``0.005 .. 1`` (steps of 0.005), least compute first."""
-        return [replace(self, keep=k) for k in KEEP_GRID]
 
     # ------------------------------------------------------------------ the model
     reads: ClassVar[str] = "counts and ranks patches by"

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .base import Reduction, StageContext, check_int, check_layer
-from .ranking import KEEP_GRID, check_keep, keep_top_vision, kept_count
+from .ranking import KeepShare, check_keep, keep_top_vision, kept_count
 
 
 @dataclass(frozen=True)
-class RandomVision(Reduction):
+class RandomVision(KeepShare, Reduction):
     """Keep ``ceil(keep · V_b)`` of sample ``b``'s vision tokens, drawn uniformly without replacement, and every text
     token. Each sample is drawn with its own CPU generator seeded ``seed``, so a batch draws what each sample alone
     draws. The baseline recent benchmarks use; unlike the paper's ``random`` ablation it never drops
@@ -50,6 +50,3 @@ class RandomVision(Reduction):
 
     def stage_tokens(self, stage: int, vision: int, text: int) -> tuple[int, int]:
         return kept_count(self.keep, vision), text
-
-    def budget_candidates(self, num_layers: int) -> list[RandomVision]:
-        return [replace(self, keep=k) for k in KEEP_GRID]

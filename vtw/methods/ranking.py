@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -37,3 +38,12 @@ def keep_top_vision(scores: torch.Tensor, vision: torch.Tensor, counts: list[int
 
 #: the shares of vision tokens the matched-compute search tries (``vtw.budget``): 0.005 .. 1 in steps of 0.005
 KEEP_GRID: tuple[float, ...] = tuple(i / 200 for i in range(1, 201))
+
+
+class KeepShare:
+    """Mixin of the methods whose free parameter is ``keep``, the share of the vision tokens kept: the grid the
+    matched-compute search (``vtw.budget``) tries."""
+
+    def budget_candidates(self, num_layers: int) -> list:
+        """``keep`` of ``0.005 .. 1`` (steps of 0.005), least compute first; the other parameters as they are."""
+        return [replace(self, keep=k) for k in KEEP_GRID]

@@ -5,14 +5,14 @@ removed round by round. In the vision encoder, so the projector runs on the kept
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from .attention import class_token_attention_flops
-from .ranking import KEEP_GRID, check_keep, kept_count
+from .ranking import KeepShare, check_keep, kept_count
 from .towers import InTower, UnitChoice, feature_layer_module, tower_units
 
 #: the reference's most near-duplicates removed per round
@@ -20,7 +20,7 @@ PER_ROUND = 8
 
 
 @dataclass(frozen=True)
-class VisPruner(InTower):
+class VisPruner(KeepShare, InTower):
     """Keep ``t = ceil(keep · n)`` of the ``n`` patches of each tower input (an image, a video frame, a LLaVA-NeXT
     crop; a unit with ``t >= n`` stays whole): ``floor(important · t)`` important and ``t - floor(important · t)``
     diverse ones, chosen in the tower layer whose output the projector receives (``hidden_states[-2]`` for LLaVA's
@@ -77,10 +77,6 @@ class VisPruner(InTower):
     @property
     def label(self) -> str:
         return f"vispruner keep={self.keep:.3g} important={self.important:.3g}"
-
-    def budget_candidates(self, num_layers: int) -> list[VisPruner]:
-        """``keep`` of ``0.005 .. 1`` (steps of 0.005), least compute first; ``important`` as it is."""
-        return [replace(self, keep=k) for k in KEEP_GRID]
 
     def split(self, n: int) -> tuple[int, int] | None:
         """``(important, diverse)`` patches kept of a unit of ``n``; ``None`` where it stays whole."""
