@@ -1,8 +1,8 @@
 """vtw experiment entry point: ``python run.py [overrides]``, ``python run.py -m key=a,b`` for a sweep.
 
-Thin on purpose: Hydra composes ``conf/``; :func:`vtw.pipeline.job.run_job` does the work (README: "Experiment
-pipeline"). A bad config value is one line on stderr (exit status 1); in a sweep a failing job is recorded
-(``job.json``) and the sweep goes on; the sweep summary marks it.
+Thin on purpose: Hydra composes ``conf/``; :func:`vtw.pipeline.job.run_job` does the work (docs/pipeline.md). A
+bad config value is one line on stderr (exit status 1); in a sweep a failing job is recorded (``job.json``) and the
+sweep goes on; the sweep summary marks it.
 """
 
 from __future__ import annotations

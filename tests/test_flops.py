@@ -416,7 +416,7 @@ def test_shipped_config_loads_offline(name):
 
 
 def test_llava_15_7b_reference_figures():
-    """LLaVA-1.5-7B, 576 image tokens + 60 text tokens, 1 generated token: the README / report figures."""
+    """LLaVA-1.5-7B, 576 image tokens + 60 text tokens, 1 generated token: the docs/flops.md / report figures."""
     cfg = load_model_config("llava-1.5-7b")
     n = 636
     # paper: 32 * (4*n*4096^2 + 2*n^2*4096 + 2*n*4096*11008)

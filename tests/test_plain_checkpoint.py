@@ -25,7 +25,7 @@ from vtw.synthvqa.train import TrainConfig, conversation_text
 ASSETS = Path(__file__).resolve().parent.parent / "vtw" / "assets"
 PLAIN, DEFAULT = ASSETS / "tiny-llava-plain", ASSETS / "tiny-llava"
 SLICE = 50  # the first 50 test items: 10 of each question kind
-CHANCE = 0.19  # a blind model on the test split (README, "The embedded default")
+CHANCE = 0.19  # a blind model on the test split (docs/embedded.md)
 
 
 @lru_cache(maxsize=1)
@@ -81,9 +81,9 @@ def test_plain_answers_a_fixed_slice_far_above_chance():
 
 
 def test_without_the_curriculum_counting_keeps_needing_the_deep_layers():
-    """What tells the two apart (README: the curve by question kind): withdrawn before layer 2, tiny-llava still
-    counts about as well as with every layer, the plain checkpoint loses more than a quarter of its counting
-    answers. (Colour, shape, position and size questions survive K = 2 in both.)"""
+    """What tells the two apart (docs/embedded.md: the curve by question kind): withdrawn before layer 2,
+    tiny-llava still counts about as well as with every layer, the plain checkpoint loses more than a quarter of its
+    counting answers. (Colour, shape, position and size questions survive K = 2 in both.)"""
     items = [i for i in iter_items("test", 200) if i.kind == "count"]  # 42 items
     default = LlavaForConditionalGeneration.from_pretrained(DEFAULT, local_files_only=True).eval()
     accuracy = {}
