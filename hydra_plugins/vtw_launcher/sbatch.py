@@ -1,15 +1,10 @@
-"""``launcher=sbatch``: ``launcher=slurm`` (submitit, with :mod:`.slurm`'s checks) that returns once the jobs are queued.
+"""``launcher=sbatch``: ``launcher=slurm`` (submitit and :mod:`.slurm`'s checks) returning once the jobs are queued.
 
-Hydra's sweeper expands the overrides; :class:`SbatchLauncher` fixes each point's job directory (Hydra's
-``${hydra.sweep.dir}/${hydra.sweep.subdir}``, resolved once and recorded in ``<sweep dir>/.sbatch/<n>/plan.json``),
-then submits through submitit's executor (its pickles, scripts and runner under ``hydra.launcher.submitit_folder``):
-when pending points have ``vtw.layer=auto``, one ``mode=search`` job per distinct point (in ``.search/<i>``) first;
-the array of the points without results (``--requeue``, ``--dependency=afterok`` on the search), each task running its
-point like ``launcher=slurm`` does; a summary job after it (``afterany``) that writes ``status.tsv`` and the sweep
-summary. Logs: ``<sweep dir>/logs/``. It does not wait (``conf/launcher/sbatch.yaml`` leaves the summary to that job).
-Resubmission: the same command with ``resume=true`` and the same ``hydra.sweep.dir``: only the points whose
-directory is not finished (:func:`vtw.pipeline.status.job_state`) are submitted, array task ``k`` running the
-``k``-th of them.
+It fixes each point's directory (``${hydra.sweep.dir}/${hydra.sweep.subdir}``, resolved once, in
+``<sweep dir>/.sbatch/<n>/plan.json``) and submits with submitit: the layer search first when pending points have
+``vtw.layer=auto`` (one ``mode=search`` job per distinct point, in ``.search/<i>``), the array of the points without
+results (``--requeue``, ``afterok`` on the search) and a summary job (``afterany``: ``status.tsv``, the sweep summary).
+A resubmission (``resume=true``, the same ``hydra.sweep.dir``) submits only the unfinished points, task k the k-th.
 """
 
 import json
@@ -17,7 +12,7 @@ import logging
 import signal
 import subprocess
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
@@ -31,21 +26,17 @@ from .slurm import CheckedSlurmLauncher
 
 log = logging.getLogger("vtw")
 RESUBMIT_KEYS = ("resume", "resume_root")  # overrides that may change between submissions of one sweep
-STARTED = 'echo "[vtw] $(date -Is) host=$(hostname) job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0}"'
+SETUP = ['echo "[vtw] $(date -Is) host=$(hostname) job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0}"',
+         f"export PYTHONPATH={Path(__file__).resolve().parents[2]}${{PYTHONPATH:+:$PYTHONPATH}}"]  # fmt: skip
 
 
 @dataclass
 class SbatchLauncherConf(SlurmQueueConf):
-    """``hydra.launcher.*`` of ``launcher=sbatch``: ``launcher=slurm``'s (submitit's) with vtw's defaults, plus two."""
+    """``hydra.launcher.*`` of ``launcher=sbatch``: submitit's (``launcher=slurm``'s) plus two; vtw's defaults are in
+    ``conf/launcher/sbatch.yaml``."""
 
     _target_: str = "hydra_plugins.vtw_launcher.sbatch.SbatchLauncher"
-    gpus_per_node: int | None = 1  # null (or 0) for CPU-only partitions
-    cpus_per_task: int | None = 8
-    mem_gb: int | None = 32
-    timeout_min: int = 240
-    array_parallelism: int | None = 16  # null: no bound
-    name: str = "vtw-${hydra.job.name}"  # the search and summary jobs add -search / -summary
-    setup: list[str] = field(default_factory=list)  # shell lines run in every job before python starts
+    array_parallelism: int | None = 256  # null: no bound
     layer_search: bool = True  # run the layer search first when points have vtw.layer=auto
     summary_timeout_min: int = 30
 
@@ -57,19 +48,13 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
-def _pin(key: str, value: str | Path) -> str:
-    """The override that fixes ``hydra.sweep.KEY`` of a job to ``value`` (quoted for Hydra's override parser)."""
-    return f"hydra.sweep.{key}='" + str(value).replace("'", "\\'") + "'"
-
-
-def _same_point(overrides: Sequence[str]) -> list[str]:
-    return [o for o in overrides if _key(o) not in RESUBMIT_KEYS]
+def _pin(key: str, value) -> str:
+    return f"hydra.sweep.{key}='" + str(value).replace("'", "\\'") + "'"  # quoted for Hydra's override parser
 
 
 def submissions(sweep_dir: str | Path) -> list[Path]:
     """The submission folders of a sweep, oldest first."""
-    root = Path(sweep_dir) / ".sbatch"
-    return sorted((p for p in root.glob("*") if p.name.isdigit()), key=lambda p: int(p.name))
+    return sorted((p for p in Path(sweep_dir).glob(".sbatch/*") if p.name.isdigit()), key=lambda p: int(p.name))
 
 
 def read_plan(sweep_dir: str | Path) -> dict:
@@ -91,9 +76,9 @@ class SbatchLauncher(CheckedSlurmLauncher):
 
     waits = False
 
-    def __call__(self, *args):
+    def __call__(self, *args):  # in the job: hydra-submitit-launcher's run_job of one point, in its fixed directory
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # scancel / requeue stop it now (submitit would wait for USR2)
-        ret = super().__call__(*args)  # in the job: hydra-submitit-launcher's run_job of one point
+        ret = super().__call__(*args)
         if ret.return_value == "failed":  # a job that raised raises here: the task fails, afterok holds the array
             raise RuntimeError(f"vtw: the job in {ret.working_dir} failed (see its job.json)")
         return ret
@@ -115,27 +100,23 @@ class SbatchLauncher(CheckedSlurmLauncher):
 
     def _plan(self, job_overrides: Sequence[Sequence[str]], sweep_dir: Path) -> dict:
         """The points (index, fixed directory, overrides), the layer searches and the indices of the pending points;
-        a resubmission keeps the directories of the previous submission and must be the same sweep."""
+        a resubmission must be the same sweep (up to ``RESUBMIT_KEYS``) and keeps its directories."""
         from vtw.pipeline.status import job_state
 
         old = read_plan(sweep_dir)["points"] if submissions(sweep_dir) else None
-        redo = f"resubmit the same command (with resume=true) or pick a new hydra.sweep.dir={sweep_dir}"
-        if old is not None and len(old) != len(job_overrides):
+        same = [[o for o in x if _key(o) not in RESUBMIT_KEYS] for x in job_overrides]
+        if old is not None and [[o for o in p["overrides"] if _key(o) not in RESUBMIT_KEYS] for p in old] != same:
             raise SystemExit(f"vtw: hydra.sweep.dir={sweep_dir} holds a sweep of {len(old)} points, this one has "
-                             f"{len(job_overrides)}; {redo}")  # fmt: skip
+                             f"{len(same)}{' (not the same)' * (len(old) == len(same))}; resubmit the same command "
+                             "(with resume=true) or pick a new hydra.sweep.dir")  # fmt: skip
         points, searches, hydra_cfg = [], {}, HydraConfig.instance().cfg
         for i, overrides in enumerate(map(list, job_overrides)):
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            if old and _same_point(old[i]["overrides"]) != _same_point(overrides):
-                raise SystemExit(f"vtw: hydra.sweep.dir={sweep_dir} holds another sweep: its point {i} is "
-                                 f"{' '.join(old[i]['overrides'])!r}, now {' '.join(overrides)!r}; {redo}")  # fmt: skip
             with open_dict(cfg.hydra.job):
                 cfg.hydra.job.num = i
-            HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the subdir resolves as run_job would
-            points.append(
-                {"index": i, "dir": old[i]["dir"] if old else str(cfg.hydra.sweep.subdir), "overrides": overrides}
-            )
-            if str(OmegaConf.select(cfg, "vtw.layer")) == "auto" and self.params.get("layer_search", True):
+            HydraConfig.instance().set_config(cfg)  # ${hydra:...} in the subdir resolves as in run_job
+            points.append({"index": i, "dir": old[i]["dir"] if old else str(cfg.hydra.sweep.subdir), "overrides": overrides})  # fmt: skip
+            if str(OmegaConf.select(cfg, "vtw.layer")) == "auto" and self.params["layer_search"]:
                 searches.setdefault((*(o for o in overrides if _key(o) != "mode"), "mode=search"), i)
         HydraConfig.instance().cfg = hydra_cfg
         pending = [p["index"] for p in points if job_state(sweep_dir / p["dir"]) not in ("ok", "skipped")]
@@ -143,18 +124,17 @@ class SbatchLauncher(CheckedSlurmLauncher):
         searches = [{"index": k, "dir": f".search/{k}", "overrides": s} for k, s in enumerate(searches)]
         return {"sweep_dir": str(sweep_dir), "points": points, "searches": searches, "pending": pending}
 
-    def _submit(self, what: str, fn, args: list, logs: Path, **changes) -> str:
-        """``fn(*args[0])``, ... as one SLURM job or array through submitit's executor; its job id."""
+    def _submit(self, what: str, fn, args: list, sbatch: dict, **changes) -> str:
+        """``fn(*a) for a in args`` as one SLURM job or array through submitit's executor, with the settings of
+        ``launcher=slurm`` (``changes`` to them, ``sbatch`` options added); its job id."""
         import submitit
 
-        p = {**self.params, **changes, "stderr_to_stdout": True, "use_srun": False}
-        p["name"] = f"{p['name']}{what and '-' + what}"
-        p["array_parallelism"] = p.get("array_parallelism") or len(args)
-        log_name = f"{what}_" * (what != "") + ("%A_%a.out" if len(args) > 1 else "%j.out")
-        p["additional_parameters"] = {**p["additional_parameters"], "output": str(logs / log_name), **p.pop("sbatch")}
-        p["setup"] = [STARTED, f"export PYTHONPATH={Path(__file__).resolve().parents[2]}:$PYTHONPATH", *p["setup"]]
-        ex = submitit.AutoExecutor(folder=p.pop("submitit_folder"), cluster="slurm",
-                                   slurm_max_num_timeout=p.pop("max_num_timeout"))  # fmt: skip
+        log_file = f"{what}_".lstrip("_") + ("%A_%a.out" if len(args) > 1 else "%j.out")
+        p = {**self.params, "stderr_to_stdout": True, "use_srun": False, **changes}
+        p.update(name=f"{p['name']}-{what}".rstrip("-"), array_parallelism=p["array_parallelism"] or len(args),
+                 setup=[*SETUP, *(p["setup"] or [])], additional_parameters={**p["additional_parameters"], **sbatch,
+                 "output": str(Path(str(self.config.hydra.sweep.dir)).resolve() / "logs" / log_file)})  # fmt: skip
+        ex = submitit.AutoExecutor(p.pop("submitit_folder"), "slurm", slurm_max_num_timeout=p.pop("max_num_timeout"))
         base = set(OmegaConf.structured(BaseQueueConf).keys())
         ex.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in p.items()
                                 if v is not None and k not in ("layer_search", "summary_timeout_min")})  # fmt: skip
@@ -168,41 +148,36 @@ class SbatchLauncher(CheckedSlurmLauncher):
         if initial_job_idx != 0:
             raise SystemExit("vtw: launcher=sbatch submits a sweep as one array; unset hydra.sweeper.max_batch_size")
         sweep_dir = Path(str(self.config.hydra.sweep.dir)).resolve()
-        plan, logs, singletons = self._plan(job_overrides, sweep_dir), sweep_dir / "logs", Singleton.get_state()
-        sub = sweep_dir / ".sbatch" / str(len(submissions(sweep_dir)))
-        logs.mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
-        ids, requeue = {"search": "", "array": ""}, {"requeue": True, "kill-on-invalid-dep": "yes"}
+        plan, state = self._plan(job_overrides, sweep_dir), Singleton.get_state()
+        (sweep_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create the --output directory
 
-        def jobs(items: list[dict]) -> list[tuple]:  # the arguments of each job: hydra-submitit-launcher's, pinned
+        def jobs(items) -> list[tuple]:  # hydra-submitit-launcher's job arguments, with the directories pinned
             return [([*j["overrides"], _pin("dir", sweep_dir), _pin("subdir", j["dir"])], "hydra.sweep.dir", j["index"],
-                     "", singletons) for j in items]  # fmt: skip
+                     "", state) for j in items]  # fmt: skip
 
+        ids, requeue = {"search": "", "array": ""}, {"requeue": True, "kill-on-invalid-dep": "yes"}
         try:
             if plan["searches"]:
-                ids["search"] = self._submit("search", self, jobs(plan["searches"]), logs, sbatch=requeue)
+                ids["search"] = self._submit("search", self, jobs(plan["searches"]), requeue)
             if plan["pending"]:
                 after = {"dependency": f"afterok:{ids['search']}"} if ids["search"] else {}
-                pending = [plan["points"][i] for i in plan["pending"]]
-                ids["array"] = self._submit("", self, jobs(pending), logs, sbatch=requeue, **after)
+                todo = jobs(plan["points"][i] for i in plan["pending"])
+                ids["array"] = self._submit("", self, todo, requeue, **after)
             after = {"dependency": f"afterany:{ids['array']}"} if ids["array"] else {}
-            ids["summary"] = self._submit("summary", self.summarize, [(plan, singletons)], logs, cpus_per_task=1,
-                                          gpus_per_node=None, mem_gb=None, timeout_min=self.params["summary_timeout_min"],
-                                          sbatch={"kill-on-invalid-dep": "no"}, **after)  # fmt: skip
+            ids["summary"] = self._submit("summary", self.summarize, [(plan, state)], {"kill-on-invalid-dep": "no"},
+                                          cpus_per_task=1, gpus_per_node=None, mem_gb=None,
+                                          timeout_min=self.params["summary_timeout_min"], **after)  # fmt: skip
         except BaseException:
             if any(ids.values()):
                 subprocess.run(["scancel", *filter(None, ids.values())], capture_output=True)
             raise
+        sub = sweep_dir / ".sbatch" / str(len(submissions(sweep_dir)))
         atomic_write_json(sub / "plan.json", plan, indent=1)
-        line = " ".join(f"{k}={v or '-'}" for k, v in [("submission", sub.name), *ids.items()][:3]) + (
-            f" points={','.join(map(str, plan['pending'])) or '-'} summary={ids['summary']}"
-        )
+        line = (f"submission={sub.name} search={ids['search'] or '-'} array={ids['array'] or '-'} "
+                f"points={','.join(map(str, plan['pending'])) or '-'} summary={ids['summary']}")  # fmt: skip
         with open(sweep_dir / "submissions.log", "a") as f:
             f.write(f"{now_iso()} {line}\n")
-        log.info("launcher=sbatch: %d points in %s: %s; resubmit the unfinished ones with the same command and "
-                 "resume=true hydra.sweep.dir=%s", len(plan["points"]), sweep_dir, line, sweep_dir)  # fmt: skip
-        print("".join(f"VTW_{k}={v}\n" for k, v in [("SWEEP_DIR", sweep_dir), *((f"{k.upper()}_JOB", v)
-                      for k, v in ids.items())]), end="", flush=True)  # fmt: skip
-        done = [JobReturn(overrides=p["overrides"], status=JobStatus.COMPLETED) for p in plan["points"]]
-        for ret, p in zip(done, plan["points"]):
-            ret.return_value = "queued" if p["index"] in plan["pending"] else "done"
-        return done
+        log.info("launcher=sbatch: %s; resubmit: the same command with resume=true", line)
+        print(f"VTW_SWEEP_DIR={sweep_dir}", *(f"VTW_{k.upper()}_JOB={v}" for k, v in ids.items()), sep="\n", flush=True)
+        return [JobReturn(overrides=p["overrides"], status=JobStatus.COMPLETED, _return_value="queued")
+                for p in plan["points"]]  # fmt: skip
