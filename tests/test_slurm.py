@@ -1,5 +1,5 @@
-"""SLURM sweeps: ``launcher=slurm`` (hydra-submitit-launcher, blocking) and ``launcher=sbatch`` (this project's
-launcher: one ``sbatch --array``, a layer-search array before it, a summary job after it, returns at once).
+"""SLURM sweeps: ``launcher=slurm`` (hydra-submitit-launcher, blocking) and ``launcher=sbatch`` (the same submitit
+launcher, not waiting: one array, a layer search before it, a summary job after it, returns at once).
 
 The tests marked ``slurm`` run against a live cluster (``sinfo`` answers), e.g. the one-node cluster of
 ``scripts/slurm_cluster.sh start`` (CI starts it before pytest). Without one they skip and say so; with
