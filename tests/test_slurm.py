@@ -1,10 +1,10 @@
-"""SLURM sweeps: ``launcher=slurm`` (hydra-submitit-launcher, blocking) and ``launcher=sbatch`` (this project's
-launcher: one ``sbatch --array``, a layer-search array before it, a summary job after it, returns at once).
+"""SLURM sweeps: ``launcher=slurm`` (hydra-submitit-launcher, blocking) and ``launcher=sbatch`` (the same submitit
+launcher, not waiting: one array, a layer search before it, a summary job after it, returns at once).
 
 The tests marked ``slurm`` run against a live cluster (``sinfo`` answers), e.g. the one-node cluster of
 ``scripts/slurm_cluster.sh start`` (CI starts it before pytest). Without one they skip and say so; with
 ``VTW_REQUIRE_SLURM=1`` (CI) they fail instead. The other tests run ``launcher=sbatch`` against a fake ``sbatch``
-that records what it was asked to submit, and run the written task scripts by hand.
+that records what it was asked to submit, and run the submitted jobs by hand (submitit's runner, as a SLURM task).
 
 Jobs are kept small (1 CPU each, a few samples of the embedded default model and task).
 """
@@ -51,21 +51,30 @@ def _kv(stdout: str) -> dict[str, str]:
 
 
 def _fake_sbatch(tmp_path: Path) -> tuple[Path, Path]:
-    """An ``sbatch`` (and an ``sinfo`` listing a GPU partition) on PATH: each call's arguments are appended to the
-    calls file as one JSON list; the job ids answered are 100, 101, ..."""
+    """An ``sbatch`` (with an ``srun``, and an ``sinfo`` listing a GPU partition) on PATH: each call's batch script is
+    appended to the calls file as one JSON string; the job ids answered are 100, 101, ..."""
     bin_dir = _fake_sinfo(tmp_path, "debug*|(null)\ngpu|gpu:a100:4")
     calls = tmp_path / "sbatch_calls.jsonl"
     script = bin_dir / "sbatch"
     script.write_text(
         f"#!/bin/sh\nn=$(( $(cat {calls} 2>/dev/null | wc -l) + 100 ))\n"
-        f'{sys.executable} -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$@" >> {calls}\necho "$n"\n'
+        f"{sys.executable} -c 'import json, sys; print(json.dumps(open(sys.argv[-1]).read()))' \"$@\" >> {calls}\n"
+        'echo "Submitted batch job $n"\n'
     )
     script.chmod(0o755)
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (bin_dir / "srun").chmod(0o755)
     return bin_dir, calls
 
 
-def _calls(calls: Path) -> list[list[str]]:
+def _calls(calls: Path) -> list[str]:
+    """The batch scripts submitted, in order."""
     return [json.loads(line) for line in calls.read_text().splitlines()] if calls.is_file() else []
+
+
+def _opts(script: str) -> list[str]:
+    """The ``#SBATCH`` options of a batch script."""
+    return [line.split(" ", 1)[1] for line in script.splitlines() if line.startswith("#SBATCH ")]
 
 
 def _fake_env(bin_dir: Path, **extra: str) -> dict[str, str]:
@@ -83,12 +92,6 @@ CPU = ["hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "h
 #: the sweeps whose point vtw.layer=99 must fail in its own job (the failure paths of the launchers), not be refused
 #: whole before anything runs by the sweep check (tests/test_pipeline_sweep.py)
 NO_CHECK = "hydra.callbacks.sweep_check.enabled=false"
-
-
-def test_format_indices():
-    assert sb.format_indices([5, 0, 1, 2, 7, 8]) == "0-2,5,7-8"
-    assert sb.format_indices([3]) == "3"
-    assert sb.format_indices([]) == ""
 
 
 def test_sbatch_launcher_submits_search_array_and_summary_then_returns(small_job, tmp_path):
@@ -115,24 +118,26 @@ def test_sbatch_launcher_submits_search_array_and_summary_then_returns(small_job
     assert [s["dir"] for s in plan["searches"]] == [".search/0"]
     assert plan["searches"][0]["overrides"] == [*plan["points"][0]["overrides"], "mode=search"]
     sub = sweep / ".sbatch" / "0"
-    search, array, summary = _calls(calls)
-    assert search[-2:] == [str(sub / "task.sh"), "search"]
-    assert "--array=0-0" in search and "--job-name=vtwtest-search" in search
-    for opt in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=3", "--mem=5G", "--time=60", "--requeue",
+    search, array, summary = map(_opts, _calls(calls))
+    # one search (one point has vtw.layer=auto): one job, not an array
+    assert "--job-name=vtwtest-search" in search and not any(o.startswith("--array") for o in search)
+    assert f"--output={sweep}/logs/search_%j.out" in search and "--requeue" in search
+    for opt in ("--partition=gpu", "--gpus-per-node=2", "--cpus-per-task=3", "--mem=5GB", "--time=60", "--requeue",
                 "--array=0-2%2", "--dependency=afterok:100", "--kill-on-invalid-dep=yes", "--exclude=n7",
                 "--job-name=vtwtest", f"--output={sweep}/logs/%A_%a.out"):  # fmt: skip
         assert opt in array, (opt, array)
-    assert array[-2:] == [str(sub / "task.sh"), "point"]
     assert "--dependency=afterany:101" in summary and "--partition=gpu" in summary
-    assert not any(o.startswith(("--gpus", "--array")) for o in summary) and summary[-1] == str(sub / "summary.sh")
-    task = (sub / "task.sh").read_text()
-    assert f"cd {ROOT}" in task and "module load cuda" in task and sys.executable in task
+    assert "--job-name=vtwtest-summary" in summary and "--cpus-per-task=1" in summary
+    assert not any(o.startswith(("--gpus", "--array", "--requeue", "--mem")) for o in summary)
+    task = _calls(calls)[1]
+    assert "module load cuda" in task and f"{sys.executable} -u -m submitit.core._submit" in task
     assert _kv(r.stdout) == {"VTW_SWEEP_DIR": str(sweep), "VTW_SEARCH_JOB": "100", "VTW_ARRAY_JOB": "101",
                              "VTW_SUMMARY_JOB": "102"}  # fmt: skip
     # It returned at once: no job ran here, and the end-of-sweep callback left the summary to the summary job.
     assert not (sweep / "summary.csv").exists() and not any((sweep / p["dir"]).exists() for p in plan["points"])
     # Another sweep in the same directory is refused, before anything is submitted.
-    again = _sbatch_sweep(["vtw.layer=1", *small_job, f"hydra.sweep.dir={sweep}"], _fake_env(bin_dir))
+    again = _sbatch_sweep(["vtw.layer=1", *small_job, f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=gpu"],
+                          _fake_env(bin_dir))  # fmt: skip
     assert again.returncode == 1 and "holds a sweep of 3 points, this one has 1" in again.stderr
     assert len(_calls(calls)) == 3 and sb.submissions(sweep) == [sub]
 
@@ -152,33 +157,35 @@ def test_sbatch_launcher_rejects_bad_settings_before_submitting(small_job, tmp_p
     assert _calls(calls) == [] and not (tmp_path / "sw" / ".sbatch").exists()
 
 
-def _task(sub: Path, index: int, stage: str = "point", **env: str) -> subprocess.CompletedProcess:
-    """Run array task ``index`` of a submission as SLURM would (the batch script, its array task id)."""
-    env = _env(SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_JOB_ID="77", **env)
-    return _run(["bash", sub / "task.sh", stage], env=env, timeout=240)
+def _task(sweep: Path, job_id: str) -> subprocess.CompletedProcess:
+    """Run the submitted job ``job_id`` (``ARRAY_TASK`` for an array task) as its batch script would: submitit's
+    runner with SLURM's job variables."""
+    array, _, task = job_id.partition("_")
+    slurm = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": array, "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}
+    if task:
+        slurm.update(SLURM_ARRAY_JOB_ID=array, SLURM_ARRAY_TASK_ID=task)
+    cmd = [sys.executable, "-u", "-m", "submitit.core._submit", f"{sweep}/.submitit/%j"]
+    return _run(cmd, env=_env(**slurm), cwd=ROOT, timeout=240)
 
 
 def test_sbatch_task_runs_its_point_and_a_resubmission_runs_only_the_unfinished(small_job, tmp_path):
     """Each task runs its point through Hydra in its own dir; the summary job writes status.tsv; the same command with
-    resume=true submits only the points without results, into the same directories."""
+    resume=true submits only the points without results (array task k: the k-th of them), into the same dirs."""
     bin_dir, calls = _fake_sbatch(tmp_path)
     sweep = tmp_path / "sw"
     args = ["vtw.layer=null,1,99", *small_job, f"resume_root={tmp_path}", f"hydra.sweep.dir={sweep}", *CPU, NO_CHECK]
     assert _sbatch_sweep(args, _fake_env(bin_dir)).returncode == 0
-    sub = sweep / ".sbatch" / "0"
     dirs = [sweep / p["dir"] for p in sb.read_plan(sweep)["points"]]
-    r = _task(sub, 1)
+    r = _task(sweep, "100_1")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     job = _job(dirs[1])
-    assert (job["status"], job["job_num"], job["slurm_job_id"], job["layer"]) == ("ok", 1, "77", 1)
+    assert (job["status"], job["job_num"], job["slurm_job_id"], job["layer"]) == ("ok", 1, "100", 1)
     assert json.loads((dirs[1] / "results.json").read_text())["config"]["vtw"]["layer"] == 1
     assert (dirs[1] / ".hydra" / "overrides.yaml").is_file()  # Hydra's own job set-up
-    r = _task(sub, 2)
+    r = _task(sweep, "100_2")
     assert r.returncode == 1 and _job(dirs[2])["status"] == "failed" and "vtw.layer=99" in _job(dirs[2])["error"]
-    r = _task(sub, 5)
-    assert r.returncode == 2 and "no point 5" in r.stderr
     # The summary job: every point's state, the summary of what finished; exit 1 (a point failed, one never ran).
-    r = _run(["bash", sub / "summary.sh"], timeout=240)
+    r = _task(sweep, "101")
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
     assert (sweep / "status.tsv").read_text().splitlines() == [
         "index\tstatus\tdir", f"0\tmissing\t{dirs[0].name}", f"1\tok\t{dirs[1].name}", f"2\tfailed\t{dirs[2].name}"
@@ -191,8 +198,8 @@ def test_sbatch_task_runs_its_point_and_a_resubmission_runs_only_the_unfinished(
     # Resubmit: only points 0 and 2 go into the array (no search: no vtw.layer=auto); the directories are kept.
     r = _sbatch_sweep([*args, "resume=true"], _fake_env(bin_dir))
     assert r.returncode == 0, r.stderr[-3000:]
-    array, summary = _calls(calls)[2:]
-    assert "--array=0,2%16" in array and "--dependency=afterany:102" in summary
+    array, summary = map(_opts, _calls(calls)[2:])
+    assert "--array=0-1%2" in array and "--dependency=afterany:102" in summary
     assert [p["dir"] for p in sb.read_plan(sweep)["points"]] == [d.name for d in dirs]
     assert sb.read_plan(sweep)["points"][0]["overrides"][-1] == "resume=True"  # as Hydra spells it
     assert (dirs[1] / "results.json").stat().st_mtime_ns == done
@@ -200,8 +207,9 @@ def test_sbatch_task_runs_its_point_and_a_resubmission_runs_only_the_unfinished(
     for d in (dirs[0], dirs[2]):
         shutil.copytree(dirs[1], d, dirs_exist_ok=True)
     assert _sbatch_sweep([*args, "resume=true"], _fake_env(bin_dir)).returncode == 0
-    (last,) = _calls(calls)[4:]
-    assert last[-1].endswith("2/summary.sh") and not any(o.startswith("--dependency") for o in last)
+    (last,) = map(_opts, _calls(calls)[4:])
+    assert any(o.endswith("-summary") for o in last) and not any(o.startswith("--dependency") for o in last)
+    assert [p.name for p in sb.submissions(sweep)] == ["0", "1", "2"]
 
 
 def test_wandb_group_is_the_same_for_local_and_sbatch_sweeps(small_job, tmp_path):
@@ -215,7 +223,7 @@ def test_wandb_group_is_the_same_for_local_and_sbatch_sweeps(small_job, tmp_path
     bin_dir, _ = _fake_sbatch(tmp_path)
     sweep = tmp_path / "sbatch" / "my sweeps" / "a,b~c"
     assert _sbatch_sweep([*over, f"hydra.sweep.dir='{sweep}'", *CPU], _fake_env(bin_dir)).returncode == 0
-    assert _task(sweep / ".sbatch" / "0", 0).returncode == 0
+    assert _task(sweep, "100").returncode == 0
     groups = [read_offline_run(run).group for d in (local, sweep) for run in find_offline_runs(next(d.glob("0_*")))]
     assert groups == ["my_sweeps-a,b_c", "my_sweeps-a,b_c"]
 
@@ -591,7 +599,8 @@ def test_sbatch_array_cancel_resubmit_resumes_and_marks_failures(cluster, small_
         _wait_gone([array2, summary2], 180, "resubmission", sweep)
     finally:
         subprocess.run(["scancel", array2, summary2])
-    assert sorted(p.name for p in (sweep / "logs").glob(f"{array2}_*.out")) == [f"{array2}_2.out", f"{array2}_3.out"]
+    # array task k runs the k-th point still to run (here 2 and 3)
+    assert sorted(p.name for p in (sweep / "logs").glob(f"{array2}_*.out")) == [f"{array2}_0.out", f"{array2}_1.out"]
     after = {i: ((dirs[i] / "job.json").read_bytes(), (dirs[i] / "results.json").stat().st_mtime_ns) for i in (0, 1)}
     assert after == before  # not redone, not even touched
     assert _job(dirs[2])["status"] == "ok" and _job(dirs[2])["slurm_job_id"] == array2

@@ -19,6 +19,7 @@ The failure is raised as ``SystemExit`` (message on stderr, exit status 1), like
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,7 +29,10 @@ from .checks import gpu_mismatch, partition_gres, sbatch_refusal, tree_of, undo_
 
 
 class CheckedSlurmLauncher(SlurmLauncher):
-    """submitit's SLURM launcher that fails before submitting, in one line, where sbatch would refuse (see module)."""
+    """submitit's SLURM launcher that fails before submitting, in one line, where sbatch would refuse (see module).
+    :meth:`submit` is the submission itself (``launcher=sbatch`` replaces it)."""
+
+    waits = True  # submit() returns once the jobs have run
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
         from submitit.core.utils import FailedJobError
@@ -37,12 +41,22 @@ class CheckedSlurmLauncher(SlurmLauncher):
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         before = tree_of(sweep_dir)
         problem = gpu_mismatch(self.params, partition_gres(self.params.get("partition")))
+        if problem is None and not (shutil.which("sbatch") and shutil.which("srun")):
+            problem = "vtw: sbatch/srun not found: this launcher needs a SLURM cluster. Nothing was submitted."
         if problem is None:
             try:
-                return super().launch(job_overrides, initial_job_idx)
+                return self.submit(job_overrides, initial_job_idx)
             except FailedJobError as e:
                 if "sbatch" not in str(e):  # not a refused submission (a job's own failure): submitit's error
                     raise
                 problem = sbatch_refusal(str(e))
+            except BaseException:
+                if not self.waits:  # nothing ran yet (launcher=sbatch): nothing half-submitted stays
+                    undo_submission(sweep_dir, before)
+                raise
         undo_submission(sweep_dir, before)
         raise SystemExit(problem)
+
+    def submit(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int):
+        """submitit's submission of the sweep as one array, waiting for its results."""
+        return super().launch(job_overrides, initial_job_idx)
