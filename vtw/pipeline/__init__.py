@@ -2,7 +2,8 @@
 
 | module | what |
 |---|---|
-| :mod:`~vtw.pipeline.config` | compose ``conf/``, validate into a typed :class:`~vtw.pipeline.config.RunSpec` |
+| :mod:`~vtw.pipeline.schema` | one dataclass per config group: the Hydra schema, its checks, the runtime spec |
+| :mod:`~vtw.pipeline.config` | compose ``conf/``; :func:`~vtw.pipeline.config.validate_config` → checked :class:`~vtw.pipeline.schema.Config` |
 | :mod:`~vtw.pipeline.job` | :func:`~vtw.pipeline.job.run_job`: one job, start to end |
 | :mod:`~vtw.pipeline.evaluate` | lmms-eval glue: task index, ``simple_evaluate``, metrics, per-sample rows |
 | :mod:`~vtw.pipeline.layer` | :func:`~vtw.pipeline.layer.resolve_layer`: ``vtw.layer`` → ``K`` (KL search for ``auto``) |
