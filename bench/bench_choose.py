@@ -19,7 +19,8 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vtw.choose import choose_method, greedy_run
-from vtw.flops.budget import Prompt, match_budget
+from vtw.flops import SampleCounts
+from vtw.flops.budget import match_budget
 from vtw.pipeline.config import build_method, compose_config, validate_config
 from vtw.synthvqa.generator import iter_items
 from vtw.synthvqa.train import conversation_text
@@ -27,8 +28,8 @@ from vtw.synthvqa.train import conversation_text
 ASSET = Path(__file__).resolve().parents[1] / "vtw" / "assets" / "tiny-llava"
 
 
-def prompts_of(model, processor, count: int) -> tuple[list[dict], list[Prompt]]:
-    """``count`` validation items as model inputs (a batch of one each) and their :class:`Prompt` counts."""
+def prompts_of(model, processor, count: int) -> tuple[list[dict], list[SampleCounts]]:
+    """``count`` validation items as model inputs (a batch of one each) and their :class:`~vtw.flops.SampleCounts`."""
     samples, prompts = [], []
     image_id = model.config.image_token_id
     for item in iter_items("validation", count):
@@ -36,7 +37,7 @@ def prompts_of(model, processor, count: int) -> tuple[list[dict], list[Prompt]]:
         inputs = dict(processor(images=[item.image()], text=[text], return_tensors="pt"))
         vision = int((inputs["input_ids"] == image_id).sum())
         samples.append(inputs)
-        prompts.append(Prompt(vision, inputs["input_ids"].shape[1] - vision, {"vision_inputs": 1}))
+        prompts.append(SampleCounts(vision, inputs["input_ids"].shape[1] - vision, vision_inputs=1))
     return samples, prompts
 
 

@@ -34,14 +34,14 @@ import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from bench_withdraw import describe, inputs_for, load, load_video, model_options, sync, video_inputs_for
 
 from vtw import get_family, withdraw
-from vtw.flops import count_flops
-from vtw.flops.budget import Prompt, match_budget
+from vtw.flops import SampleCounts, count_flops
+from vtw.flops.budget import match_budget
 from vtw.methods import METHODS, Reduction, StageContext
 
 #: the scoring share of the prefill each method must stay within (methods not named here have no target)
@@ -115,7 +115,7 @@ class Setup:
     skipped: dict[str, str]
 
 
-def setup_methods(model, prompt: list[Prompt], budget: float, registry: dict[str, type[Reduction]]) -> Setup:
+def setup_methods(model, prompt: list[SampleCounts], budget: float, registry: dict[str, type[Reduction]]) -> Setup:
     """Each method of ``registry`` at its defaults, matched to ``budget`` where it has a free parameter; a method
     whose construction, matching or installation on ``model`` raises ``ValueError`` is skipped with that message, and
     one that would install nothing on ``model`` is skipped as such."""
@@ -229,19 +229,19 @@ def realized_tokens(model, inputs: dict, method: Reduction | None) -> list | Non
 
 def bench_prompt(args):
     """``(model, device, dtype, inputs, prompt)``: the benchmark model and its one prompt (an image; with ``--video N``
-    a Video-LLaVA-shaped model and one video of ``N`` frames), and that prompt's :class:`Prompt` counts."""
+    a Video-LLaVA-shaped model and one video of ``N`` frames), and that prompt's :class:`~vtw.flops.SampleCounts`."""
     if args.video:
         if args.config:
             raise SystemExit("--video builds its own Video-LLaVA-shaped model; give no --config")
         model, device, dtype = load_video(args)
         inputs = video_inputs_for(model, args.text_tokens, args.video)
         n_vision = int((inputs["input_ids"] == model.config.video_token_id).sum())
-        return model, device, dtype, inputs, Prompt(n_vision, args.text_tokens, {"video_frames": args.video})
+        return model, device, dtype, inputs, SampleCounts(n_vision, args.text_tokens, video_frames=args.video)
     model, device, dtype = load(args)
     inputs = inputs_for(model, args.text_tokens)
     image_id = get_family(model.config).vision_token_ids(model.config)[0]
     n_vision = int((inputs["input_ids"] == image_id).sum())
-    return model, device, dtype, inputs, Prompt(n_vision, args.text_tokens, {"vision_inputs": 1})
+    return model, device, dtype, inputs, SampleCounts(n_vision, args.text_tokens, vision_inputs=1)
 
 
 def main(argv: list[str] | None = None, registry: dict[str, type[Reduction]] | None = None) -> None:
@@ -253,18 +253,12 @@ def main(argv: list[str] | None = None, registry: dict[str, type[Reduction]] | N
     )
     args = p.parse_args(argv)
     model, device, dtype, inputs, prompt = bench_prompt(args)
-    cfg, n_vision, n_text = model.config, prompt.vision_tokens, prompt.text_tokens
+    cfg, n_vision = model.config, prompt.vision_tokens
     setup = setup_methods(model, [prompt], args.budget, METHODS if registry is None else registry)
     flops = {
         name: count_flops(
-            cfg,
-            vision_tokens=n_vision,
-            text_tokens=n_text,
-            generated_tokens=1,
-            method=method,
-            layer_tokens=realized_tokens(model, inputs, method),
-            **prompt.encoder,
-        )  # fmt: skip
+            cfg, replace(prompt, generated_tokens=1), method, layer_tokens=realized_tokens(model, inputs, method)
+        )
         for name, method in {"vanilla": None, **setup.runs}.items()
     }
     times, scoring, peak = measure(model, inputs, setup.runs, args.reps, device)

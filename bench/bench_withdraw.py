@@ -29,7 +29,8 @@ import torch
 import transformers as T
 
 from vtw import get_family, withdraw
-from vtw.flops import count_flops, kv_cache_bytes, load_model_config
+from vtw.flops import SampleCounts, count_flops, kv_cache_bytes, load_model_config
+from vtw.methods import Withdrawal
 
 
 def build(args) -> T.LlavaForConditionalGeneration:
@@ -94,7 +95,7 @@ def build_shipped(name: str, device: torch.device, dtype: torch.dtype, shrink: b
     """A shipped checkpoint's architecture (``--config``), random-initialised directly on ``device`` in ``dtype``."""
     config = load_model_config(name)
     family = get_family(config)
-    if family.image_layout != "single":
+    if family.anyres or family.layout.native_grid:
         raise SystemExit(f"--config {name}: {family.display} prompts are not one fixed-size image; use llava-1.5-7b, "
                          "llava-1.5-13b or video-llava-7b")  # fmt: skip
     if shrink:
@@ -256,7 +257,7 @@ def main() -> None:
     steps = args.steps
 
     def analytic(k):
-        r = count_flops(cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1 + steps, layer=k)
+        r = count_flops(cfg, SampleCounts(n_vision, n_text, generated_tokens=1 + steps), Withdrawal(layer=k))
         return r.prefill.total, r.decode.total / steps
 
     base_prefill, base_step = analytic(None)
@@ -275,8 +276,9 @@ def main() -> None:
         an_pre, an_step = base_prefill / a_pre, base_step / a_step
         s_pre, s_step = v_pre / pre, v_step / step
         kv_an = kv_cache_bytes(
-            cfg, vision_tokens=n_vision, text_tokens=n_text, generated_tokens=1, layer=k, dtype=dtype
-        ).total
+            cfg, SampleCounts(n_vision, n_text, generated_tokens=1), Withdrawal(layer=k), dtype=dtype
+        )
+        kv_an = kv_an.total
         print(
             f"{name:<16}{pre * 1e3:>11.1f}{s_pre:>9.2f}{an_pre:>10.2f}{s_pre / an_pre:>10.2f}"
             f"{step * 1e3:>10.2f}{s_step:>9.2f}{an_step:>10.2f}{s_step / an_step:>10.2f}"

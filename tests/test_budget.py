@@ -14,23 +14,23 @@ from pathlib import Path
 import pytest
 from test_lmms_fixtures import pipeline_overrides
 
-from vtw.flops import count_flops, load_model_config
-from vtw.flops.budget import Prompt, match_budget
+from vtw.flops import SampleCounts, count_flops, load_model_config
+from vtw.flops.budget import match_budget
 from vtw.io import read_json
 from vtw.methods import METHODS, FastV, PyramidDrop, RandomVision, Withdrawal
 from vtw.pipeline.config import compose_config, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = load_model_config("llava-1.5-7b")
-PROMPTS = [Prompt(576, 40, {"vision_inputs": 1}), Prompt(576, 75, {"vision_inputs": 1}), Prompt(0, 30, {})]
+#: prompts, counted by their prefill (one generated token) as the matcher counts them
+PROMPTS = [SampleCounts(576, 40, 1, vision_inputs=1), SampleCounts(576, 75, 1, vision_inputs=1), SampleCounts(0, 30, 1)]
 
 
 def _ratio(method) -> float:
     """Prefill (one generated token) FLOPs of the prompts under ``method`` over the full model's, by hand."""
 
     def total(m):
-        return sum(count_flops(CFG, vision_tokens=p.vision_tokens, text_tokens=p.text_tokens, generated_tokens=1,
-                               method=m, **p.encoder).total for p in PROMPTS)  # fmt: skip
+        return sum(count_flops(CFG, p, m).total for p in PROMPTS)  # fmt: skip
 
     return total(method) / total(None)
 
@@ -71,8 +71,8 @@ def test_pdrop_budget_scales_every_share_and_one_is_the_full_model():
 
 VIDEO_CFG = load_model_config("video-llava-7b")
 VIDEO_PROMPTS = [
-    Prompt(8 * 257, 40, {"video_frames": 8}),
-    Prompt(8 * 257 + 256, 60, {"video_frames": 8, "vision_inputs": 1}),
+    SampleCounts(8 * 257, 40, 1, video_frames=8),
+    SampleCounts(8 * 257 + 256, 60, 1, video_frames=8, vision_inputs=1),
 ]
 
 
@@ -87,12 +87,10 @@ def test_every_registered_method_matches_a_budget_and_one_is_the_full_model(name
         cfg, prompts = CFG, PROMPTS
     except ValueError:
         cfg, prompts = VIDEO_CFG, VIDEO_PROMPTS
-    full = sum(count_flops(cfg, vision_tokens=p.vision_tokens, text_tokens=p.text_tokens, generated_tokens=1,
-                           **p.encoder).total for p in prompts)  # fmt: skip
+    full = sum(count_flops(cfg, p).total for p in prompts)  # fmt: skip
 
     def ratio(m):
-        return sum(count_flops(cfg, vision_tokens=p.vision_tokens, text_tokens=p.text_tokens, generated_tokens=1,
-                               method=m, **p.encoder).total for p in prompts) / full  # fmt: skip
+        return sum(count_flops(cfg, p, m).total for p in prompts) / full  # fmt: skip
 
     ratios = [ratio(m) for m in method.budget_candidates(32)]
     half = match_budget(cfg, prompts, method, 0.5)

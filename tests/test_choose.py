@@ -16,7 +16,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vtw import withdraw
 from vtw.choose import Score, choose_method, mean_ci, pick, wilson
-from vtw.flops.budget import Prompt, match_budget
+from vtw.flops import SampleCounts
+from vtw.flops.budget import match_budget
 from vtw.methods import make_method
 from vtw.synthvqa.generator import iter_items
 from vtw.synthvqa.train import conversation_text
@@ -35,7 +36,7 @@ def _setup():
     for item in iter_items("train", 8):
         text = conversation_text(processor.tokenizer, [(item.prompt, item.answer)], add_generation_prompt=True)
         samples.append(dict(processor(images=[item.image()], text=[text], return_tensors="pt")))
-    prompts = [Prompt(*_token_counts(model, s["input_ids"]), {"vision_inputs": 1}) for s in samples]
+    prompts = [SampleCounts(*_token_counts(model, s["input_ids"]), vision_inputs=1) for s in samples]
     return model, samples, prompts
 
 

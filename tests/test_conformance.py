@@ -29,13 +29,13 @@ from dataclasses import dataclass, replace
 import pytest
 import torch
 from reference import decoder_inputs, naive_generate, stage_choices
-from test_flops import _encoder_kwargs, _measure, _phase, _phase_with_reduction, _token_counts
+from test_flops import _measure, _phase, _phase_with_reduction, _token_counts, _workload
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
 from torch import nn
 from torch.nn.modules import module as nn_module
 
 from vtw import withdraw
-from vtw.flops import count_flops
+from vtw.flops import SampleCounts, count_flops
 from vtw.grids import input_layouts
 from vtw.methods import METHODS, Reduction
 from vtw.methods.base import Merge
@@ -355,9 +355,12 @@ def test_flops_equal_flop_counter_mode_on_the_realized_counts(name, family):
     many = _measure(model, inputs, STEPS, None, replace(case.reducing))
     vision, text = _token_counts(model, inputs["input_ids"])
     (layout,) = input_layouts(model.config, inputs["input_ids"], inputs)
-    report = count_flops(model.config, vision_tokens=vision, text_tokens=text, generated_tokens=STEPS,
-                         method=case.reducing, vision_layout=layout, layer_tokens=_run(name, family, "sdpa").layer_tokens.tolist(),
-                         **_encoder_kwargs(model, inputs))  # fmt: skip
+    report = count_flops(
+        model.config,
+        SampleCounts.of(_workload(model, inputs), vision, text, STEPS, vision_layout=layout),
+        case.reducing,
+        layer_tokens=_run(name, family, "sdpa").layer_tokens.tolist(),
+    )
     assert _phase_with_reduction(report.prefill, case.reducing) == one
     assert _phase(report.decode) == {k: many[k] - one[k] for k in one}
 

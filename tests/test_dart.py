@@ -22,7 +22,7 @@ from test_withdraw import _extend, _vision
 from tiny_models import Sample, build_tiny_model, make_singles
 
 from vtw import language_model, withdraw
-from vtw.flops import count_flops, load_model_config
+from vtw.flops import SampleCounts, count_flops, load_model_config
 from vtw.methods import make_method
 from vtw.methods.dart import DART
 
@@ -236,8 +236,9 @@ def test_scoring_flops_equal_flop_counter(family, sample, params):
     by_hand = 2 * 2 * method.pivots * v * 32 if method.pivots < kept < v else 0
     assert expected == by_hand and (expected > 0) == (sample.images > 0 and kept > method.pivots)
     grids = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else None
-    report = count_flops(model.config, vision_tokens=v, text_tokens=t, method=method, vision_grids=grids,
-                         layer_tokens=tokens)  # fmt: skip
+    report = count_flops(
+        model.config, SampleCounts(vision_tokens=v, text_tokens=t, vision_grids=grids), method, layer_tokens=tokens
+    )
     assert report.prefill.reduction == expected
 
 

@@ -23,7 +23,7 @@ from tiny_models import IMAGE_ID, VIDEO_ID, Sample, build_tiny_model, make_singl
 
 import vtw
 from vtw import withdraw
-from vtw.flops import count_flops
+from vtw.flops import SampleCounts, count_flops
 from vtw.grids import Grid, SampleLayout, input_layouts
 from vtw.methods import make_method
 from vtw.methods.divprune import DivPrune, cosine_distances, max_min_diverse
@@ -161,8 +161,11 @@ def test_scoring_flops_hand_derived_and_in_the_flops_model():
     assert DivPrune(keep=0.9).scoring_flops(model.config, layout, [1, 2]) == 2 * d * (16**2 + 32**2)  # 4 stay
     with pytest.raises(ValueError, match="give the sample's layout"):
         DivPrune(keep=0.3).scoring_flops(model.config, None)
-    report = count_flops(model.config, vision_tokens=layout.tokens, text_tokens=7, method=DivPrune(keep=0.3),
-                         vision_inputs=3, video_frames=2, vision_layout=layout)  # fmt: skip
+    report = count_flops(
+        model.config,
+        SampleCounts(vision_tokens=layout.tokens, text_tokens=7, vision_inputs=3, video_frames=2, vision_layout=layout),
+        DivPrune(keep=0.3),
+    )
     assert report.prefill.reduction == 2 * d * (16**2 + 32**2 + 2 * 4**2)
     assert report.prefill_decoder_tokens == (5 + 10 + 2 * 2 + 1 + 7,) * model.config.get_text_config().num_hidden_layers
 

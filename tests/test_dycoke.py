@@ -27,7 +27,7 @@ from tiny_models import IMAGE_ID, VIDEO_ID, Sample, _image_inputs, _video_inputs
 
 import vtw
 from vtw import withdraw
-from vtw.flops import count_flops
+from vtw.flops import SampleCounts, count_flops
 from vtw.grids import Grid, SampleLayout, input_layouts
 from vtw.methods import make_method
 from vtw.methods.dycoke import DEFAULT_KEEP, DyCoke, compared_frame
@@ -212,8 +212,11 @@ def test_scoring_flops_hand_derived_in_the_flops_model_and_counted():
     assert DyCoke(keep=0.999).scoring_flops(model.config, layout) == 0  # nothing goes: nothing computed
     with pytest.raises(ValueError, match="give the sample's layout"):
         DyCoke().scoring_flops(model.config, None)
-    report = count_flops(model.config, vision_tokens=layout.tokens, text_tokens=7, method=DyCoke(keep=0.5),
-                         vision_inputs=3, video_frames=5, vision_layout=layout)  # fmt: skip
+    report = count_flops(
+        model.config,
+        SampleCounts(vision_tokens=layout.tokens, text_tokens=7, vision_inputs=3, video_frames=5, vision_layout=layout),
+        DyCoke(keep=0.5),
+    )
     assert report.prefill.reduction == 2 * d * 3 * 4
     for family in ("video_llava", "qwen2_vl"):
         model, inputs = _model(family), _inputs(family)

@@ -8,22 +8,24 @@ import inspect
 import pytest
 import torch
 import transformers as T
+from tiny_configs import tiny_config
 from tiny_models import Sample, build_tiny_model, make_batch
 
 from vtw.families import SUPPORTED_FAMILIES, FamilySpec, family, family_specs, get_family, num_decoder_layers
+from vtw.layouts import QwenGrid
 
 
 @pytest.mark.parametrize("name", SUPPORTED_FAMILIES)
 def test_registry_facts_match_transformers(name):
     spec = family(name)
     cls = getattr(T, spec.model_class)
-    config = spec.tiny_config(3)
+    config = tiny_config(name, 3)
     assert cls.config_class.model_type == spec.model_type == config.model_type
     assert get_family(config) is spec and num_decoder_layers(config) == 3
     assert all(getattr(config, attr, None) is not None for attr in spec.vision_token_attrs)
     forward = inspect.signature(cls.forward).parameters
     assert spec.image_key in forward
-    assert ("pixel_values_videos" in forward) == (spec.video is not None)
+    assert ("pixel_values_videos" in forward) == spec.takes_video
     defaults = type(config)()  # the family's config class with its own defaults
     assert spec.anyres == hasattr(defaults, "image_grid_pinpoints")
     assert (spec.image_layout == "anyres_max") == hasattr(defaults, "vision_aspect_ratio")
@@ -62,7 +64,7 @@ def test_video_key_is_the_pixel_key_of_the_familys_video_processor(name):
 
     spec = family(name)
     classes = VIDEO_PROCESSOR_MAPPING_NAMES.get(name)
-    assert (classes is None) == (spec.video is None)
+    assert (classes is None) == (not spec.takes_video)
     if classes is None:
         assert spec.video_key is None
         return
@@ -99,7 +101,9 @@ def test_bad_lookups_name_the_value_and_the_choices():
     with pytest.raises(ValueError, match="model_type='bert'.*not supported.*LLaVA-1.5"):
         get_family(T.BertConfig())
     spec = family_specs()[0]
-    with pytest.raises(ValueError, match="image_layout='tiles'; allowed"):
-        FamilySpec(**{**spec.__dict__, "image_layout": "tiles"})
+    with pytest.raises(ValueError, match="encoder='vit'; allowed"):
+        FamilySpec(**{**spec.__dict__, "encoder": "vit"})
+    with pytest.raises(ValueError, match="layout='grid' is no vtw.layouts.Layout"):
+        FamilySpec(**{**spec.__dict__, "layout": "grid"})
     with pytest.raises(ValueError, match="grid layout goes with a Qwen encoder"):
-        FamilySpec(**{**spec.__dict__, "image_layout": "grid"})
+        FamilySpec(**{**spec.__dict__, "layout": QwenGrid()})

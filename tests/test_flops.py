@@ -28,6 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from vtw import get_family, withdraw
 from vtw.flops import (
     SHIPPED_CHECKPOINTS,
+    SampleCounts,
+    VisionWorkload,
     available_models,
     count_flops,
     flops_table,
@@ -39,7 +41,7 @@ from vtw.flops import (
     workload_from_inputs,
 )
 from vtw.flops.plan import render_flops_table
-from vtw.methods import FastV, PyramidDrop, RandomVision
+from vtw.methods import FastV, PyramidDrop, RandomVision, Withdrawal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
@@ -114,29 +116,24 @@ def _token_counts(model, input_ids: torch.Tensor) -> tuple[int, int]:
     return int(vision.sum()), int((~vision).sum())
 
 
-def _encoder_kwargs(model, batch: dict) -> dict:
+def _workload(model, batch: dict) -> VisionWorkload:
     keys = ("pixel_values", "image_sizes", "pixel_values_videos", "image_grid_thw", "video_grid_thw")
     tensors = {k: batch[k] for k in keys if k in batch}
     image_key = get_family(model).image_key  # Video-LLaVA: pixel_values_images
     if image_key in batch:
         tensors["pixel_values"] = batch[image_key]
-    work = workload_from_inputs(model.config, **tensors)
-    if work.grids:
-        return {"vision_grids": work.grids}
-    return {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
+    return workload_from_inputs(model.config, **tensors)
 
 
 def _compare(model, batch: dict, layers=(None, 2, 0), generated: int = 3) -> None:
     """Prefill (generate 1 token) and decode (generate ``generated`` minus generate 1) against the analytic count."""
     v, t = _token_counts(model, batch["input_ids"])
-    encoder = _encoder_kwargs(model, batch)
+    work = _workload(model, batch)
     for layer in layers:
         one = _measure(model, batch, 1, layer)
         many = _measure(model, batch, generated, layer)
-        rep1 = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=1, layer=layer, **encoder)
-        rep = count_flops(
-            model.config, vision_tokens=v, text_tokens=t, generated_tokens=generated, layer=layer, **encoder
-        )
+        rep1 = count_flops(model.config, SampleCounts.of(work, v, t, 1), Withdrawal(layer=layer))
+        rep = count_flops(model.config, SampleCounts.of(work, v, t, generated), Withdrawal(layer=layer))
         assert _phase(rep1.prefill) == one, (layer, "prefill")
         assert rep.prefill == rep1.prefill and rep1.decode.total == 0
         decode = {k: many[k] - one[k] for k in one}
@@ -171,15 +168,15 @@ def test_peer_methods_match_flop_counter_mode(family, peer):
     sample = Sample(images=1, videos=int(family in VIDEO_FAMILIES), prefix=3, suffix=5, image_shape=shape)
     batch = make_batch(model, [sample])
     v, t = _token_counts(model, batch["input_ids"])
-    encoder = _encoder_kwargs(model, batch)
+    work = _workload(model, batch)
     method = PEERS[peer]()
     one = _measure(model, batch, 1, None, method)
     many = _measure(model, batch, 3, None, method)
-    rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method, **encoder)
+    rep = count_flops(model.config, SampleCounts.of(work, v, t, 3), method)
     assert _phase_with_reduction(rep.prefill) == one
     assert (rep.prefill.reduction > 0) == (peer != "random_vision")
     assert _phase(rep.decode) == {k: many[k] - one[k] for k in one}
-    vtw_like = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, layer=2, **encoder)
+    vtw_like = count_flops(model.config, SampleCounts.of(work, v, t, 3), Withdrawal(layer=2))
     assert rep.total != vtw_like.total  # the method's own token counts, not VTW's
 
 
@@ -248,24 +245,16 @@ def test_text_only_sample_matches_flop_counter_mode():
     model = build_tiny_model("llava", num_layers=NUM_LAYERS)
     batch = make_batch(model, [Sample(prefix=6, suffix=3)])
     _compare(model, batch, layers=(None, 1))
-    a = count_flops(model.config, vision_tokens=0, text_tokens=9, generated_tokens=3)
-    b = count_flops(model.config, vision_tokens=0, text_tokens=9, generated_tokens=3, layer=1)
+    a = count_flops(model.config, SampleCounts(vision_tokens=0, text_tokens=9, generated_tokens=3))
+    b = count_flops(model.config, SampleCounts(vision_tokens=0, text_tokens=9, generated_tokens=3), Withdrawal(layer=1))
     assert a.total == b.total and a.prefill.vision_tower == 0
 
 
 # ------------------------------------------------------------------------------------- hand-derived config
 def _hand_config() -> T.LlavaConfig:
-    text = T.LlamaConfig(
-        vocab_size=10,
-        hidden_size=8,
-        intermediate_size=12,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        head_dim=4,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
+    sizes = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 12, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4}
+    text = T.LlamaConfig(**sizes, **heads, max_position_embeddings=64, tie_word_embeddings=False)
     vision = T.CLIPVisionConfig(
         hidden_size=4, intermediate_size=6, num_hidden_layers=1, num_attention_heads=2, image_size=4, patch_size=2
     )
@@ -284,7 +273,7 @@ def test_hand_derived_numbers():
     P=4 patches, S=5 tokens with the class token, width D=4, MLP 6, 1 block. Projector 4 -> 8 -> 8.
     Sample: V=4 vision tokens (one image), T=3 text tokens, 3 generated tokens (prefill + 2 decode steps), K=1."""
     cfg = _hand_config()
-    rep = count_flops(cfg, vision_tokens=4, text_tokens=3, generated_tokens=3, layer=1)
+    rep = count_flops(cfg, SampleCounts(vision_tokens=4, text_tokens=3, generated_tokens=3), Withdrawal(layer=1))
 
     # vision: patch conv 2*P*(3*2*2)*D = 2*4*12*4 = 384; q,k,v,o 2*S*D*4D = 2*5*4*16 = 640;
     # scores 4*S*S*D = 4*25*4 = 400; MLP 2*S*D*I*2 = 2*5*4*6*2 = 480; total 1904
@@ -317,16 +306,21 @@ def test_hand_derived_numbers():
     assert rep.tflops == 19280 / 1e12
 
     # paper convention: F(n) = 4nd^2 + 2n^2d + 2ndm = 256n + 16n^2 + 192n; F(7) = 3920, F(3) = 1488
-    assert paper_flops(cfg, vision_tokens=4, text_tokens=3, layer=1) == 3920 + 1488 == 5408
-    assert paper_flops(cfg, vision_tokens=4, text_tokens=3) == 2 * 3920 == 7840
+    assert paper_flops(cfg, SampleCounts(vision_tokens=4, text_tokens=3), Withdrawal(layer=1)) == 3920 + 1488 == 5408
+    assert paper_flops(cfg, SampleCounts(vision_tokens=4, text_tokens=3)) == 2 * 3920 == 7840
 
     # KV cache, bf16: 2 (K, V) * 1 KV head * 4 * 2 bytes = 16 bytes per token per layer; after 3 generated tokens
     # layer 0 holds 7 + 2 tokens, layer 1 holds 3 + 2 (vanilla: 9 and 9)
-    kv = kv_cache_bytes(cfg, vision_tokens=4, text_tokens=3, generated_tokens=3, layer=1, dtype="bfloat16")
+    kv = kv_cache_bytes(
+        cfg, SampleCounts(vision_tokens=4, text_tokens=3, generated_tokens=3), Withdrawal(layer=1), dtype="bfloat16"
+    )
     assert kv.per_layer == (144, 80) and kv.total == 224
     assert kv.vanilla_per_layer == (144, 144) and kv.vanilla_total == 288
     assert kv.saved_fraction == pytest.approx(1 - 224 / 288)
-    assert kv_cache_bytes(cfg, vision_tokens=4, text_tokens=3, generated_tokens=3, dtype=torch.float32).total == 576
+    assert (
+        kv_cache_bytes(cfg, SampleCounts(vision_tokens=4, text_tokens=3, generated_tokens=3), dtype=torch.float32).total
+        == 576
+    )
 
 
 def test_hand_config_matches_flop_counter_mode():
@@ -420,11 +414,11 @@ def test_llava_15_7b_reference_figures():
     cfg = load_model_config("llava-1.5-7b")
     n = 636
     # paper: 32 * (4*n*4096^2 + 2*n^2*4096 + 2*n*4096*11008)
-    assert paper_flops(cfg, vision_tokens=576, text_tokens=60) == 32 * (
+    assert paper_flops(cfg, SampleCounts(vision_tokens=576, text_tokens=60)) == 32 * (
         4 * n * 4096**2 + 2 * n * n * 4096 + 2 * n * 4096 * 11008
     )
     # exact decoder: per token per layer q,k,v,o 8*4096^2 + MLP 6*4096*11008, scores 4*n*n*4096 per layer
-    rep = count_flops(cfg, vision_tokens=576, text_tokens=60, generated_tokens=1)
+    rep = count_flops(cfg, SampleCounts(vision_tokens=576, text_tokens=60, generated_tokens=1))
     assert rep.prefill.decoder == 32 * (n * (8 * 4096**2 + 6 * 4096 * 11008) + 4 * n * n * 4096)
     # CLIP-L/336: 24 blocks over 577 tokens; conv 2*576*588*1024; projector 576 rows of 2*(1024*4096 + 4096^2)
     s = 577
@@ -433,9 +427,9 @@ def test_llava_15_7b_reference_figures():
     )
     assert rep.prefill.projector == 576 * 2 * (1024 * 4096 + 4096 * 4096)
     assert rep.prefill.lm_head == 2 * 4096 * 32064
-    vtw = count_flops(cfg, vision_tokens=576, text_tokens=60, generated_tokens=1, layer=16)
+    vtw = count_flops(cfg, SampleCounts(vision_tokens=576, text_tokens=60, generated_tokens=1), Withdrawal(layer=16))
     assert 0.40 < 1 - vtw.total / rep.total < 0.46
-    kv = kv_cache_bytes(cfg, vision_tokens=576, text_tokens=60, generated_tokens=1)
+    kv = kv_cache_bytes(cfg, SampleCounts(vision_tokens=576, text_tokens=60, generated_tokens=1))
     assert kv.total == 32 * 636 * 2 * 32 * 128 * 2  # 318 MiB
 
 
@@ -465,18 +459,22 @@ def test_flops_table_rows_and_render():
     layout = image_layout(cfg)
     rows = flops_table(
         cfg,
-        vision_tokens=layout.vision_tokens,
-        text_tokens=40,
-        generated_tokens=8,
+        SampleCounts(
+            vision_tokens=layout.vision_tokens, text_tokens=40, generated_tokens=8, vision_grids=layout.workload.grids
+        ),
         layers=[28, 14, 7],
-        vision_grids=layout.workload.grids,
     )
     assert [r.layer for r in rows] == [28, 14, 7]
     vanilla = count_flops(
-        cfg, vision_tokens=layout.vision_tokens, text_tokens=40, generated_tokens=8, vision_grids=layout.workload.grids
+        cfg,
+        SampleCounts(
+            vision_tokens=layout.vision_tokens, text_tokens=40, generated_tokens=8, vision_grids=layout.workload.grids
+        ),
     )
     assert rows[0].flops == vanilla.total and rows[0].saved_pct == 0.0
-    assert rows[1].paper_flops == paper_flops(cfg, vision_tokens=layout.vision_tokens, text_tokens=40, layer=14)
+    assert rows[1].paper_flops == paper_flops(
+        cfg, SampleCounts(vision_tokens=layout.vision_tokens, text_tokens=40), Withdrawal(layer=14)
+    )
     table = render_flops_table(rows, title="t")
     assert table.row_count == 3
     report = vanilla.to_dict()
@@ -515,32 +513,41 @@ def test_plan_with_token_budget():
 def test_bad_counts_raise(kwargs, match):
     cfg = load_model_config("llava-1.5-7b")
     args = {"vision_tokens": 576, "text_tokens": 60, "generated_tokens": 4, **kwargs}
+    layer, logits = args.pop("layer", None), args.pop("prefill_logits", 1)
     with pytest.raises(ValueError, match=match):
-        count_flops(cfg, **args)
+        count_flops(cfg, SampleCounts(**args), Withdrawal(layer=layer), prefill_logits=logits)
 
 
 def test_bad_workloads_and_models_raise():
     with pytest.raises(ValueError, match="pass vision_inputs"):
-        count_flops(load_model_config("llava-next-7b"), vision_tokens=2340, text_tokens=60)
+        count_flops(load_model_config("llava-next-7b"), SampleCounts(vision_tokens=2340, text_tokens=60))
     qwen = load_model_config("qwen2-vl-7b")
     with pytest.raises(ValueError, match="pass vision_grids"):
-        count_flops(qwen, vision_tokens=391, text_tokens=60)
+        count_flops(qwen, SampleCounts(vision_tokens=391, text_tokens=60))
     with pytest.raises(ValueError, match="give 390 vision tokens"):
-        count_flops(qwen, vision_tokens=391, text_tokens=60, vision_grids=[(1, 30, 52)])
+        count_flops(qwen, SampleCounts(vision_tokens=391, text_tokens=60, vision_grids=[(1, 30, 52)]))
     with pytest.raises(ValueError, match="multiples of spatial_merge_size"):
-        count_flops(qwen, vision_tokens=391, text_tokens=60, vision_grids=[(1, 33, 47)])
+        count_flops(qwen, SampleCounts(vision_tokens=391, text_tokens=60, vision_grids=[(1, 33, 47)]))
     with pytest.raises(ValueError, match="unknown model 'llava-9b'.*llava-1.5-7b"):
         plan_flops("llava-9b", text_tokens=60, generated_tokens=1)
     with pytest.raises(ValueError, match="not supported by vtw. Supported: LLaVA-1.5"):
-        count_flops(T.LlamaConfig(), vision_tokens=0, text_tokens=5)
+        count_flops(T.LlamaConfig(), SampleCounts(vision_tokens=0, text_tokens=5))
     with pytest.raises(ValueError, match="unknown KV-cache dtype 'float12'"):
-        kv_cache_bytes(load_model_config("llava-1.5-7b"), vision_tokens=576, text_tokens=60, dtype="float12")
+        kv_cache_bytes(
+            load_model_config("llava-1.5-7b"), SampleCounts(vision_tokens=576, text_tokens=60), dtype="float12"
+        )
     with pytest.raises(ValueError, match="out of range"):
-        paper_flops(load_model_config("llava-1.5-7b"), vision_tokens=576, text_tokens=60, layer=40)
+        paper_flops(
+            load_model_config("llava-1.5-7b"), SampleCounts(vision_tokens=576, text_tokens=60), Withdrawal(layer=40)
+        )
     with pytest.raises(ValueError, match="image_size must be"):
         image_layout(load_model_config("llava-next-7b"), (480, -1))
     with pytest.raises(ValueError, match="layers is empty"):
-        flops_table(load_model_config("llava-1.5-7b"), vision_tokens=576, text_tokens=60, generated_tokens=1, layers=[])
+        flops_table(
+            load_model_config("llava-1.5-7b"),
+            SampleCounts(vision_tokens=576, text_tokens=60, generated_tokens=1),
+            layers=[],
+        )
 
 
 # ----------------------------------------------------------------------------------- shipped checkpoint ids
@@ -578,9 +585,14 @@ def test_plan_for_a_peer_method_lists_its_settings():
     assert rows[0].vanilla and rows[1].label == "fastv K=2 keep=0.5" and len(rows) == 12
     flops = [r.flops for r in rows[2:]]
     assert flops == sorted(flops, reverse=True) and len(set(flops)) == len(flops)
-    rep = count_flops(cfg, vision_tokens=576, text_tokens=60, generated_tokens=4, method=FastV(layer=2, keep=0.5),
-                      vision_inputs=1)  # fmt: skip
-    kv = kv_cache_bytes(cfg, vision_tokens=576, text_tokens=60, generated_tokens=4, method=FastV(layer=2, keep=0.5))
+    rep = count_flops(
+        cfg,
+        SampleCounts(vision_tokens=576, text_tokens=60, generated_tokens=4, vision_inputs=1),
+        FastV(layer=2, keep=0.5),
+    )
+    kv = kv_cache_bytes(
+        cfg, SampleCounts(vision_tokens=576, text_tokens=60, generated_tokens=4), FastV(layer=2, keep=0.5)
+    )
     assert (rows[1].flops, rows[1].kv_bytes) == (rep.total, kv.total)
     assert "fastv K=2 keep=0.5" in console.file.getvalue()
 
@@ -598,21 +610,11 @@ def test_plan_for_pool_counts_the_default_images_grids(name):
     if pooled is None:  # Qwen: 640x480 -> smart_resize 644x476 -> 34 x 46 patches -> 17 x 23 merged -> 9 x 12
         assert plan.workload.grids == ((1, 34, 46),)
         pooled = 9 * 12
-    rep = count_flops(cfg, vision_tokens=plan.vision_tokens, text_tokens=60, generated_tokens=4,
-                      method=Pool(stride=2), **_plan_encoder(plan))  # fmt: skip
+    grids = get_family(cfg).layout.image_sample(cfg, 480, 640)  # the default image's, where counts cannot give them
+    rep = count_flops(
+        cfg, SampleCounts.of(plan.workload, plan.vision_tokens, 60, 4, vision_layout=grids), Pool(stride=2)
+    )
     assert rep.prefill_decoder_tokens == (pooled + 60,) * rep.num_layers
     assert plan.rows[1].label == "pool 2x2" and plan.rows[1].flops == rep.total
     flops = [r.flops for r in plan.rows[1:]]
     assert flops[1:] == sorted(flops[1:], reverse=True)
-
-
-def _plan_encoder(plan) -> dict:
-    from vtw.grids import SampleLayout, image_grids
-
-    cfg = load_model_config(plan.model)
-    if plan.workload.grids:
-        return {"vision_grids": plan.workload.grids}
-    out = {"vision_inputs": plan.workload.image_inputs}
-    if get_family(cfg).anyres:
-        out["vision_layout"] = SampleLayout(images=image_grids(cfg, (480, 640)))
-    return out

@@ -25,7 +25,7 @@ def _alone(model, single: dict):
 def test_batched_costs_equal_each_sample_alone(family):
     model = build_tiny_model(family, num_layers=1)
     video = int(family in VIDEO_FAMILIES)
-    two = 2 if get_family(model).image_layout == "single" else 1  # anyres: one image per sample (OneVision tiles it)
+    two = 1 if get_family(model).anyres else 2  # anyres: one image per sample (OneVision tiles it)
     samples = [
         Sample(images=1, videos=video, prefix=2, suffix=3, image_shape=(32, 64)),
         Sample(prefix=4, suffix=2),

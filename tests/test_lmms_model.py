@@ -44,7 +44,8 @@ def ref_model(model_dir):
 
 
 def _vision_tokens(lm, image) -> tuple[int, dict]:
-    """Vision tokens of one image and the encoder arguments of count_flops, from the image processor alone."""
+    """Vision tokens of one image and its encoder work as :class:`vtw.flops.SampleCounts` fields, from the image
+    processor alone."""
     if lm.family.mrope:
         grid = lm.processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0]
         return int(grid.prod()) // 4, {"vision_grids": [tuple(grid.tolist())]}
@@ -268,7 +269,7 @@ def test_generation_batched_equals_one_by_one_and_plain_hf(model_dir, task_objs,
     [("vtw", {"layer": 2}), ("fastv", {"layer": 2, "keep": 0.5}), ("pdrop", {"layers": "1;2;3"})],
 )
 def test_generation_records_flops_per_request(model_dir, task_objs, method, params):
-    from vtw.flops import count_flops, paper_flops
+    from vtw.flops import SampleCounts, count_flops, paper_flops
 
     names, tasks = task_objs
     reqs = tasks[names["gen"]].instances
@@ -286,10 +287,10 @@ def test_generation_records_flops_per_request(model_dir, task_objs, method, para
         n_text = len(tok(prompt, add_special_tokens=False)["input_ids"]) - 1
         assert (r.vision_tokens, r.text_tokens) == (n_vision, n_text)
         assert 1 <= r.generated_tokens <= 4
-        kw = {"vision_tokens": n_vision, "text_tokens": n_text, **encoder}
-        assert r.flops == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, method=reduction).total
-        assert r.flops_full == count_flops(lm.config, **kw, generated_tokens=r.generated_tokens, layer=None).total
-        assert r.paper_flops == paper_flops(lm.config, vision_tokens=n_vision, text_tokens=n_text, method=reduction)
+        sample = SampleCounts(n_vision, n_text, r.generated_tokens, **encoder)
+        assert r.flops == count_flops(lm.config, sample, reduction).total
+        assert r.flops_full == count_flops(lm.config, sample).total
+        assert r.paper_flops == paper_flops(lm.config, SampleCounts(n_vision, n_text), reduction)
         assert r.layer == (1 if method == "pdrop" else 2)
         assert r.flops < r.flops_full and r.latency_s > 0 and r.batch_size == 3
 
@@ -300,7 +301,7 @@ def test_records_count_what_each_layer_really_processed(model_dir, task_objs, re
     after the sample's prefill alone (text is never dropped, so the rest is vision); ``flops_expected`` follows the
     method's declared counts."""
     from vtw import withdraw
-    from vtw.flops import count_flops
+    from vtw.flops import SampleCounts, count_flops
 
     names, tasks = task_objs
     reqs = tasks[names["gen"]].instances[:3]
@@ -317,10 +318,9 @@ def test_records_count_what_each_layer_really_processed(model_dir, task_objs, re
             cache = ref_model(**inputs, use_cache=True).past_key_values
         lengths = [cache.layers[i].keys.shape[-2] for i in range(lm.num_layers)]
         realized = [(n - r.text_tokens, r.text_tokens) for n in lengths]
-        kw = {"vision_tokens": n_vision, "text_tokens": r.text_tokens, **encoder, "method": lm.method}
-        kw["generated_tokens"] = r.generated_tokens
-        assert r.flops == count_flops(lm.config, **kw, layer_tokens=realized).total
-        assert r.flops_expected == count_flops(lm.config, **kw).total
+        sample = SampleCounts(n_vision, r.text_tokens, r.generated_tokens, **encoder)
+        assert r.flops == count_flops(lm.config, sample, lm.method, layer_tokens=realized).total
+        assert r.flops_expected == count_flops(lm.config, sample, lm.method).total
         differs += r.flops != r.flops_expected
     assert differs  # the rank-based counts exceed the declared lower bound on these images
 

@@ -67,7 +67,7 @@ def _fixed_video(model: str) -> bool:
     """Whether ``mode=flops flops.video_frames=N`` plans a video for ``model``: a video family with a fixed-resolution
     tower (the Qwen families take their videos as patch grids)."""
     spec = family(_family_of(model))
-    return spec.video is not None and spec.encoder == "fixed"
+    return spec.takes_video and spec.encoder == "fixed"
 
 
 PAIRS = [(method, model) for method in METHODS for model in MODELS]

@@ -18,13 +18,13 @@ import math
 
 import pytest
 import torch
-from test_flops import _encoder_kwargs, _token_counts
+from test_flops import _token_counts, _workload
 from test_withdraw import _lm_inputs, _rotary
 from tiny_models import FAMILIES, VIDEO_FAMILIES, Sample, build_tiny_model, make_batch, make_singles
 
 import vtw
 from vtw import withdraw
-from vtw.flops import count_flops, kv_cache_bytes, paper_flops
+from vtw.flops import SampleCounts, count_flops, kv_cache_bytes, paper_flops
 from vtw.grids import SampleLayout, image_grids, input_layouts
 from vtw.methods import Pool, make_method
 
@@ -206,13 +206,12 @@ def test_declared_counts_are_the_realized_ones(family):
     pooled = sum(g.pooled(2).tokens for g in layout.grids)
     assert handle.last_layer_tokens[0].sum(-1).tolist() == [pooled + t] * NUM_LAYERS
     assert [list(p) for p in method.layer_tokens(NUM_LAYERS, v, t, layout)] == handle.last_layer_tokens[0].tolist()
-    rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method,
-                      vision_layout=layout, **_encoder_kwargs(model, batch))  # fmt: skip
+    rep = count_flops(model.config, SampleCounts.of(_workload(model, batch), v, t, 3, vision_layout=layout), method)
     assert rep.prefill_decoder_tokens == (pooled + t,) * NUM_LAYERS and rep.prefill.reduction == 0
-    kv = kv_cache_bytes(model.config, vision_tokens=v, text_tokens=t, method=method, vision_layout=layout)
+    kv = kv_cache_bytes(model.config, SampleCounts(vision_tokens=v, text_tokens=t, vision_layout=layout), method)
     assert kv.tokens_per_layer == (pooled + t,) * NUM_LAYERS
-    assert paper_flops(model.config, vision_tokens=v, text_tokens=t, method=method, vision_layout=layout) < \
-        paper_flops(model.config, vision_tokens=v, text_tokens=t)  # fmt: skip
+    assert paper_flops(model.config, SampleCounts(vision_tokens=v, text_tokens=t, vision_layout=layout), method) < \
+        paper_flops(model.config, SampleCounts(vision_tokens=v, text_tokens=t))  # fmt: skip
 
 
 def test_hand_derived_counts():
@@ -223,15 +222,18 @@ def test_hand_derived_counts():
 
     cfg = load_model_config("llava-1.5-7b")
     for window, left in (((2, 2), 144), ((5, 5), 25), ((24, 24), 1), ((1, 1), 576), ((1, 2), 288), ((2, 3), 96)):
-        rep = count_flops(cfg, vision_tokens=576, text_tokens=10, method=Pool(*window))
+        rep = count_flops(cfg, SampleCounts(vision_tokens=576, text_tokens=10), Pool(*window))
         assert rep.prefill_decoder_tokens[0] == left + 10, window
     nxt = load_model_config("llava-next-7b")
     grids = image_grids(nxt, (480, 640))
     assert [(g.rows, g.cols, g.newline) for g in grids] == [(24, 24, 0), (36, 48, 1)]
     assert sum(g.tokens for g in grids) == 576 + 36 * 49
     layout = SampleLayout(images=grids)
-    rep = count_flops(nxt, vision_tokens=layout.tokens, text_tokens=10, vision_inputs=5, method=Pool(stride=2),
-                      vision_layout=layout)  # fmt: skip
+    rep = count_flops(
+        nxt,
+        SampleCounts(vision_tokens=layout.tokens, text_tokens=10, vision_inputs=5, vision_layout=layout),
+        Pool(stride=2),
+    )
     assert rep.prefill_decoder_tokens[0] == 144 + 18 * 25 + 10
 
 
@@ -245,8 +247,11 @@ def test_errors_name_the_value():
     from vtw.flops import load_model_config
 
     with pytest.raises(ValueError, match="each image's grid depends on its size"):
-        count_flops(load_model_config("llava-next-7b"), vision_tokens=2340, text_tokens=10, vision_inputs=5,
-                    method=Pool(stride=2))  # fmt: skip
+        count_flops(
+            load_model_config("llava-next-7b"),
+            SampleCounts(vision_tokens=2340, text_tokens=10, vision_inputs=5),
+            Pool(stride=2),
+        )
 
 
 def test_images_encoded_outside_a_forward_do_not_set_the_grids():

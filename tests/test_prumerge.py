@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 from reference import StageChoice, counting, decoder_inputs, naive_generate
-from test_flops import _encoder_kwargs, _measure, _phase, _phase_with_reduction, _token_counts
+from test_flops import _measure, _phase, _phase_with_reduction, _token_counts, _workload
 from test_visionzip import _tower_units
 from tiny_models import Sample, build_tiny_model, make_batch, make_singles
 
 from vtw import withdraw
-from vtw.flops import count_flops
+from vtw.flops import SampleCounts, count_flops
 from vtw.grids import Grid, input_layouts
 from vtw.methods import make_method
 from vtw.methods.prumerge import PruMerge, outlier_count
@@ -306,8 +306,12 @@ def test_count_flops_on_the_realized_counts_equals_flop_counter_over_generate(fa
     _, _, handle = _generate(model, batch, method)
     realized = handle.last_layer_tokens[0].tolist()
     one, many = _measure(model, batch, 1, None, method), _measure(model, batch, 3, None, method)
-    rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method,
-                      vision_layout=layout, layer_tokens=realized, **_encoder_kwargs(model, batch))  # fmt: skip
+    rep = count_flops(
+        model.config,
+        SampleCounts.of(_workload(model, batch), v, t, 3, vision_layout=layout),
+        method,
+        layer_tokens=realized,
+    )
     assert rep.prefill.reduction == method.scoring_flops(model.config, layout) > 0
     assert _phase_with_reduction(rep.prefill, method) == one
     assert _phase(rep.decode) == {k: many[k] - one[k] for k in one}

@@ -336,7 +336,7 @@ _Counted = reference.counting(SparseVLM, COUNTED)
 def test_scoring_flops_equal_flop_counter(family):
     """What ``select`` spends (FlopCounterMode, one sample, every stage) is ``scoring_flops`` of the realized counts,
     and what ``count_flops`` books as the prefill's reduction work."""
-    from vtw.flops import count_flops
+    from vtw.flops import SampleCounts, count_flops
 
     model = _model(family, "sdpa")
     for sample, params in ((_sample(family), dict(recycle=1.0, clusters=0.5)), (Sample(prefix=5), {})):
@@ -348,8 +348,12 @@ def test_scoring_flops_equal_flop_counter(family):
         assert (expected > 0) == (sample.images > 0)
         vision, text = tokens[0]
         grids = inputs["image_grid_thw"].tolist() if "image_grid_thw" in inputs else None
-        report = count_flops(model.config, vision_tokens=vision, text_tokens=text, method=method,
-                             vision_grids=grids, layer_tokens=tokens)  # fmt: skip
+        report = count_flops(
+            model.config,
+            SampleCounts(vision_tokens=vision, text_tokens=text, vision_grids=grids),
+            method,
+            layer_tokens=tokens,
+        )
         assert report.prefill.reduction == expected
 
 

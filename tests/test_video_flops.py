@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from vtw.flops import count_flops, load_model_config, paper_flops
+from vtw.flops import SampleCounts, count_flops, load_model_config, paper_flops
 from vtw.flops.plan import plan_flops
+from vtw.methods import Withdrawal
 
 
 @pytest.mark.parametrize(
@@ -25,10 +26,15 @@ def test_one_video_sample_of_the_planning_table(model, per_frame, extra):
     by_k = {r.layer: r for r in plan.rows}
     for k in (None, 16, 0):
         row = by_k[32 if k is None else k] if model != "llava-onevision-7b" else by_k[28 if k is None else k]
-        ref = count_flops(cfg, vision_tokens=tokens, text_tokens=64, generated_tokens=16, layer=k, video_frames=8,
-                          vision_inputs=0)  # fmt: skip
+        ref = count_flops(
+            cfg,
+            SampleCounts(vision_tokens=tokens, text_tokens=64, generated_tokens=16, video_frames=8, vision_inputs=0),
+            Withdrawal(layer=k),
+        )
         assert row.flops == ref.total
-        assert row.paper_flops == paper_flops(cfg, vision_tokens=tokens, text_tokens=64, layer=k)
+        assert row.paper_flops == paper_flops(
+            cfg, SampleCounts(vision_tokens=tokens, text_tokens=64), Withdrawal(layer=k)
+        )
     assert by_k[0].flops < by_k[16].flops < plan.rows[0].flops
 
 
@@ -58,6 +64,9 @@ def test_flops_mode_with_video_frames_plans_one_video(tmp_path):
     plan = read_json(tmp_path / "flops.json")
     assert plan["vision_tokens"] == 8 * 257 and "8 frames" in plan["encoder"]
     rows = {r["layer"]: r for r in plan["rows"]}
-    ref = count_flops(load_model_config("video-llava-7b"), vision_tokens=8 * 257, text_tokens=64, generated_tokens=16,
-                      layer=16, video_frames=8, vision_inputs=0)  # fmt: skip
+    ref = count_flops(
+        load_model_config("video-llava-7b"),
+        SampleCounts(vision_tokens=8 * 257, text_tokens=64, generated_tokens=16, video_frames=8, vision_inputs=0),
+        Withdrawal(layer=16),
+    )
     assert rows[16]["flops"] == ref.total

@@ -323,9 +323,9 @@ def test_declared_counts_and_scoring_are_the_realized_ones(family):
     """What ``count_flops`` counts for one sample from its layout: each layer's tokens == what the run's layers
     processed, and the scoring FLOPs are the method's own (FlopCounterMode over the whole run is the conformance
     suite's, on the realized counts)."""
-    from test_flops import _encoder_kwargs, _token_counts
+    from test_flops import _token_counts, _workload
 
-    from vtw.flops import count_flops
+    from vtw.flops import SampleCounts, count_flops
 
     model = _model(family)
     shape = {"llava_next": (40, 64), "llava_onevision": (24, 40), "qwen2_vl": (40, 24), "qwen2_5_vl": (40, 24)}
@@ -337,8 +337,7 @@ def test_declared_counts_and_scoring_are_the_realized_ones(family):
     method = VisionZip(4, 3)
     with torch.no_grad(), withdraw(model, method=method) as handle:
         model(**batch)
-    rep = count_flops(model.config, vision_tokens=v, text_tokens=t, generated_tokens=3, method=method,
-                      vision_layout=layout, **_encoder_kwargs(model, batch))  # fmt: skip
+    rep = count_flops(model.config, SampleCounts.of(_workload(model, batch), v, t, 3, vision_layout=layout), method)
     assert rep.prefill.reduction == method.scoring_flops(model.config, layout) > 0
     assert list(rep.prefill_decoder_tokens) == handle.last_layer_tokens[0].sum(-1).tolist()
     assert rep.prefill_decoder_tokens[0] == sum(method.grid_tokens(g) for g in layout.grids) + t < v + t

@@ -21,7 +21,7 @@ from test_visionzip import _tower_units
 from tiny_models import Sample, build_tiny_model, make_singles
 
 from vtw import withdraw
-from vtw.flops import count_flops, load_model_config
+from vtw.flops import SampleCounts, count_flops, load_model_config
 from vtw.grids import Grid
 from vtw.lmms.args import method_args
 from vtw.methods import make_method
@@ -175,11 +175,15 @@ def test_scoring_flops_of_llava_1_5_by_hand():
     d, s = 1024, 577
     attention = 2 * d * d + 2 * s * d * d + 2 * s * d
     rounds = 2 * 544 * 544 * d
-    rep = count_flops(config, vision_tokens=576, text_tokens=40, generated_tokens=1, method=VisPruner(),
-                      vision_inputs=1)  # fmt: skip
+    rep = count_flops(
+        config, SampleCounts(vision_tokens=576, text_tokens=40, generated_tokens=1, vision_inputs=1), VisPruner()
+    )
     assert rep.prefill.reduction == attention + rounds == 1_819_412_480
-    faster = count_flops(config, vision_tokens=576, text_tokens=40, generated_tokens=1,
-                         method=VisPruner(important=1), vision_inputs=1)  # fmt: skip
+    faster = count_flops(
+        config,
+        SampleCounts(vision_tokens=576, text_tokens=40, generated_tokens=1, vision_inputs=1),
+        VisPruner(important=1),
+    )
     assert faster.prefill.reduction == attention  # FasterVLM compares nothing
     assert rep.prefill_decoder_tokens[0] == faster.prefill_decoder_tokens[0] == 64 + 40
 

@@ -17,32 +17,19 @@ from dataclasses import dataclass
 
 import torch
 import transformers as T
+from tiny_configs import tiny_config
 
-from vtw.families import (
-    SUPPORTED_FAMILIES,
-    TINY_HIDDEN,
-    TINY_IMAGE_ID,
-    TINY_PAD_ID,
-    TINY_VIDEO_ID,
-    TINY_VOCAB,
-    family,
-    family_specs,
-    get_family,
-)
+from vtw.families import SUPPORTED_FAMILIES, family, family_specs, get_family
+from vtw.synthvideo.configs import TINY_HIDDEN, TINY_IMAGE_ID, TINY_PAD_ID, TINY_VIDEO_ID, TINY_VOCAB
 
 FAMILIES = SUPPORTED_FAMILIES
-VIDEO_FAMILIES = tuple(spec.model_type for spec in family_specs() if spec.video is not None)
+VIDEO_FAMILIES = tuple(spec.model_type for spec in family_specs() if spec.takes_video)
 
 VOCAB = TINY_VOCAB
 IMAGE_ID = TINY_IMAGE_ID
 VIDEO_ID = TINY_VIDEO_ID
 PAD_ID = TINY_PAD_ID
 HIDDEN = TINY_HIDDEN
-
-
-def tiny_config(family_name: str, num_layers: int = 4) -> T.PreTrainedConfig:
-    """A tiny config of ``family_name`` with an ``num_layers``-layer language decoder (the registry's builder)."""
-    return family(family_name).tiny_config(num_layers)
 
 
 def build_tiny_model(
@@ -80,15 +67,20 @@ def _pixels(g: torch.Generator, *shape: int) -> torch.Tensor:
     return torch.rand(*shape, generator=g) * 2 - 1
 
 
+def _qwen_patches(model) -> tuple:
+    """A Qwen model's vision config and the width of one flattened patch (its ``pixel_values`` rows)."""
+    vc = model.config.vision_config
+    return vc, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+
+
 def _image_inputs(family_name: str, model, samples: list[Sample], g: torch.Generator) -> tuple[dict, list[list[int]]]:
     """Pixel kwargs for every image of the batch and the token count of each image, per sample."""
     n = sum(s.images for s in samples)
     if n == 0:
         return {}, [[] for _ in samples]
     inner, spec = model.model, family(family_name)
-    if spec.image_layout == "grid":
-        vc = model.config.vision_config
-        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    if spec.layout.native_grid:
+        vc, patch_dim = _qwen_patches(model)
         grids, rows = [], []
         for s in samples:
             for _ in range(s.images):
@@ -98,7 +90,7 @@ def _image_inputs(family_name: str, model, samples: list[Sample], g: torch.Gener
         grid = torch.tensor(grids)
         counts = (grid.prod(-1) // vc.spatial_merge_size**2).tolist()
         kwargs = {spec.image_key: torch.cat(rows), "image_grid_thw": grid}
-    elif spec.image_layout == "single":  # LLaVA-1.5, Video-LLaVA (its own pixel key)
+    elif not spec.anyres:  # LLaVA-1.5, Video-LLaVA (its own pixel key)
         size = model.config.vision_config.image_size
         kwargs = {spec.image_key: _pixels(g, n, 3, size, size)}
         with torch.no_grad():
@@ -124,13 +116,11 @@ def _image_inputs(family_name: str, model, samples: list[Sample], g: torch.Gener
 
 
 def _video_inputs(family_name: str, model, samples: list[Sample], g: torch.Generator, frames: int = 2):
-    n = sum(s.videos for s in samples)
-    if n == 0:
+    if not (n := sum(s.videos for s in samples)):
         return {}, [[] for _ in samples]
     inner, spec = model.model, family(family_name)
-    if spec.video == "grid":
-        vc = model.config.vision_config
-        patch_dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+    if spec.layout.native_grid:
+        vc, patch_dim = _qwen_patches(model)
         h = w = 32 // vc.patch_size
         t = frames // vc.temporal_patch_size
         grid = torch.tensor([[t, h, w]] * n)

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
 
-from .flops import count_flops
-from .flops.budget import Prompt, match_budget
+from .flops import SampleCounts, count_flops
+from .flops.budget import match_budget, prompt_flops
 from .methods import Reduction
 from .withdraw import withdraw
 
@@ -158,13 +158,13 @@ def compare(reference: Run, run: Run) -> tuple[float, bool, bool]:
 def choose_method(
     model: nn.Module,
     samples: Sequence[dict],
-    prompts: Sequence[Prompt],
+    prompts: Sequence[SampleCounts],
     candidates: Sequence[Reduction],
     budget: float,
     max_new_tokens: int = 8,
     positions: str = "keep",
 ) -> Choice:
-    """Set every candidate to ``budget`` on ``prompts`` (the counts of ``samples``, :class:`vtw.flops.budget.Prompt`),
+    """Set every candidate to ``budget`` on ``prompts`` (the counts of ``samples``, :class:`vtw.flops.SampleCounts`),
     run it on ``samples`` (model inputs, a batch of one each; ``positions`` as ``withdraw``'s) and choose by the rule
     of the module docstring.
 
@@ -182,8 +182,7 @@ def choose_method(
     matched = [match_budget(config, prompts, m, budget) for m in candidates]  # raises before any forward
     reference = [greedy_run(model, s, max_new_tokens) for s in samples]
     full = [_run_flops(config, p, r, None) for p, r in zip(prompts, reference)]
-    full_prefill = sum(count_flops(config, vision_tokens=p.vision_tokens, text_tokens=p.text_tokens,
-                                   generated_tokens=1, **p.encoder).total for p in prompts)  # fmt: skip
+    full_prefill = prompt_flops(config, prompts, None)
     scores = []
     for match in matched:
         runs = [greedy_run(model, s, max_new_tokens, match.method, positions) for s in samples]
@@ -205,11 +204,10 @@ def pick(scores: Sequence[Score]) -> int:
     return min(range(len(scores)), key=lambda i: (*scores[i].key(), i))
 
 
-def _run_flops(config, prompt: Prompt, run: Run, method: Reduction | None) -> int:
+def _run_flops(config, prompt: SampleCounts, run: Run, method: Reduction | None) -> int:
     """Exact FLOPs of one greedy run (prefill and decode steps, from the realized counts)."""
-    return count_flops(config, vision_tokens=prompt.vision_tokens, text_tokens=prompt.text_tokens,
-                       generated_tokens=run.generated, method=method, layer_tokens=run.layer_tokens,
-                       **prompt.encoder).total  # fmt: skip
+    sample = replace(prompt, generated_tokens=run.generated)
+    return count_flops(config, sample, method, layer_tokens=run.layer_tokens).total
 
 
 def _score(match, reference: list[Run], runs: list[Run], flops: list[int], full_flops: int) -> Score:

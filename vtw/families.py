@@ -1,44 +1,36 @@
 """Registry of the multimodal model families VTW supports in the pinned transformers: every family fact lives here.
 
 A :class:`FamilySpec` says where the parts of a model live (language decoder, vision tower, projector), which token
-ids mark vision tokens, how the family lays images and videos out (what the FLOPs model and the lmms-eval model
-need), which keys its processor outputs carry, and how to build a tiny config of it for tests. Lookups go by
-``config.model_type``, so they work on a model instance or on a bare config (the FLOPs model uses configs only).
-Adding a family is one entry in :data:`_FAMILIES` (plus its tiny config builder) and its test.
+ids mark vision tokens, how the family lays images and videos out (its :class:`vtw.layouts.Layout`, which answers
+what the FLOPs model, the grids and the lmms-eval model ask), and which keys its processor outputs carry. Lookups go
+by ``config.model_type``, so they work on a model instance or on a bare config (the FLOPs model uses configs only).
+Adding a family is one entry in :data:`_FAMILIES` (plus its tiny test config in ``tests/tiny_configs.py``) and its
+test.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import transformers as T
 from torch import nn
 
-#: How images reach the decoder. ``single``: one fixed-size encoder input per image (resized); ``anyres``: a base
-#: crop plus the crops of the best ``image_grid_pinpoints`` grid, unpadded, one newline token per row;
-#: ``anyres_max``: ``anyres`` plus LLaVA-OneVision's ``vision_aspect_ratio="anyres_max_N"`` downscale of large
-#: grids, and no tiling when a sample has several images; ``grid``: the native-resolution patch grid of a Qwen ViT.
-IMAGE_LAYOUTS = ("single", "anyres", "anyres_max", "grid")
-
-#: How videos reach the decoder (``None``: the family takes no video). ``frames``: every frame through the tower,
-#: every token kept, class token included (Video-LLaVA); ``pooled``: frame features spatially pooled by
-#: ``spatial_pool_stride`` before the projector (LLaVA-NeXT-Video); ``resized``: frames projected, then bilinearly
-#: resized to ``ceil(side / 2)`` squared, plus one newline token per video (LLaVA-OneVision); ``grid``: the 3-D
-#: patch grid of a Qwen ViT (``video_grid_thw``).
-VIDEO_LAYOUTS = ("frames", "pooled", "resized", "grid")
+from .layouts import Anyres, AnyresMax, FramesVideo, Layout, PooledVideo, QwenGrid, ResizedVideo
 
 #: Vision encoders. ``fixed``: a CLIP or SigLIP tower at a fixed input size (which one: ``vision_config.model_type``);
 #: ``qwen2_vl`` / ``qwen2_5_vl``: that family's ViT over a patch grid, with the patch merger as projector.
 ENCODERS = ("fixed", "qwen2_vl", "qwen2_5_vl")
 
-#: Sizes and token ids of the tiny test configs (:meth:`FamilySpec.tiny_config`): text ids are below ``TINY_IMAGE_ID``.
-TINY_VOCAB = 160
-TINY_IMAGE_ID = 150
-TINY_VIDEO_ID = 151
-TINY_PAD_ID = 0
-TINY_HIDDEN = 32
+#: The names the tiny test ids had here; they moved to :mod:`vtw.synthvideo.configs` (read lazily, see __getattr__).
+_MOVED = ("TINY_VOCAB", "TINY_IMAGE_ID", "TINY_VIDEO_ID", "TINY_PAD_ID", "TINY_HIDDEN")
+
+
+def __getattr__(name: str):
+    if name in _MOVED:  # compatibility: ``from vtw.families import TINY_IMAGE_ID`` keeps working
+        from .synthvideo import configs
+
+        return getattr(configs, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -51,8 +43,7 @@ class FamilySpec:
         model_class: the ``...ForConditionalGeneration`` class name in transformers.
         vision_token_attrs: config attributes holding the placeholder token ids of vision inputs (image, video).
         encoder: one of :data:`ENCODERS` (the FLOPs model's encoder kind).
-        image_layout: one of :data:`IMAGE_LAYOUTS`.
-        video: one of :data:`VIDEO_LAYOUTS`, or ``None`` when the family takes no video.
+        layout: how the family lays images out, its ``video`` how it lays videos out (:mod:`vtw.layouts`).
         vision_tower: attribute path, from the top-level model, of the (image) vision tower.
         video_tower: attribute path of a second tower that encodes the video frames (Video-LLaVA), else ``None``
             (the image tower encodes them).
@@ -62,7 +53,6 @@ class FamilySpec:
             tower: 8; transformers runs any number), else ``None``. The tiny test inputs use that many.
         mrope: whether the decoder uses Qwen2-VL's 3-D multimodal RoPE position ids (it then needs the token types,
             ``mm_token_type_ids``: 0 text, 1 image, 2 video).
-        build_tiny: ``num_layers -> config`` of a tiny model of the family (see :meth:`tiny_config`).
     """
 
     model_type: str
@@ -70,36 +60,45 @@ class FamilySpec:
     model_class: str
     vision_token_attrs: tuple[str, ...]
     encoder: str
-    image_layout: str
-    video: str | None
     vision_tower: str
     projector: str
-    build_tiny: Callable[[int], T.PretrainedConfig]
+    layout: Layout = Layout()
     image_key: str = "pixel_values"
     video_frames: int | None = None
     mrope: bool = False
     video_tower: str | None = None
 
     def __post_init__(self):
-        for value, allowed, what in (
-            (self.encoder, ENCODERS, "encoder"),
-            (self.image_layout, IMAGE_LAYOUTS, "image_layout"),
-            (self.video, (None, *VIDEO_LAYOUTS), "video"),
-        ):
-            if value not in allowed:
-                raise ValueError(f"family {self.model_type}: {what}={value!r}; allowed: {allowed}")
-        if (self.encoder == "fixed") == (self.image_layout == "grid"):
+        if self.encoder not in ENCODERS:
+            raise ValueError(f"family {self.model_type}: encoder={self.encoder!r}; allowed: {ENCODERS}")
+        if not isinstance(self.layout, Layout):
+            raise ValueError(f"family {self.model_type}: layout={self.layout!r} is no vtw.layouts.Layout")
+        if (self.encoder == "fixed") == self.layout.native_grid:
             raise ValueError(f"family {self.model_type}: the grid layout goes with a Qwen encoder, and only it")
+
+    @property
+    def image_layout(self) -> str:
+        """The name of the image layout: ``single``, ``anyres``, ``anyres_max`` or ``grid``."""
+        return self.layout.name
+
+    @property
+    def video(self) -> str | None:
+        """The name of the video layout (``frames``, ``pooled``, ``resized``, ``grid``), ``None``: no video."""
+        return self.layout.video.name
 
     @property
     def anyres(self) -> bool:
         """LLaVA-NeXT-style tiling: the number of crops depends on the image size."""
-        return self.image_layout in ("anyres", "anyres_max")
+        return self.layout.tiled
+
+    @property
+    def takes_video(self) -> bool:
+        return self.layout.video.takes_video
 
     @property
     def video_key(self) -> str | None:
         """Processor output key of the video pixels (``None``: no video)."""
-        return "pixel_values_videos" if self.video is not None else None
+        return "pixel_values_videos" if self.takes_video else None
 
     def vision_token_ids(self, config) -> tuple[int, ...]:
         """The placeholder token ids of this config's vision inputs (image and, where present, video)."""
@@ -114,12 +113,6 @@ class FamilySpec:
             raise ValueError(f"{self.display} config has none of {self.vision_token_attrs}: cannot find vision tokens")
         return tuple(ids)
 
-    def tiny_config(self, num_layers: int = 4) -> T.PretrainedConfig:
-        """A tiny config of this family for tests: a ``num_layers``-layer decoder (hidden :data:`TINY_HIDDEN`, 4
-        heads, 2 KV heads, vocabulary :data:`TINY_VOCAB`), a 2-block vision encoder on 32 px images, image token
-        :data:`TINY_IMAGE_ID` and video token :data:`TINY_VIDEO_ID`."""
-        return self.build_tiny(num_layers)
-
     def module(self, model: nn.Module, which: str) -> nn.Module:
         """The ``"vision_tower"``, ``"video_tower"`` (the tower that encodes video frames) or ``"projector"``
         submodule of a model instance of this family."""
@@ -129,127 +122,6 @@ class FamilySpec:
         for name in path.split("."):
             out = getattr(out, name)
         return out
-
-
-# ------------------------------------------------------------------------------------------ tiny test configs
-def _tiny_decoder(cls, num_layers: int, **kw):
-    return cls(
-        vocab_size=TINY_VOCAB,
-        hidden_size=TINY_HIDDEN,
-        intermediate_size=48,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=TINY_PAD_ID,
-        tie_word_embeddings=False,
-        **kw,
-    )
-
-
-def _tiny_clip() -> T.CLIPVisionConfig:
-    return T.CLIPVisionConfig(
-        hidden_size=24,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=24,
-    )
-
-
-_TINY_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
-_TINY_LLAMA_VISION = {"vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
-_TINY_IDS = {"image_token_id": TINY_IMAGE_ID, "tie_word_embeddings": False}
-_TINY_VIDEO_IDS = {**_TINY_IDS, "video_token_id": TINY_VIDEO_ID}
-
-
-def _tiny_llava(num_layers: int) -> T.LlavaConfig:
-    return T.LlavaConfig(
-        text_config=_tiny_decoder(T.LlamaConfig, num_layers),
-        vision_config=_tiny_clip(),
-        **_TINY_LLAMA_VISION,
-        **_TINY_IDS,
-    )
-
-
-def _tiny_llava_next(num_layers: int) -> T.LlavaNextConfig:
-    return T.LlavaNextConfig(
-        text_config=_tiny_decoder(T.LlamaConfig, num_layers),
-        vision_config=_tiny_clip(),
-        image_grid_pinpoints=_TINY_PINPOINTS,
-        **_TINY_LLAMA_VISION,
-        **_TINY_IDS,
-    )
-
-
-def _tiny_llava_onevision(num_layers: int) -> T.LlavaOnevisionConfig:
-    vision = T.SiglipVisionConfig(
-        hidden_size=24, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
-    )
-    return T.LlavaOnevisionConfig(
-        text_config=_tiny_decoder(T.Qwen2Config, num_layers),
-        vision_config=vision,
-        image_grid_pinpoints=_TINY_PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-        **_TINY_VIDEO_IDS,
-    )
-
-
-def _tiny_qwen(config_cls, text_cls, vision: T.PretrainedConfig, num_layers: int):
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]}
-    return config_cls(
-        text_config=_tiny_decoder(text_cls, num_layers, rope_parameters=rope),
-        vision_config=vision,
-        vision_start_token_id=152,
-        vision_end_token_id=153,
-        **_TINY_VIDEO_IDS,
-    )
-
-
-def _tiny_qwen2_vl(num_layers: int) -> T.Qwen2VLConfig:
-    vision = T.Qwen2VLVisionConfig(
-        depth=2, embed_dim=16, hidden_size=TINY_HIDDEN, num_heads=2, mlp_ratio=2, patch_size=4, spatial_merge_size=2
-    )
-    return _tiny_qwen(T.Qwen2VLConfig, T.Qwen2VLTextConfig, vision, num_layers)
-
-
-def _tiny_qwen2_5_vl(num_layers: int) -> T.Qwen2_5_VLConfig:
-    vision = T.Qwen2_5_VLVisionConfig(
-        depth=2,
-        hidden_size=16,
-        intermediate_size=32,
-        out_hidden_size=TINY_HIDDEN,
-        num_heads=2,
-        patch_size=4,
-        spatial_merge_size=2,
-        window_size=16,
-        fullatt_block_indexes=[1],
-    )
-    return _tiny_qwen(T.Qwen2_5_VLConfig, T.Qwen2_5_VLTextConfig, vision, num_layers)
-
-
-def _tiny_video_llava(num_layers: int) -> T.VideoLlavaConfig:
-    return T.VideoLlavaConfig(
-        text_config=_tiny_decoder(T.LlamaConfig, num_layers),
-        vision_config=_tiny_clip(),
-        **_TINY_LLAMA_VISION,
-        **_TINY_VIDEO_IDS,
-    )
-
-
-def _tiny_llava_next_video(num_layers: int) -> T.LlavaNextVideoConfig:
-    return T.LlavaNextVideoConfig(
-        text_config=_tiny_decoder(T.LlamaConfig, num_layers),
-        vision_config=_tiny_clip(),
-        image_grid_pinpoints=_TINY_PINPOINTS,
-        spatial_pool_stride=2,
-        **_TINY_LLAMA_VISION,
-        **_TINY_VIDEO_IDS,
-    )
 
 
 # -------------------------------------------------------------------------------------------------- registry
@@ -267,9 +139,7 @@ _FAMILIES: dict[str, FamilySpec] = {
             "LlavaForConditionalGeneration",
             _IMAGE,
             encoder="fixed",
-            image_layout="single",
-            video=None,
-            build_tiny=_tiny_llava,
+            layout=Layout(),
             **_LLAVA_PARTS,
         ),
         FamilySpec(
@@ -278,9 +148,7 @@ _FAMILIES: dict[str, FamilySpec] = {
             "LlavaNextForConditionalGeneration",
             _IMAGE,
             encoder="fixed",
-            image_layout="anyres",
-            video=None,
-            build_tiny=_tiny_llava_next,
+            layout=Anyres(),
             **_LLAVA_PARTS,
         ),
         FamilySpec(
@@ -289,9 +157,7 @@ _FAMILIES: dict[str, FamilySpec] = {
             "LlavaOnevisionForConditionalGeneration",
             _IMAGE_VIDEO,
             encoder="fixed",
-            image_layout="anyres_max",
-            video="resized",
-            build_tiny=_tiny_llava_onevision,
+            layout=AnyresMax(ResizedVideo()),
             **_LLAVA_PARTS,
         ),
         FamilySpec(
@@ -300,9 +166,7 @@ _FAMILIES: dict[str, FamilySpec] = {
             "Qwen2VLForConditionalGeneration",
             _IMAGE_VIDEO,
             encoder="qwen2_vl",
-            image_layout="grid",
-            video="grid",
-            build_tiny=_tiny_qwen2_vl,
+            layout=QwenGrid(),
             **_QWEN_PARTS,
         ),
         FamilySpec(
@@ -311,9 +175,7 @@ _FAMILIES: dict[str, FamilySpec] = {
             "Qwen2_5_VLForConditionalGeneration",
             _IMAGE_VIDEO,
             encoder="qwen2_5_vl",
-            image_layout="grid",
-            video="grid",
-            build_tiny=_tiny_qwen2_5_vl,
+            layout=QwenGrid(),
             **_QWEN_PARTS,
         ),
         FamilySpec(
@@ -322,12 +184,10 @@ _FAMILIES: dict[str, FamilySpec] = {
             "VideoLlavaForConditionalGeneration",
             _IMAGE_VIDEO,
             encoder="fixed",
-            image_layout="single",
-            video="frames",
+            layout=Layout(FramesVideo()),
             vision_tower="model.image_tower",
             video_tower="model.video_tower",  # a second tower of the same class
             projector="model.multi_modal_projector",
-            build_tiny=_tiny_video_llava,
             image_key="pixel_values_images",
             video_frames=8,
         ),
@@ -337,9 +197,7 @@ _FAMILIES: dict[str, FamilySpec] = {
             "LlavaNextVideoForConditionalGeneration",
             _IMAGE_VIDEO,
             encoder="fixed",
-            image_layout="anyres",
-            video="pooled",
-            build_tiny=_tiny_llava_next_video,
+            layout=Anyres(PooledVideo()),
             **_LLAVA_PARTS,
         ),
     )

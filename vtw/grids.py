@@ -176,16 +176,7 @@ def qwen_grid(config, thw: Sequence[int]) -> Grid:
 
 def video_grid(config, frames: int) -> Grid:
     """One video of ``frames`` frames of a fixed-resolution family."""
-    spec, side = get_family(config), _side(config)
-    if spec.video == "frames":
-        return Grid(side, side, frames=frames, lead=1 if has_class_token(config) else 0)
-    if spec.video == "pooled":
-        n = side // int(config.spatial_pool_stride)
-        return Grid(n, n, frames=frames)
-    if spec.video == "resized":
-        n = math.ceil(side / 2)
-        return Grid(n, n, frames=frames, trail=1)
-    raise ValueError(f"{spec.display} takes no video" if spec.video is None else f"{spec.display}: use qwen_grid")
+    return get_family(config).layout.video.frame_grid(config, frames)
 
 
 def input_layouts(config, input_ids: torch.Tensor, inputs: dict) -> list[SampleLayout]:

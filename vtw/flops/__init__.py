@@ -2,6 +2,11 @@
 
 Two figures, always labelled:
 
+One sample is described once, by :class:`SampleCounts` (vision, text and generated tokens, the encoder work, the
+grids): ``count_flops(config, sample, method)``, ``paper_flops(config, sample, method)`` and
+``kv_cache_bytes(config, sample, method)`` all take it (``method``: a :class:`vtw.methods.Reduction`, e.g.
+``Withdrawal(layer=16)``; ``None``: the full model).
+
 1. **Exact matmul FLOPs** (:func:`count_flops` -> :class:`FlopsReport`): what the pinned transformers actually
    computes for one sample, one multiply-add = 2 FLOPs, split by phase (prefill / all decode steps) and component:
 
@@ -42,7 +47,7 @@ from .arch import Architecture, architecture
 from .configs import SHIPPED_CHECKPOINTS, available_models, load_model_config
 from .count import COMPONENTS, FlopsReport, PhaseFlops, VisionFlops, count_flops
 from .kv import KVReport, dtype_bytes, kv_cache_bytes
-from .layout import DEFAULT_IMAGE_SIZE, ImageLayout, VisionWorkload, image_layout, workload_from_inputs
+from .layout import DEFAULT_IMAGE_SIZE, ImageLayout, SampleCounts, VisionWorkload, image_layout, workload_from_inputs
 from .paper import PAPER_CONVENTION, fastv_layer_flops, paper_flops, paper_tflops
 from .plan import FlopsRow, PlanResult, flops_table, plan_flops
 
@@ -58,6 +63,7 @@ __all__ = [
     "KVReport",
     "PhaseFlops",
     "PlanResult",
+    "SampleCounts",
     "VisionFlops",
     "VisionWorkload",
     "architecture",

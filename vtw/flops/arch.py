@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from ..families import FamilySpec, family, get_family
+from ..layouts import Layout
 
 #: Text-model types whose MLP is gated (gate_proj, up_proj, down_proj: three d x m matrices) and whose attention is
 #: q/k/v/o projections with grouped KV heads. Every supported family's decoder is one of these.
@@ -157,9 +158,9 @@ class Architecture:
         return family(self.family)
 
     @property
-    def is_qwen(self) -> bool:
-        """A Qwen ViT over a native-resolution patch grid (token counts follow ``image_grid_thw``)."""
-        return self.spec.image_layout == "grid"
+    def layout(self) -> Layout:
+        """How the family lays its images and videos out (:mod:`vtw.layouts`): what the counts below depend on."""
+        return self.spec.layout
 
 
 def _int(value, what: str) -> int:
@@ -264,25 +265,6 @@ def _selected_tokens(config, vision: VisionDims) -> int:
     return vision.patches_per_input - 1  # no class token: the model drops the first patch, as transformers does
 
 
-def _video_tokens(spec: FamilySpec, config, vision: VisionDims, selected: int) -> tuple[int | None, int | None, int]:
-    """(projector rows per frame, decoder tokens per frame, decoder tokens added once per video) of a fixed-resolution
-    family, following ``spec.video``; ``(None, None, 0)`` when it takes no video."""
-    side = int(math.isqrt(vision.patches_per_input))
-    if spec.video is None:
-        return None, None, 0
-    if spec.video == "frames":
-        return vision.tokens_per_input, vision.tokens_per_input, 0  # every token kept, class token included
-    if spec.video == "pooled":
-        mode = getattr(config, "spatial_pool_mode", "average")
-        if mode not in ("average", "max"):
-            raise ValueError(f"{spec.display} spatial_pool_mode={mode!r} is not covered; covered: average, max")
-        pooled = (side // int(config.spatial_pool_stride)) ** 2  # Avg/MaxPool2d, kernel = stride, no padding
-        return pooled, pooled, 0  # pooled before the projector
-    if spec.video == "resized":
-        return selected, math.ceil(side / 2) ** 2, 1  # projected, then bilinearly resized; one newline per video
-    raise ValueError(f"{spec.display}: video layout {spec.video!r} is not covered by the FLOPs model")
-
-
 def architecture(config) -> Architecture:
     """Read an :class:`Architecture` from a config of a supported family (its :class:`FamilySpec` says how).
 
@@ -293,19 +275,20 @@ def architecture(config) -> Architecture:
     spec = get_family(config)  # ValueError listing the supported families
     text = config.get_text_config() if hasattr(config, "get_text_config") else config.text_config
     decoder = _decoder(text)
+    return _ARCHITECTURES[spec.encoder](spec, config, decoder)
+
+
+def _qwen_architecture(spec: FamilySpec, config, decoder: DecoderDims) -> Architecture:
+    vision, out_dim = _QWEN_ENCODERS[spec.encoder](config.vision_config)
+    merged = vision.hidden * vision.spatial_merge**2
+    # no token rules (the counts follow the patch grid), no anyres tiling
+    return Architecture(
+        spec.model_type, spec.display, decoder, vision, ProjectorDims(merged, merged, out_dim), None, False
+    )
+
+
+def _fixed_architecture(spec: FamilySpec, config, decoder: DecoderDims) -> Architecture:
     vc = config.vision_config
-    if spec.encoder in _QWEN_ENCODERS:
-        vision, out_dim = _QWEN_ENCODERS[spec.encoder](vc)
-        merged = vision.hidden * vision.spatial_merge**2
-        return Architecture(
-            family=spec.model_type,
-            display=spec.display,
-            decoder=decoder,
-            vision=vision,
-            projector=ProjectorDims(merged, merged, out_dim),
-            tokens=None,
-            anyres=False,
-        )
     vision_type = getattr(vc, "model_type", None)
     if vision_type not in _FIXED_ENCODERS:
         raise ValueError(
@@ -315,23 +298,19 @@ def architecture(config) -> Architecture:
     vision = _fixed_vision(vc, _FIXED_ENCODERS[vision_type])
     projector = ProjectorDims(vision.hidden * _num_feature_layers(config), decoder.hidden, decoder.hidden)
     selected = _selected_tokens(config, vision)
-    video_proj, video_dec, video_extra = _video_tokens(spec, config, vision, selected)
+    side = int(math.isqrt(vision.patches_per_input))
+    video_proj, video_dec, video_extra = spec.layout.video.frame_tokens(config, side, vision.tokens_per_input, selected)
     tokens = TokenRules(
         image_projector_tokens=selected,
-        image_decoder_tokens=None if spec.anyres else selected,
+        image_decoder_tokens=spec.layout.image_decoder_tokens(selected),
         video_projector_tokens=video_proj,
         video_decoder_tokens=video_dec,
         video_extra_tokens=video_extra,
     )
     pinpoints = tuple((int(h), int(w)) for h, w in (getattr(config, "image_grid_pinpoints", None) or ()))
-    return Architecture(
-        family=spec.model_type,
-        display=spec.display,
-        decoder=decoder,
-        vision=vision,
-        projector=projector,
-        tokens=tokens,
-        anyres=spec.anyres,
-        image_grid_pinpoints=pinpoints,
-        vision_aspect_ratio=getattr(config, "vision_aspect_ratio", None) if spec.image_layout == "anyres_max" else None,
-    )
+    parts = (vision, projector, tokens, spec.anyres, pinpoints, spec.layout.aspect_ratio(config))
+    return Architecture(spec.model_type, spec.display, decoder, *parts)
+
+
+#: FamilySpec.encoder -> the reader of that encoder's architecture
+_ARCHITECTURES = {"fixed": _fixed_architecture, "qwen2_vl": _qwen_architecture, "qwen2_5_vl": _qwen_architecture}

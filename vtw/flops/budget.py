@@ -11,21 +11,12 @@ which the method does not set, adds its decode steps.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..methods import Reduction
 from .arch import architecture
 from .count import count_flops
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt's counts: ``vision_tokens``, ``text_tokens`` and its encoder arguments of :func:`count_flops`
-    (``vision_inputs``/``video_frames``, or ``vision_grids`` for the Qwen families)."""
-
-    vision_tokens: int
-    text_tokens: int
-    encoder: dict
+from .layout import SampleCounts
 
 
 @dataclass(frozen=True)
@@ -56,18 +47,12 @@ def check_budget(budget) -> float:
     return float(budget)
 
 
-def prompt_flops(config, prompts: Sequence[Prompt], method: Reduction | None) -> int:
+def prompt_flops(config, prompts: Sequence[SampleCounts], method: Reduction | None) -> int:
     """Exact prefill FLOPs (one generated token) of ``prompts`` summed, under ``method`` (``None``: the full model)."""
-    return sum(
-        count_flops(
-            config, vision_tokens=p.vision_tokens, text_tokens=p.text_tokens, generated_tokens=1, method=method,
-            **p.encoder,
-        ).total
-        for p in prompts
-    )  # fmt: skip
+    return sum(count_flops(config, replace(p, generated_tokens=1), method).total for p in prompts)
 
 
-def match_budget(config, prompts: Sequence[Prompt], method: Reduction, budget: float) -> BudgetMatch:
+def match_budget(config, prompts: Sequence[SampleCounts], method: Reduction, budget: float) -> BudgetMatch:
     """The candidate of ``method`` whose FLOPs ratio to the full model is closest to ``budget`` (ties: the larger
     ratio, then the candidate with the most compute in :meth:`~vtw.methods.Reduction.budget_candidates`' order,
     so ``budget=1`` is the full model for every method).

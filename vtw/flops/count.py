@@ -6,14 +6,13 @@ See the package docstring (:mod:`vtw.flops`) for what is counted. All arithmetic
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from ..grids import SampleLayout, counted_layout
+from ..grids import counted_layout
 from ..methods import Reduction, Withdrawal
 from ..methods.attention import last_token_attention_flops
-from ..withdraw import validate_layer
 from .arch import Architecture, DecoderDims, VisionDims, architecture
-from .layout import VisionWorkload
+from .layout import SampleCounts, VisionWorkload, check_count
 
 TERA = 10**12
 
@@ -121,15 +120,6 @@ class FlopsReport:
         return out
 
 
-def check_count(value, name: str, minimum: int = 0) -> int:
-    """``value`` as an int ``>= minimum``; ``ValueError`` naming it otherwise (bools and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 # --------------------------------------------------------------------------------------------------- vision
 def _vit_blocks(
     v: VisionDims, tokens: int, segments_full: Sequence[int], segments_window: Sequence[int] | None = None
@@ -151,16 +141,6 @@ def _vit_blocks(
     return VisionFlops(attention_proj=v.layers * proj_per_block, attention_scores=scores, mlp=v.layers * mlp_per_block)
 
 
-def _qwen_windows(v: VisionDims, t: int, h: int, w: int) -> list[int]:
-    """Qwen2.5-VL window lengths (in patches) of one ``(t, h, w)`` grid: windows of ``window_patches`` merged units a
-    side, tiled from the top-left, clipped at the bottom/right edge, per frame."""
-    m, win = v.spatial_merge, v.window_patches
-    mh, mw = h // m, w // m
-    heights = [min(win, mh - r) for r in range(0, mh, win)]
-    widths = [min(win, mw - c) for c in range(0, mw, win)]
-    return [a * b * m * m for _ in range(t) for a in heights for b in widths]
-
-
 def _pooling_head(v: VisionDims) -> int:
     """SigLIP attention-pooling head over one input of ``S`` tokens: a single probe query. q and out projections
     (1 token), k and v projections (S tokens), scores and weighted sum (1 x S), then the MLP on the pooled token."""
@@ -168,130 +148,39 @@ def _pooling_head(v: VisionDims) -> int:
     return 2 * d * d * 2 + 2 * s * d * d * 2 + 4 * s * d + 2 * d * v.intermediate * 2
 
 
-def _vision_flops(arch: Architecture, work: VisionWorkload) -> tuple[VisionFlops, int]:
-    """Encoder FLOPs and projector FLOPs of one sample's workload."""
+def _vision_flops(
+    arch: Architecture, work: VisionWorkload, method: Reduction, layout, first_layer_vision: int
+) -> tuple[VisionFlops, int]:
+    """Encoder FLOPs and projector FLOPs of one sample's workload (what runs: :meth:`vtw.layouts.Layout.tower`);
+    under a method acting in the vision encoder, the projector runs on the tokens it keeps: the vision tokens of the
+    first decoder layer (``first_layer_vision``) that are projector rows."""
     v = arch.vision
-    if arch.is_qwen:
-        patches = sum(t * h * w for t, h, w in work.grids)
-        frames = [h * w for t, h, w in work.grids for _ in range(t)]
-        windows = None
-        if v.kind == "qwen2_5_vl":
-            windows = [s for t, h, w in work.grids for s in _qwen_windows(v, t, h, w)]
-        blocks = _vit_blocks(v, patches, frames, windows)
-        embed = 2 * patches * v.patch_numel * v.hidden
-        projector = (patches // v.spatial_merge**2) * arch.projector.flops_per_token()
-        head = 0
-    else:
-        passes = work.image_inputs + work.video_frames
-        seq = v.tokens_per_input
-        blocks = _vit_blocks(v, passes * seq, [seq] * passes)
-        embed = 2 * passes * v.patches_per_input * v.patch_numel * v.hidden
-        head = passes * _pooling_head(v) if v.pooling_head else 0
-        rules = arch.tokens
-        rows = work.image_inputs * rules.image_projector_tokens + work.video_frames * (
-            rules.video_projector_tokens or 0
-        )
-        projector = rows * arch.projector.flops_per_token()
-    vision = VisionFlops(embed, blocks.attention_proj, blocks.attention_scores, blocks.mlp, head)
-    return vision, projector
+    runs = arch.layout.tower(arch, work)
+    blocks = _vit_blocks(v, runs.tokens, runs.segments, runs.windows)
+    embed = 2 * runs.patches * v.patch_numel * v.hidden
+    head = runs.passes * _pooling_head(v) if v.pooling_head else 0
+    rows = runs.projector_rows
+    if method.acts_in == "vision_encoder" and method.stages():
+        rows = first_layer_vision - sum(method.unprojected_tokens(g) for g in layout.grids)
+    projector = rows * arch.projector.flops_per_token()
+    return VisionFlops(embed, blocks.attention_proj, blocks.attention_scores, blocks.mlp, head), projector
 
 
-def _check_workload(arch: Architecture, work: VisionWorkload, vision_tokens: int) -> None:
-    """Refuse a workload that cannot have produced ``vision_tokens`` decoder tokens (where that is determined)."""
-    if arch.is_qwen:
-        for g in work.grids:
-            if len(g) != 3 or any(isinstance(x, bool) or not isinstance(x, int) or x <= 0 for x in g):
-                raise ValueError(f"vision_grids entries must be (t, h, w) positive ints, got {g!r}")
-            if g[1] % arch.vision.spatial_merge or g[2] % arch.vision.spatial_merge:
-                raise ValueError(
-                    f"grid {g}: h and w must be multiples of spatial_merge_size={arch.vision.spatial_merge}"
-                )
-        made = sum(t * h * w for t, h, w in work.grids) // arch.vision.spatial_merge**2
-        if made != vision_tokens:
-            raise ValueError(
-                f"{arch.display}: vision_grids {list(work.grids)} give {made} vision tokens, not vision_tokens={vision_tokens}"
-            )
-        return
-    if work.video_frames and arch.tokens.video_projector_tokens is None:
-        raise ValueError(f"{arch.display} takes no video: video_frames must be 0, got {work.video_frames}")
-    if arch.anyres:
-        return  # tokens per crop depend on the image size: not checkable from counts
-    made = work.image_inputs * arch.tokens.image_decoder_tokens + work.video_frames * (
-        arch.tokens.video_decoder_tokens or 0
-    )
-    if made != vision_tokens:
-        raise ValueError(
-            f"{arch.display}: {work.image_inputs} image(s) and {work.video_frames} video frame(s) give {made} vision "
-            f"tokens, not vision_tokens={vision_tokens}"
-        )
-
-
-def resolve_workload(
-    arch: Architecture,
-    vision_tokens: int,
-    vision_inputs: int | None,
-    video_frames: int,
-    vision_grids: Sequence[Sequence[int]] | None,
-    videos: int | None = None,
-) -> VisionWorkload:
-    """The sample's :class:`VisionWorkload` from the ``count_flops`` arguments (defaults filled in where determined)."""
-    video_frames = check_count(video_frames, "video_frames")
-    if arch.is_qwen:
-        if vision_inputs not in (None, 0) or video_frames:
-            raise ValueError(
-                f"{arch.display}: give the encoder work as vision_grids=[(t, h, w), ...], not vision_inputs/video_frames"
-            )
-        if vision_grids is None:
-            if vision_tokens:
-                raise ValueError(
-                    f"{arch.display}: the encoder cost depends on the patch grids; pass vision_grids=[(t, h, w), ...] "
-                    "(the rows of image_grid_thw / video_grid_thw), or get them from vtw.flops.image_layout"
-                )
-            vision_grids = ()
-        grids = tuple(tuple(g) for g in vision_grids)
-        work = VisionWorkload(grids=grids)
-    else:
-        if vision_grids:
-            raise ValueError(f"{arch.display} has a fixed-resolution encoder: vision_grids is for the Qwen families")
-        if vision_inputs is None:
-            rest = vision_tokens - video_frames * (arch.tokens.video_decoder_tokens or 0)
-            if arch.anyres and rest:
-                raise ValueError(
-                    f"{arch.display}: the number of vision-tower crops depends on the image size; pass "
-                    "vision_inputs=<crops run through the tower>, or get it from vtw.flops.image_layout"
-                )
-            per = arch.tokens.image_decoder_tokens or 1
-            if rest % per:
-                raise ValueError(
-                    f"{arch.display}: vision_tokens={vision_tokens} is not a whole number of images of {per} tokens "
-                    f"(plus {video_frames} video frame(s)); pass vision_inputs explicitly"
-                )
-            vision_inputs = rest // per
-        vision_inputs = check_count(vision_inputs, "vision_inputs")
-        work = VisionWorkload(image_inputs=vision_inputs, video_frames=video_frames, videos=videos or 0)
-    _check_workload(arch, work, vision_tokens)
-    return work
+def resolve_workload(arch: Architecture, sample: SampleCounts) -> VisionWorkload:
+    """The sample's :class:`VisionWorkload` (defaults filled in where determined), checked against its vision tokens
+    (:meth:`vtw.layouts.Layout.workload`)."""
+    return arch.layout.workload(arch, sample)
 
 
 # -------------------------------------------------------------------------------------------------- decoder
-def reduction_method(layer: int | None = None, method: Reduction | None = None) -> Reduction:
-    """The method a count is for: ``method`` (a :class:`vtw.methods.Reduction`), or VTW at ``layer``."""
+def resolved_method(method: Reduction | None, num_layers: int) -> tuple[Reduction, int | None]:
+    """``(the method counted, the layer reported)``: ``method`` resolved against ``L`` and its first stage (``None``:
+    the full model, VTW with nothing withdrawn, and no layer)."""
     if method is None:
-        return Withdrawal(layer=layer)
-    if layer is not None:
-        raise ValueError(f"give the layer to the method ({method!r}), not layer={layer!r} as well")
+        return Withdrawal(), None
     if not isinstance(method, Reduction):
         raise ValueError(f"method must be a vtw.methods.Reduction (e.g. make_method('fastv', layer=2)), got {method!r}")
-    return method
-
-
-def resolved_method(layer: int | None, method: Reduction | None, num_layers: int) -> tuple[Reduction, int | None]:
-    """``(the method counted, the layer reported)``: ``method`` resolved against ``L`` and its first stage, or VTW at
-    ``layer`` (checked) and ``layer``."""
-    layer = validate_layer(layer, num_layers)
-    if method is None:
-        return Withdrawal(layer=layer), layer
-    method = reduction_method(layer, method).resolve(num_layers)
+    method = method.resolve(num_layers)
     return method, next(iter(method.stages()), None)
 
 
@@ -312,12 +201,18 @@ def checked_layer_tokens(layer_tokens, num_layers: int) -> list[tuple[int, int]]
     return pairs
 
 
-def sample_layout(config, method: Reduction, vision_tokens: int, layout=None, **counts):
-    """The layout a count of ``method`` needs: ``layout`` as given, else (methods acting before the decoder only)
-    the one the counts determine (:func:`vtw.grids.counted_layout`); ``None`` for the other methods."""
+def sample_layout(config, method: Reduction, sample: SampleCounts, work: VisionWorkload | None = None):
+    """The layout a count of ``method`` needs: the sample's ``vision_layout`` as given, else (methods acting before
+    the decoder only) the one its counts determine (:func:`vtw.grids.counted_layout`, from ``work``: its resolved
+    workload); ``None`` for the other methods."""
+    layout = sample.vision_layout
     if layout is not None or not method.before_decoder or not method.stages():
         return layout
-    return counted_layout(config, vision_tokens, **counts)
+    if work is None:
+        return counted_layout(config, sample.vision_tokens)
+    return counted_layout(
+        config, sample.vision_tokens, video_frames=work.video_frames, videos=work.videos, qwen_grids=work.grids
+    )
 
 
 def _layer_linear(dec: DecoderDims, tokens: int) -> tuple[int, int]:
@@ -334,39 +229,23 @@ def _scores(dec: DecoderDims, queries: int, keys: int) -> int:
 
 def count_flops(
     config,
-    *,
-    vision_tokens: int,
-    text_tokens: int,
-    generated_tokens: int = 0,
-    layer: int | None = None,
-    vision_inputs: int | None = None,
-    video_frames: int = 0,
-    vision_grids: Sequence[Sequence[int]] | None = None,
-    prefill_logits: int | str = 1,
+    sample: SampleCounts,
     method: Reduction | None = None,
-    vision_layout: SampleLayout | None = None,
+    *,
+    prefill_logits: int | str = 1,
     layer_tokens: Sequence[Sequence[int]] | None = None,
 ) -> FlopsReport:
     """Matmul FLOPs of one sample (no padding), by component and phase.
 
     Args:
         config: a transformers config of a supported family (``model.config``).
-        vision_tokens: vision (image + video placeholder) tokens in the prompt, ``V``.
-        text_tokens: the other prompt tokens, ``T`` (>= 1).
-        generated_tokens: new tokens produced, ``G``; ``generate`` runs the prefill (which yields the first) and
-            ``G - 1`` decode steps.
-        layer: withdrawal layer ``K`` in ``[0, L]`` (``None`` or ``L``: no withdrawal). Layers ``>= K`` process the
-            ``T`` text tokens in prefill and attend over text (and generated) keys only in decode.
-        method: another reduction (:class:`vtw.methods.Reduction`, e.g. ``make_method("fastv", layer=2)``) instead
-            of VTW at ``layer``: each layer processes the tokens ``method.layer_tokens`` says, and the method's own
-            attention scoring (FastV, PyramidDrop) is counted in ``prefill.reduction``.
-        vision_inputs: fixed-resolution encoder passes for images (images, or anyres crops). Derived from
-            ``vision_tokens`` for LLaVA-1.5 and Video-LLaVA; required for the anyres families.
-        video_frames: video frames through a fixed-resolution encoder.
-        vision_grids: Qwen families: ``(t, h, w)`` patch grid of every image and video (``image_grid_thw`` rows).
-        vision_layout: the sample's image and video grids (:class:`vtw.grids.SampleLayout`), which methods acting
-            before the decoder (``pool``, ``visionzip``) need; derived from the counts where they determine it
-            (LLaVA-1.5, Video-LLaVA, the Qwen grids), required for anyres images.
+        sample: the sample's counts (:class:`vtw.flops.SampleCounts`: vision, text and generated tokens, encoder
+            work, grids).
+        method: the reduction counted (:class:`vtw.methods.Reduction`, e.g. ``Withdrawal(layer=16)`` or
+            ``make_method("fastv", layer=2)``; ``None``: the full model). Each layer processes the tokens
+            ``method.layer_tokens`` says (under VTW at ``K``: layers ``>= K`` the ``T`` text tokens in prefill, and
+            text and generated keys only in decode), and the method's own attention scoring (FastV, PyramidDrop) is
+            counted in ``prefill.reduction``.
         layer_tokens: the realized ``(vision, text)`` tokens each decoder layer ``0..L-1`` processed in this sample's
             prefill (a run's :attr:`vtw.WithdrawalHandle.last_layer_tokens` row), for methods whose counts depend on
             the data; ``None``: the counts ``method`` declares (:meth:`~vtw.methods.Reduction.layer_tokens`).
@@ -375,82 +254,97 @@ def count_flops(
             outputs, ``V + T``, or ``T`` under withdrawal).
 
     Raises:
-        ValueError: unsupported family, negative or non-integer counts, ``layer`` out of range, a family (or
+        ValueError: unsupported family, negative or non-integer counts, a layer out of range, a family (or
             videos) the method cannot act on (:meth:`~vtw.methods.Reduction.check_supported`), or an encoder
             workload inconsistent with ``vision_tokens``.
     """
     arch = architecture(config)
     dec = arch.decoder
-    vision_tokens = check_count(vision_tokens, "vision_tokens")
-    text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
-    generated_tokens = check_count(generated_tokens, "generated_tokens")
-    method, layer = resolved_method(layer, method, dec.num_layers)
-    work = resolve_workload(arch, vision_tokens, vision_inputs, video_frames, vision_grids)
+    sample = sample.checked()
+    method, layer = resolved_method(method, dec.num_layers)
+    work = resolve_workload(arch, sample)
     # a model the method cannot act on has no count: the refusal withdraw() gives
-    videos = work.video_frames or (vision_layout is not None and vision_layout.videos)
+    videos = work.video_frames or (sample.vision_layout is not None and sample.vision_layout.videos)
     method.check_supported(config, video=bool(videos))
+    layout = sample_layout(config, method, sample, work)
+    pairs = _layer_pairs(dec.num_layers, method, sample, layout, layer_tokens)
+    pre_tokens = [v + t for v, t in pairs]
+    vision, projector = _vision_flops(arch, work, method, layout, pairs[0][0])
+    logits = _prefill_logits(prefill_logits, pre_tokens[-1])
+    reduction = _scoring(config, dec, method, sample, layout, pairs)
+    prefill = replace(
+        _prefill(dec, pre_tokens, logits), vision_tower=vision.total, projector=projector, reduction=reduction
+    )
+    return FlopsReport(
+        prefill=prefill,
+        decode=_decode(dec, pre_tokens, sample.generated_tokens),
+        vision=vision,
+        layer=layer,
+        num_layers=dec.num_layers,
+        vision_tokens=sample.vision_tokens,
+        text_tokens=sample.text_tokens,
+        generated_tokens=sample.generated_tokens,
+        decode_steps=max(sample.generated_tokens - 1, 0),
+        prefill_decoder_tokens=tuple(pre_tokens),
+    )
 
-    full = vision_tokens + text_tokens
-    layout = sample_layout(
-        config, method, vision_tokens, vision_layout, video_frames=work.video_frames, videos=work.videos,
-        qwen_grids=work.grids,
-    )  # fmt: skip
-    if layer_tokens is None:
-        layer_pairs = method.layer_tokens(dec.num_layers, vision_tokens, text_tokens, layout)
-    else:
-        layer_pairs = checked_layer_tokens(layer_tokens, dec.num_layers)
-    pre_tokens = [v + t for v, t in layer_pairs]
-    out_positions = pre_tokens[-1]
+
+def _layer_pairs(num_layers: int, method: Reduction, sample: SampleCounts, layout, layer_tokens) -> list:
+    """``(vision, text)`` tokens of each decoder layer in prefill: the realized ``layer_tokens`` (checked), else
+    those ``method`` declares."""
+    if layer_tokens is not None:
+        return checked_layer_tokens(layer_tokens, num_layers)
+    return method.layer_tokens(num_layers, sample.vision_tokens, sample.text_tokens, layout)
+
+
+def _prefill_logits(prefill_logits: int | str, out_positions: int) -> int:
+    """The prefill's logit positions (``"all"``: every position the decoder outputs), checked against them."""
     if prefill_logits == "all":
         prefill_logits = out_positions
     prefill_logits = check_count(prefill_logits, "prefill_logits")
     if prefill_logits > out_positions:
         raise ValueError(f"prefill_logits={prefill_logits} exceeds the {out_positions} positions the decoder outputs")
+    return prefill_logits
 
-    vision, projector = _vision_flops(arch, work)
-    if method.acts_in == "vision_encoder" and method.stages():  # the projector runs on the tokens kept
-        rows = layer_pairs[0][0] - sum(method.unprojected_tokens(g) for g in layout.grids)
-        projector = rows * arch.projector.flops_per_token()
-    pre_proj = pre_mlp = pre_scores = 0
-    for n in pre_tokens:
-        proj, mlp = _layer_linear(dec, n)
-        pre_proj, pre_mlp, pre_scores = pre_proj + proj, pre_mlp + mlp, pre_scores + _scores(dec, n, n)
+
+def _scoring(config, dec: DecoderDims, method: Reduction, sample: SampleCounts, layout, pairs) -> int:
+    """The method's own work in prefill: last-token attention scoring of the inputs it scores, and its own
+    :meth:`~vtw.methods.Reduction.scoring_flops`."""
+    full = sample.vision_tokens + sample.text_tokens
+    pre_tokens = [v + t for v, t in pairs]
     scoring = sum(
         last_token_attention_flops(dec.hidden, dec.heads, dec.kv_heads, dec.head_dim, full if j < 0 else pre_tokens[j])
         for j in method.scored_inputs(dec.num_layers)
     )
     if method.stages():
-        scoring += method.scoring_flops(config, layout, layer_pairs)
-    head = 2 * dec.hidden * dec.vocab
-    prefill = PhaseFlops(
-        reduction=scoring,
-        vision_tower=vision.total,
-        projector=projector,
-        decoder_attention_proj=pre_proj,
-        decoder_attention_scores=pre_scores,
-        decoder_mlp=pre_mlp,
-        lm_head=prefill_logits * head,
+        scoring += method.scoring_flops(config, layout, pairs)
+    return scoring
+
+
+def _prefill(dec: DecoderDims, pre_tokens: Sequence[int], logits: int) -> PhaseFlops:
+    """The decoder's prefill over ``pre_tokens[i]`` tokens in layer ``i`` and the LM head at ``logits`` positions."""
+    proj = mlp = scores = 0
+    for n in pre_tokens:
+        p, m = _layer_linear(dec, n)
+        proj, mlp, scores = proj + p, mlp + m, scores + _scores(dec, n, n)
+    return PhaseFlops(
+        decoder_attention_proj=proj, decoder_attention_scores=scores, decoder_mlp=mlp, lm_head=logits * _head(dec)
     )
 
+
+def _decode(dec: DecoderDims, pre_tokens: Sequence[int], generated_tokens: int) -> PhaseFlops:
+    """Every decode step: step ``j = 1..G-1`` feeds generated token ``j``; a layer that cached ``c`` prompt tokens
+    attends over ``c + j`` keys."""
     steps = max(generated_tokens - 1, 0)
     proj1, mlp1 = _layer_linear(dec, 1)
-    # step j = 1..steps feeds generated token j; a layer that cached `c` prompt tokens attends over c + j keys.
     keys = sum(steps * c + steps * (steps + 1) // 2 for c in pre_tokens)
-    decode = PhaseFlops(
+    return PhaseFlops(
         decoder_attention_proj=steps * dec.num_layers * proj1,
         decoder_attention_scores=_scores(dec, 1, 1) * keys,
         decoder_mlp=steps * dec.num_layers * mlp1,
-        lm_head=steps * head,
+        lm_head=steps * _head(dec),
     )
-    return FlopsReport(
-        prefill=prefill,
-        decode=decode,
-        vision=vision,
-        layer=layer,
-        num_layers=dec.num_layers,
-        vision_tokens=vision_tokens,
-        text_tokens=text_tokens,
-        generated_tokens=generated_tokens,
-        decode_steps=steps,
-        prefill_decoder_tokens=tuple(pre_tokens),
-    )
+
+
+def _head(dec: DecoderDims) -> int:
+    return 2 * dec.hidden * dec.vocab

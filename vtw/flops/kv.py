@@ -15,7 +15,8 @@ import torch
 
 from ..methods import Reduction
 from .arch import architecture
-from .count import check_count, prefill_layer_tokens, resolved_method, sample_layout
+from .count import prefill_layer_tokens, resolved_method, sample_layout
+from .layout import SampleCounts
 
 _DTYPE_BYTES = {
     "float32": 4,
@@ -76,33 +77,21 @@ class KVReport:
         return 1.0 - self.total / self.vanilla_total if self.vanilla_total else 0.0
 
 
-def kv_cache_bytes(
-    config,
-    *,
-    vision_tokens: int,
-    text_tokens: int,
-    generated_tokens: int = 0,
-    layer: int | None = None,
-    dtype="bfloat16",
-    method: Reduction | None = None,
-    vision_layout=None,
-) -> KVReport:
-    """KV-cache bytes after generating ``generated_tokens`` tokens for one sample (see the module docstring).
+def kv_cache_bytes(config, sample: SampleCounts, method: Reduction | None = None, *, dtype="bfloat16") -> KVReport:
+    """KV-cache bytes after generating ``sample.generated_tokens`` tokens for one sample (see the module docstring).
 
     Per layer: ``2 (K and V) * kv_heads * head_dim * cached_tokens * bytes_per_element``; a layer caches the prompt
-    tokens it processed (``method.layer_tokens``; VTW at ``layer`` when no ``method`` is given) plus the generated ones.
+    tokens it processed (``method.layer_tokens``; the full model when no ``method`` is given) plus the generated ones.
     """
     dec = architecture(config).decoder
-    vision_tokens = check_count(vision_tokens, "vision_tokens")
-    text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
-    generated_tokens = check_count(generated_tokens, "generated_tokens")
-    method, layer = resolved_method(layer, method, dec.num_layers)
+    sample = sample.checked()
+    method, layer = resolved_method(method, dec.num_layers)
     nbytes = dtype_bytes(dtype)
-    extra = max(generated_tokens - 1, 0)
+    extra = max(sample.generated_tokens - 1, 0)
     per_token = 2 * dec.kv_heads * dec.head_dim * nbytes
-    full = vision_tokens + text_tokens + extra
-    layout = sample_layout(config, method, vision_tokens, vision_layout)
-    prompt = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method, layout)
+    full = sample.vision_tokens + sample.text_tokens + extra
+    layout = sample_layout(config, method, sample)
+    prompt = prefill_layer_tokens(dec.num_layers, sample.vision_tokens, sample.text_tokens, method, layout)
     tokens = tuple(n + extra for n in prompt)
     return KVReport(
         per_layer=tuple(per_token * n for n in tokens),

@@ -9,20 +9,19 @@ every image and video (the rows of ``image_grid_thw`` / ``video_grid_thw``).
   ``anyres_max_N`` downscaling, Qwen's ``smart_resize``). The planning command uses it for its default image.
 * :func:`workload_from_inputs` reads the workload of one sample from the tensors a processor produced
   (``pixel_values``, ``image_sizes``, ``image_grid_thw``, ...): what an evaluation logs per sample.
+* :class:`SampleCounts` is one sample as the FLOPs model counts it (tokens, generated tokens, encoder work, grids).
+
+How a family's tokens lie (tiling, ``smart_resize``, what the processor's tensors mean) is its layout's
+(:mod:`vtw.layouts`); this module holds the data and the entry points.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..grids import best_resolution, unpadded
-from .arch import Architecture, architecture
-
-#: Qwen2-VL / Qwen2.5-VL image processor defaults (``preprocessor_config.json`` of the 7B checkpoints).
-QWEN_MIN_PIXELS = 56 * 56
-QWEN_MAX_PIXELS = 28 * 28 * 1280
+from ..grids import SampleLayout
+from .arch import architecture
 
 #: The planning command's default image: one 640 x 480 (W x H) photo, the size of a typical COCO / VQAv2 image.
 DEFAULT_IMAGE_SIZE = (480, 640)  # (height, width)
@@ -51,6 +50,64 @@ class VisionWorkload:
 
 
 @dataclass(frozen=True)
+class SampleCounts:
+    """One sample as the FLOPs model counts it: what :func:`~vtw.flops.count_flops`, :func:`~vtw.flops.paper_flops`,
+    the planning table, the lmms-eval meter and the budget matcher all take.
+
+    Attributes:
+        vision_tokens: vision (image + video placeholder) tokens in the prompt, ``V``.
+        text_tokens: the other prompt tokens, ``T`` (>= 1).
+        generated_tokens: new tokens produced, ``G``; ``generate`` runs the prefill (which yields the first) and
+            ``G - 1`` decode steps.
+        vision_inputs: fixed-resolution encoder passes for images (images, or anyres crops). ``None``: derived from
+            ``vision_tokens`` (LLaVA-1.5, Video-LLaVA); required for anyres images.
+        video_frames: video frames through a fixed-resolution encoder; videos: how many videos they make.
+        vision_grids: Qwen families: ``(t, h, w)`` patch grid of every image and video (``image_grid_thw`` rows).
+        vision_layout: the sample's image and video grids (:class:`vtw.grids.SampleLayout`), which methods acting
+            before the decoder (``pool``, ``visionzip``) need; derived from the counts where they determine it
+            (LLaVA-1.5, Video-LLaVA, the Qwen grids), required for anyres images.
+    """
+
+    vision_tokens: int
+    text_tokens: int
+    generated_tokens: int = 0
+    vision_inputs: int | None = None
+    video_frames: int = 0
+    videos: int = 0
+    vision_grids: Sequence[Sequence[int]] | None = None
+    vision_layout: SampleLayout | None = None
+
+    @classmethod
+    def of(
+        cls,
+        work: VisionWorkload,
+        vision_tokens: int,
+        text_tokens: int,
+        generated_tokens: int = 0,
+        vision_layout: SampleLayout | None = None,
+    ) -> SampleCounts:
+        """The counts of a sample whose encoder work is ``work`` (the one conversion of a :class:`VisionWorkload`)."""
+        encoder = (work.image_inputs, work.video_frames, work.videos, work.grids)
+        return cls(vision_tokens, text_tokens, generated_tokens, *encoder, vision_layout)
+
+    def checked(self) -> SampleCounts:
+        """These counts, checked: ints, ``text_tokens >= 1``, the others ``>= 0`` (else ``ValueError``)."""
+        check_count(self.vision_tokens, "vision_tokens")
+        check_count(self.text_tokens, "text_tokens", minimum=1)
+        check_count(self.generated_tokens, "generated_tokens")
+        return self
+
+
+def check_count(value, name: str, minimum: int = 0) -> int:
+    """``value`` as an int ``>= minimum``; ``ValueError`` naming it otherwise (bools and floats are refused)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
 class ImageLayout:
     """One image of ``image_size`` (H, W) pixels: its decoder tokens and its encoder workload."""
 
@@ -58,35 +115,6 @@ class ImageLayout:
     vision_tokens: int
     workload: VisionWorkload
     note: str  # how the encoder sees it, e.g. "5 crops of 336x336"
-
-
-def _anyres_layout(arch: Architecture, height: int, width: int) -> ImageLayout:
-    tile = arch.vision.image_size
-    side = tile // arch.vision.patch
-    ph, pw = best_resolution(height, width, arch.image_grid_pinpoints)
-    grid_h, grid_w = ph // tile, pw // tile
-    crops = 1 + grid_h * grid_w
-    rows, cols = unpadded(height, width, grid_h * side, grid_w * side)
-    if arch.vision_aspect_ratio is not None:  # LLaVA-OneVision: bilinear downscale beyond N crops' worth
-        max_crops = int(arch.vision_aspect_ratio.removeprefix("anyres_max_"))
-        ratio = math.sqrt(rows * cols / (max_crops * side**2))
-        if ratio > 1.1:
-            rows, cols = int(rows // ratio), int(cols // ratio)
-    base = arch.tokens.image_projector_tokens
-    tokens = base + rows * cols + rows  # base crop + unpadded grid + one newline per row
-    return ImageLayout((height, width), tokens, VisionWorkload(image_inputs=crops), f"{crops} crops of {tile}x{tile}")
-
-
-def _qwen_layout(arch: Architecture, height: int, width: int) -> ImageLayout:
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-
-    factor = arch.vision.patch * arch.vision.spatial_merge
-    h, w = smart_resize(height, width, factor=factor, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
-    grid = (1, h // arch.vision.patch, w // arch.vision.patch)
-    tokens = grid[1] * grid[2] // arch.vision.spatial_merge**2
-    return ImageLayout(
-        (height, width), tokens, VisionWorkload(grids=(grid,)), f"resized to {w}x{h}, {grid[1]}x{grid[2]} patches"
-    )
 
 
 def image_layout(config, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> ImageLayout:
@@ -103,19 +131,7 @@ def image_layout(config, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> Im
     ):
         raise ValueError(f"image_size must be (height, width) in pixels, two positive ints; got {image_size!r}")
     arch = architecture(config)
-    height, width = image_size
-    if arch.is_qwen:
-        return _qwen_layout(arch, height, width)
-    if arch.anyres:
-        return _anyres_layout(arch, height, width)
-    size = arch.vision.image_size
-    return ImageLayout(
-        (height, width), arch.tokens.image_decoder_tokens, VisionWorkload(image_inputs=1), f"resized to {size}x{size}"
-    )
-
-
-def _shape(t) -> tuple[int, ...]:
-    return tuple(int(s) for s in getattr(t, "shape", ()))
+    return arch.layout.image(arch, *image_size)
 
 
 def workload_from_inputs(
@@ -139,35 +155,11 @@ def workload_from_inputs(
         image_grid_thw / video_grid_thw: Qwen families: ``(n, 3)`` patch grids.
     """
     arch = architecture(config)
-    if arch.is_qwen:
-        grids = []
-        for g in (image_grid_thw, video_grid_thw):
-            if g is not None:
-                grids += [tuple(int(v) for v in row) for row in g.tolist()]
-        return VisionWorkload(grids=tuple(grids))
-    image_inputs = 0
-    if pixel_values is not None:
-        shape = _shape(pixel_values)
-        if arch.anyres and len(shape) == 5:
-            if image_sizes is None:
-                raise ValueError(f"{arch.display}: image_sizes is needed to count the crops of 5-D pixel_values")
-            sizes = [tuple(int(v) for v in s) for s in image_sizes.tolist()]
-            if arch.spec.image_layout == "anyres_max" and len(sizes) > 1:
-                image_inputs = len(sizes)  # several images in one sample: no tiling, one crop each
-            else:
-                tile = arch.vision.image_size
-                image_inputs = sum(
-                    1 + (ph // tile) * (pw // tile)
-                    for ph, pw in (best_resolution(h, w, arch.image_grid_pinpoints) for h, w in sizes)
-                )
-        elif len(shape) == 4:
-            image_inputs = shape[0]
-        else:
-            raise ValueError(f"{arch.display}: pixel_values of shape {shape} not understood")
-    frames = videos = 0
-    if pixel_values_videos is not None:
-        shape = _shape(pixel_values_videos)
-        if len(shape) != 5:
-            raise ValueError(f"{arch.display}: pixel_values_videos must be (videos, frames, C, H, W), got {shape}")
-        videos, frames = shape[0], shape[0] * shape[1]
-    return VisionWorkload(image_inputs=image_inputs, video_frames=frames, videos=videos)
+    return arch.layout.read_workload(
+        arch,
+        pixel_values=pixel_values,
+        image_sizes=image_sizes,
+        pixel_values_videos=pixel_values_videos,
+        image_grid_thw=image_grid_thw,
+        video_grid_thw=video_grid_thw,
+    )

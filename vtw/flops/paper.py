@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from ..methods import Reduction
 from .arch import architecture
-from .count import TERA, check_count, prefill_layer_tokens, resolved_method, sample_layout
+from .count import TERA, prefill_layer_tokens, resolved_method, sample_layout
+from .layout import SampleCounts
 
 PAPER_CONVENTION = "FastV/VTW papers: sum over decoder layers of 4nd^2 + 2n^2d + 2ndm (prefill; 1 multiply-add = 1)"
 
@@ -37,38 +38,29 @@ def fastv_layer_flops(n: int, d: int, m: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def paper_flops(
-    config,
-    *,
-    vision_tokens: int,
-    text_tokens: int,
-    layer: int | None = None,
-    method: Reduction | None = None,
-    vision_layout=None,
-) -> int:
+def paper_flops(config, sample: SampleCounts, method: Reduction | None = None) -> int:
     """Prefill FLOPs of the language decoder in the FastV/VTW papers' convention (see the module docstring).
 
     Args:
-        vision_tokens: ``V``; text_tokens: ``T`` (>= 1); layer: withdrawal layer ``K`` in ``[0, L]`` or ``None``;
-        method: another reduction instead of VTW (each layer's ``n`` from ``method.layer_tokens``; the method's
-            scoring work is not part of the papers' convention); vision_layout: as for :func:`count_flops`.
+        sample: the sample's counts (:class:`vtw.flops.SampleCounts`): ``V`` vision and ``T`` (>= 1) text tokens,
+            and its ``vision_layout`` where a method acting before the decoder needs it (the encoder work and the
+            generated tokens are not part of the papers' convention).
+        method: the reduction counted (e.g. ``Withdrawal(layer=K)``; ``None``: the full model): each layer's ``n``
+            from ``method.layer_tokens`` (the method's scoring work is not part of the papers' convention).
 
     Returns:
-        ``K * F(V + T) + (L - K) * F(T)`` with ``F(n) = 4nd^2 + 2n^2d + 2ndm`` (``K = L`` without withdrawal), an int
-        in the papers' unit (one multiply-add = one operation). Divide by ``1e12`` for the papers' "TFLOPs".
+        ``K * F(V + T) + (L - K) * F(T)`` under VTW at ``K`` (``K = L`` without withdrawal), with
+        ``F(n) = 4nd^2 + 2n^2d + 2ndm``, an int in the papers' unit (one multiply-add = one operation). Divide by
+        ``1e12`` for the papers' "TFLOPs".
     """
     dec = architecture(config).decoder
-    vision_tokens = check_count(vision_tokens, "vision_tokens")
-    text_tokens = check_count(text_tokens, "text_tokens", minimum=1)
-    method, _ = resolved_method(layer, method, dec.num_layers)
-    d, m = dec.hidden, dec.intermediate
-    layout = sample_layout(config, method, vision_tokens, vision_layout)
-    tokens = prefill_layer_tokens(dec.num_layers, vision_tokens, text_tokens, method, layout)
-    return sum(fastv_layer_flops(n, d, m) for n in tokens)
+    sample = sample.checked()
+    method, _ = resolved_method(method, dec.num_layers)
+    layout = sample_layout(config, method, sample)
+    tokens = prefill_layer_tokens(dec.num_layers, sample.vision_tokens, sample.text_tokens, method, layout)
+    return sum(fastv_layer_flops(n, dec.hidden, dec.intermediate) for n in tokens)
 
 
-def paper_tflops(
-    config, *, vision_tokens: int, text_tokens: int, layer: int | None = None, method: Reduction | None = None
-) -> float:
+def paper_tflops(config, sample: SampleCounts, method: Reduction | None = None) -> float:
     """:func:`paper_flops` / 1e12."""
-    return paper_flops(config, vision_tokens=vision_tokens, text_tokens=text_tokens, layer=layer, method=method) / TERA
+    return paper_flops(config, sample, method) / TERA

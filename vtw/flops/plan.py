@@ -8,17 +8,16 @@ model=<name>`` calls it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..grids import SampleLayout, counted_layout, image_grids
+from ..grids import counted_layout
 from ..methods import Reduction, Withdrawal
 from .arch import Architecture, architecture
 from .configs import SHIPPED_CHECKPOINTS, load_model_config
-from .count import TERA, check_count, count_flops
+from .count import TERA, count_flops
 from .kv import kv_cache_bytes
-from .layout import DEFAULT_IMAGE_SIZE, VisionWorkload, image_layout
+from .layout import DEFAULT_IMAGE_SIZE, SampleCounts, VisionWorkload, check_count, image_layout
 from .paper import PAPER_CONVENTION, paper_flops
 
 EXACT_CONVENTION = (
@@ -48,21 +47,10 @@ class FlopsRow:
     def vanilla(self) -> bool:
         return self.layer == self.num_layers
 
-    @property
-    def tflops(self) -> float:
-        return self.flops / TERA
-
-    @property
-    def prefill_tflops(self) -> float:
-        return self.prefill_flops / TERA
-
-    @property
-    def decode_tflops(self) -> float:
-        return self.decode_flops / TERA
-
-    @property
-    def paper_tflops(self) -> float:
-        return self.paper_flops / TERA
+    tflops = property(lambda self: self.flops / TERA)
+    prefill_tflops = property(lambda self: self.prefill_flops / TERA)
+    decode_tflops = property(lambda self: self.decode_flops / TERA)
+    paper_tflops = property(lambda self: self.paper_flops / TERA)
 
 
 def _pct(value: int, base: int) -> float:
@@ -71,65 +59,53 @@ def _pct(value: int, base: int) -> float:
 
 def flops_table(
     config,
+    sample: SampleCounts,
     *,
-    vision_tokens: int,
-    text_tokens: int,
-    generated_tokens: int,
     layers: Iterable[int] | None = None,
-    vision_inputs: int | None = None,
-    video_frames: int = 0,
-    vision_grids: Sequence[Sequence[int]] | None = None,
     dtype="bfloat16",
     prefill_logits: int | str = 1,
     methods: Sequence[Reduction] | None = None,
-    vision_layout: SampleLayout | None = None,
 ) -> list[FlopsRow]:
     """A :class:`FlopsRow` per withdrawal layer in ``layers`` (default: every ``K`` from ``L`` down to 0), or per
-    method object in ``methods`` (another method's settings, e.g. :func:`method_settings`).
+    method object in ``methods`` (another method's settings, e.g. :func:`method_settings`), for one ``sample``.
 
-    The other arguments are those of :func:`~vtw.flops.count_flops` and :func:`~vtw.flops.kv_cache_bytes`.
+    ``prefill_logits`` is that of :func:`~vtw.flops.count_flops`, ``dtype`` that of :func:`~vtw.flops.kv_cache_bytes`.
     """
     num_layers = architecture(config).decoder.num_layers
     layers = list(range(num_layers, -1, -1)) if layers is None else list(layers)
     if not layers:
         raise ValueError("layers is empty: give at least one withdrawal layer")
     settings = [Withdrawal(layer=k) for k in layers] if methods is None else list(methods)
-    common = {"vision_tokens": vision_tokens, "text_tokens": text_tokens}
-    encoder = {"vision_inputs": vision_inputs, "video_frames": video_frames, "vision_grids": vision_grids}
-    if vision_layout is None and any(m.before_decoder and m.stages() for m in settings):
-        vision_layout = counted_layout(config, vision_tokens, video_frames=video_frames, qwen_grids=vision_grids or ())
-    grids = {"vision_layout": vision_layout}
-
-    def exact(m):
-        return count_flops(
-            config, **common, generated_tokens=generated_tokens, method=m, prefill_logits=prefill_logits, **encoder,
-            **grids,
-        )  # fmt: skip
-
-    base = exact(None)
-    base_paper = paper_flops(config, **common, layer=None)
-    base_kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, layer=None, dtype=dtype).total
-    rows = []
-    for m in settings:
-        rep = exact(m)
-        paper = paper_flops(config, **common, method=m, **grids)
-        kv = kv_cache_bytes(config, **common, generated_tokens=generated_tokens, method=m, dtype=dtype, **grids).total
-        rows.append(
-            FlopsRow(
-                layer=num_layers if rep.layer is None else rep.layer,
-                label="" if isinstance(m, Withdrawal) else m.label,
-                num_layers=num_layers,
-                flops=rep.total,
-                prefill_flops=rep.prefill.total,
-                decode_flops=rep.decode.total,
-                saved_pct=_pct(rep.total, base.total),
-                paper_flops=paper,
-                paper_saved_pct=_pct(paper, base_paper),
-                kv_bytes=kv,
-                kv_saved_pct=_pct(kv, base_kv),
-            )
+    if sample.vision_layout is None and any(m.before_decoder and m.stages() for m in settings):
+        layout = counted_layout(
+            config, sample.vision_tokens, video_frames=sample.video_frames, qwen_grids=sample.vision_grids or ()
         )
-    return rows
+        sample = replace(sample, vision_layout=layout)
+    base = _figures(config, sample, None, dtype, prefill_logits)
+    return [_row(_figures(config, sample, m, dtype, prefill_logits), base, m, num_layers) for m in settings]
+
+
+def _figures(config, sample: SampleCounts, method: Reduction | None, dtype, prefill_logits) -> tuple:
+    """``(exact report, paper-convention FLOPs, KV bytes)`` of ``sample`` under ``method``."""
+    exact = count_flops(config, sample, method, prefill_logits=prefill_logits)
+    return exact, paper_flops(config, sample, method), kv_cache_bytes(config, sample, method, dtype=dtype).total
+
+
+def _row(figures: tuple, base: tuple, method: Reduction, num_layers: int) -> FlopsRow:
+    (rep, paper, kv), (base_rep, base_paper, base_kv) = figures, base
+    return FlopsRow(
+        layer=num_layers if rep.layer is None else rep.layer,
+        label="" if isinstance(method, Withdrawal) else method.label,
+        num_layers=num_layers,
+        flops=rep.total,
+        prefill_flops=rep.prefill.total,
+        decode_flops=rep.decode.total,
+        saved_pct=_pct(rep.total, base_rep.total),
+        paper_flops=paper,
+        paper_saved_pct=_pct(paper, base_paper),
+        kv_bytes=kv,
+        kv_saved_pct=_pct(kv, base_kv),
+    )
 
 
 def method_settings(method: Reduction, num_layers: int, rows: int = 10) -> list[Reduction]:
@@ -156,68 +132,44 @@ class PlanResult:
     rows: list[FlopsRow]
 
 
-def _square_grid(arch: Architecture, tokens: int) -> tuple[int, int, int]:
-    """A Qwen ``(1, h, w)`` patch grid of one image giving ``tokens`` decoder tokens, as square as possible."""
-    rows = max(d for d in range(1, math.isqrt(tokens) + 1) if tokens % d == 0)
-    m = arch.vision.spatial_merge
-    return (1, rows * m, tokens // rows * m)
-
-
-def _video_sample(arch: Architecture, frames: int) -> tuple[int, dict, VisionWorkload, str]:
+def _video_sample(arch: Architecture, frames: int) -> tuple[int, VisionWorkload, str]:
     """:func:`_plan_sample` for one video of ``frames`` frames through a fixed-resolution family."""
     frames = check_count(frames, "video_frames")
-    per = None if arch.is_qwen else arch.tokens.video_decoder_tokens
+    per = arch.layout.video_frame_tokens(arch)
     if per is None:
         raise ValueError(
             f"{arch.display}: video_frames={frames} needs a fixed-resolution video family (Video-LLaVA, "
             "LLaVA-NeXT-Video, LLaVA-OneVision); for Qwen give vision_tokens"
         )
-    work = VisionWorkload(video_frames=frames, videos=1)
     tokens = frames * per + arch.tokens.video_extra_tokens
-    return tokens, _encoder_kwargs(arch, work), work, f"one video of {frames} frames, {per} tokens per frame"
+    return (
+        tokens,
+        VisionWorkload(video_frames=frames, videos=1),
+        f"one video of {frames} frames, {per} tokens per frame",
+    )
 
 
-def _plan_sample(config, vision_tokens: int | None, image_size, video_frames: int = 0):
-    """Decoder vision tokens, count_flops encoder kwargs, the workload and a note on how it was chosen; with
-    ``video_frames``, one video of that many frames (and no image)."""
+def _plan_sample(
+    config, vision_tokens: int | None, text_tokens: int, generated_tokens: int, image_size, video_frames: int = 0
+) -> tuple[SampleCounts, VisionWorkload, str]:
+    """The sample counted, its workload and a note on how it was chosen; with ``video_frames``, one video of that
+    many frames (and no image)."""
     arch = architecture(config)
+    tokens = {"text_tokens": text_tokens, "generated_tokens": generated_tokens}
     if video_frames:
-        return _video_sample(arch, video_frames)
-    layout = image_layout(config, image_size or DEFAULT_IMAGE_SIZE)
-    h, w = layout.image_size
-    if vision_tokens is None:
-        work = layout.workload
-        note = f"one {w}x{h} (WxH) image: {layout.note}"
-        encoder = _encoder_kwargs(arch, work)
-        if arch.anyres:  # the image's grids, for the methods acting on them
-            encoder["vision_layout"] = SampleLayout(images=image_grids(config, (h, w)))
-        return layout.vision_tokens, encoder, work, note
+        v, work, note = _video_sample(arch, video_frames)
+        return SampleCounts.of(work, v, **tokens), work, note
+    image = image_layout(config, image_size or DEFAULT_IMAGE_SIZE)
+    h, w = image.image_size
+    if vision_tokens is None:  # the image's grids where counts cannot give them, for the methods acting on them
+        grids = arch.layout.image_sample(config, h, w)
+        note = f"one {w}x{h} (WxH) image: {image.note}"
+        return SampleCounts.of(image.workload, image.vision_tokens, **tokens, vision_layout=grids), image.workload, note
     vision_tokens = check_count(vision_tokens, "vision_tokens")
-    if vision_tokens == 0:
-        return 0, _encoder_kwargs(arch, VisionWorkload()), VisionWorkload(), "no image (text only)"
-    if arch.is_qwen:
-        grid = _square_grid(arch, vision_tokens)
-        px = arch.vision.patch
-        work = VisionWorkload(grids=(grid,))
-        note = (
-            f"one image of {grid[2] * px}x{grid[1] * px} px ({grid[1]}x{grid[2]} patches) giving {vision_tokens} tokens"
-        )
-        return vision_tokens, _encoder_kwargs(arch, work), work, note
-    if arch.anyres:
-        work = layout.workload
-        note = f"{vision_tokens} decoder tokens (given); encoder work of one {w}x{h} image: {layout.note}"
-        return vision_tokens, _encoder_kwargs(arch, work), work, note
-    per = arch.tokens.image_decoder_tokens
-    if vision_tokens % per:
-        raise ValueError(f"{arch.display}: vision_tokens={vision_tokens} is not a whole number of {per}-token images")
-    work = VisionWorkload(image_inputs=vision_tokens // per)
-    return vision_tokens, _encoder_kwargs(arch, work), work, f"{work.image_inputs} image(s) of {per} tokens"
-
-
-def _encoder_kwargs(arch: Architecture, work: VisionWorkload) -> dict:
-    if arch.is_qwen:
-        return {"vision_grids": work.grids}
-    return {"vision_inputs": work.image_inputs, "video_frames": work.video_frames}
+    work, note = VisionWorkload(), "no image (text only)"
+    if vision_tokens:
+        work, note = arch.layout.planned(arch, vision_tokens, image)
+    return SampleCounts.of(work, vision_tokens, **tokens), work, note
 
 
 def plan_flops(
@@ -256,43 +208,30 @@ def plan_flops(
     """
     config = load_model_config(model_config_path_or_name)
     arch = architecture(config)
-    v, encoder, work, note = _plan_sample(config, vision_tokens, image_size, video_frames)
+    sample, work, note = _plan_sample(config, vision_tokens, text_tokens, generated_tokens, image_size, video_frames)
     methods = None
     if method is not None and method.name != "vtw":
         methods = [Withdrawal(), *method_settings(method, arch.decoder.num_layers)]
-    rows = flops_table(
-        config,
-        vision_tokens=v,
-        text_tokens=text_tokens,
-        generated_tokens=generated_tokens,
-        layers=layers,
-        dtype=dtype,
-        methods=methods,
-        **encoder,
-    )
-    if methods is not None:  # the method's settings: drop those that cost what an earlier row costs (e.g. a pool
-        # window wider than the grid, a VisionZip count above the tower's patches); vanilla and the given one stay
-        seen = {rows[0].flops, rows[1].flops}
-        kept = rows[:2]
-        for r in rows[2:]:
-            if r.flops not in seen:
-                seen.add(r.flops)
-                kept.append(r)
-        rows = kept
+    rows = flops_table(config, sample, layers=layers, dtype=dtype, methods=methods)
+    if methods is not None:
+        rows = _distinct_settings(rows)
     name = str(model_config_path_or_name) if not hasattr(model_config_path_or_name, "to_dict") else arch.display
-    hub = SHIPPED_CHECKPOINTS.get(name)
-    result = PlanResult(
-        model=name,
-        family=arch.display,
-        vision_tokens=v,
-        text_tokens=text_tokens,
-        generated_tokens=generated_tokens,
-        workload=work,
-        encoder_note=note,
-        rows=rows,
-    )
-    print_plan(result, arch=arch, hub_id=hub, dtype=str(dtype), console=console)
+    tokens = (sample.vision_tokens, text_tokens, generated_tokens)
+    result = PlanResult(name, arch.display, *tokens, workload=work, encoder_note=note, rows=rows)
+    print_plan(result, arch=arch, hub_id=SHIPPED_CHECKPOINTS.get(name), dtype=str(dtype), console=console)
     return result
+
+
+def _distinct_settings(rows: list[FlopsRow]) -> list[FlopsRow]:
+    """A method's settings without those that cost what an earlier row costs (e.g. a pool window wider than the grid,
+    a VisionZip count above the tower's patches); vanilla and the given setting (the first two rows) stay."""
+    seen = {rows[0].flops, rows[1].flops}
+    kept = rows[:2]
+    for r in rows[2:]:
+        if r.flops not in seen:
+            seen.add(r.flops)
+            kept.append(r)
+    return kept
 
 
 # ------------------------------------------------------------------------------------------------ printing

@@ -176,7 +176,7 @@ class InputBuilder:
         if images:
             kwargs["images"] = images
         if videos:
-            if self.family.video is None:
+            if not self.family.takes_video:
                 raise ValueError(f"vtw model: {self.family.display} takes no video input")
             kwargs["videos"] = self.load_videos(videos)
         batch = self.processor(**kwargs)

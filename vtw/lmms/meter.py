@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..families import get_family, num_decoder_layers, vision_token_mask
-from ..flops import VisionWorkload, count_flops, paper_flops, workload_from_inputs
-from ..flops.budget import Prompt
+from ..flops import SampleCounts, VisionWorkload, count_flops, paper_flops, workload_from_inputs
 from ..grids import SampleLayout, input_layouts
 from ..methods import Reduction
 from .inputs import Prepared
@@ -64,23 +63,14 @@ class FlopsMeter:
         n_text = attention_mask.bool().sum(1) - n_vision
         return n_vision.tolist(), n_text.tolist()
 
-    def prompt(self, inputs) -> Prompt:
+    def prompt(self, inputs) -> SampleCounts:
         """The counts of a one-sample batch (``inputs``: the processor's output) for :mod:`vtw.flops.budget`."""
         n_vision, n_text = self.token_counts(inputs["input_ids"], inputs["attention_mask"])
         keys = {"pixel_values": self.family.image_key, "image_sizes": "image_sizes", "image_grid_thw": "image_grid_thw",
                 "pixel_values_videos": self.family.video_key, "video_grid_thw": "video_grid_thw"}  # fmt: skip
         cols = {k: inputs.get(v) if v is not None else None for k, v in keys.items()}
-        if self.family.image_layout == "grid":
-            cols["pixel_values"] = cols["pixel_values_videos"] = None
-        work = workload_from_inputs(self.config, **cols)
-        return Prompt(int(n_vision[0]), int(n_text[0]), self.encoder_args(work, self.layouts(inputs)[0]))
-
-    def encoder_args(self, work: VisionWorkload, layout: SampleLayout | None = None) -> dict:
-        """The encoder arguments of :func:`vtw.flops.count_flops` for a workload (and the sample's grids)."""
-        grids = {} if layout is None else {"vision_layout": layout}
-        if self.family.image_layout == "grid":
-            return {"vision_grids": work.grids, **grids}
-        return {"vision_inputs": work.image_inputs, "video_frames": work.video_frames, **grids}
+        work = workload_from_inputs(self.config, **cols)  # a Qwen workload reads the grids only
+        return SampleCounts.of(work, int(n_vision[0]), int(n_text[0]), vision_layout=self.layouts(inputs)[0])
 
     def layouts(self, inputs) -> list[SampleLayout | None]:
         """Per sample of a processed batch, its image and video grids (:func:`vtw.grids.input_layouts`); ``None``
@@ -120,9 +110,7 @@ class FlopsMeter:
             "image_grid_thw": rows("image_grid_thw", n_img),
             "pixel_values_videos": rows(self.family.video_key, n_vid),
             "video_grid_thw": rows("video_grid_thw", n_vid),
-        }
-        if self.family.image_layout == "grid":  # Qwen: pixel_values are flattened patches; the grids say everything
-            cols["pixel_values"] = cols["pixel_values_videos"] = [None] * len(batch)
+        }  # Qwen: pixel_values are flattened patches, which its workload does not read (the grids say everything)
         return [workload_from_inputs(self.config, **{k: v[b] for k, v in cols.items()}) for b in range(len(batch))]
 
     def record(
@@ -150,13 +138,13 @@ class FlopsMeter:
                 row of :attr:`vtw.WithdrawalHandle.last_layer_tokens`), from which ``flops`` is counted; ``None``:
                 the method's declared counts.
         """
-        cfg, enc = self.config, self.encoder_args(cost.work, cost.layout)
-        tok = {"vision_tokens": int(cost.vision_tokens), "text_tokens": int(cost.text_tokens)}
-        run = {**tok, **enc, "generated_tokens": generated, "method": method, "prefill_logits": logits}
-        expected = count_flops(cfg, **run)
-        report = expected if layer_tokens is None else count_flops(cfg, **run, layer_tokens=layer_tokens)
+        cfg, n_vision, n_text = self.config, int(cost.vision_tokens), int(cost.text_tokens)
+        sample = SampleCounts.of(cost.work, n_vision, n_text, generated, vision_layout=cost.layout)
+        expected = count_flops(cfg, sample, method, prefill_logits=logits)
+        report = expected if layer_tokens is None else count_flops(cfg, sample, method, prefill_logits=logits,
+                                                                   layer_tokens=layer_tokens)  # fmt: skip
         flops = report.total
-        full = count_flops(cfg, **tok, **enc, generated_tokens=generated, prefill_logits=logits).total
+        full = count_flops(cfg, sample, prefill_logits=logits).total
         layer = report.layer if report.layer is not None and report.layer < self.num_layers else None  # K = L: none
         self.records.append(
             RequestRecord(
@@ -164,16 +152,16 @@ class FlopsMeter:
                 doc_id=p.doc_id,
                 request_type=kind,
                 layer=layer,
-                vision_tokens=tok["vision_tokens"],
-                text_tokens=tok["text_tokens"],
+                vision_tokens=n_vision,
+                text_tokens=n_text,
                 generated_tokens=int(generated),
                 images=len(p.images) + len(p.videos),
                 latency_s=latency,
                 batch_size=batch_size,
                 flops=float(flops),
                 flops_full=float(full),
-                paper_flops=float(paper_flops(cfg, **tok, method=method, vision_layout=cost.layout)),
-                paper_flops_full=float(paper_flops(cfg, **tok)),
+                paper_flops=float(paper_flops(cfg, sample, method)),
+                paper_flops_full=float(paper_flops(cfg, sample)),
                 flops_expected=float(expected.total),
                 **(first_token or {}),
             )

@@ -104,7 +104,7 @@ class DyCoke(BeforeDecoder):
 
     def check_supported(self, config, *, video: bool = False) -> None:
         spec = get_family(config)
-        if spec.video is None:
+        if not spec.takes_video:
             raise ValueError(
                 f"dycoke cannot act on {spec.display}: it merges the frames of videos, and {spec.display} takes no "
                 "video"

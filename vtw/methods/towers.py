@@ -38,7 +38,7 @@ class ClassTokenTower(BeforeDecoder):
                 f"attention, and {spec.display}'s tower ({kind}) has no class token; {self.name} supports the CLIP "
                 "towers of LLaVA-1.5, LLaVA-NeXT, LLaVA-NeXT-Video (images) and Video-LLaVA"
             )
-        if video and spec.video == "pooled":
+        if video and spec.layout.video.pooled:
             raise ValueError(
                 f"{self.name} on {spec.display}: its video frames are pooled before the projector, so their tokens "
                 "are no tower patches with a class-token attention of their own; give it images only"
@@ -149,7 +149,7 @@ def encoder_units(config, kind: str, count: int, arguments: dict) -> list[torch.
     spec = get_family(config)
     if kind == "video":
         grids = [video_grid(config, 1)] * count
-    elif spec.image_layout == "single":
+    elif not spec.anyres:
         grids = [image_grids(config)[0]] * count
     else:
         sizes = arguments.get("image_sizes")

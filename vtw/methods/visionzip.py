@@ -143,7 +143,7 @@ class VisionZip(ClassTokenTower):
         if self.variant(config) == "class-token":
             return super().check_supported(config, video=video)
         spec, vc = get_family(config), config.vision_config
-        if video and spec.video == "pooled":
+        if video and spec.layout.video.pooled:
             raise ValueError(
                 f"visionzip on {spec.display}: its video frames are pooled before the projector, so their tokens are "
                 "no tower patches; give it images only"
@@ -326,7 +326,7 @@ def _grid_units(config, spec, grid, kind: str, size) -> list[_Unit]:
         m = int(config.vision_config.spatial_merge_size)
         shape = (grid.rows * m, grid.cols * m)
         return [_Unit(0, torch.arange(f * n, (f + 1) * n), n * m * m, "merge", shape=shape) for f in range(grid.frames)]
-    if kind == "video" and spec.video == "resized":
+    if kind == "video" and spec.layout.video.resized:
         side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
         return [_Unit(0, torch.arange(f * n, (f + 1) * n), 1, "resize", shape=(side, grid.rows))
                 for f in range(grid.frames)]  # fmt: skip

@@ -1,10 +1,10 @@
-"""Untrained tiny video models with their processors, built from the family registry's tiny configs, for runs of
-the video path on a CPU, and the one builder of the tiny video processors.
+"""Untrained tiny video models with their processors, built from the tiny configs of :mod:`vtw.synthvideo.configs`,
+for runs of the video path on a CPU, and the one builder of the tiny video processors.
 
 ``python -m vtw.synthvideo.tiny --output DIR`` writes (seeded: identical bytes) a `VideoLlavaForConditionalGeneration`
-of ``families.family("video_llava").tiny_config(4)`` (CLIP towers on 32 px frames, 8 px patches: 16 tokens per image,
-17 per frame, 136 per 8-frame clip; a 4-layer Llama decoder of width 32), randomly initialised, so its answers are at
-chance (0.25 on `vtw_synthvideo`). The shipped `vtw/assets/tiny-video-llava/` (`ASSET_DIR`) is the *trained* model
+of ``vtw.synthvideo.configs.tiny_config("video_llava", 4)`` (CLIP towers on 32 px frames, 8 px patches: 16 tokens per
+image, 17 per frame, 136 per 8-frame clip; a 4-layer Llama decoder of width 32), randomly initialised, so its answers
+are at chance (0.25 on `vtw_synthvideo`). The shipped `vtw/assets/tiny-video-llava/` (`ASSET_DIR`) is the *trained* model
 of ``python -m vtw.synthvideo.train`` (64 px frames, 16 px patches, same token counts), so ``--output`` has no
 default here.
 
@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from vtw.families import TINY_IMAGE_ID, TINY_VIDEO_ID, TINY_VOCAB, family
+from vtw.families import family
+from vtw.synthvideo.configs import TINY_IMAGE_ID, TINY_VIDEO_ID, TINY_VOCAB, tiny_config
 from vtw.synthvideo.generator import vocabulary
 from vtw.synthvqa.generator import vocabulary as image_vocabulary
 from vtw.synthvqa.model import CHAT_TEMPLATE, CHAT_WORDS, SPECIAL_TOKENS, word_level_tokenizer
@@ -41,8 +42,9 @@ VIDEO_FAMILIES: tuple[str, ...] = ("video_llava", "llava_next_video", "llava_one
 
 
 def build_tokenizer() -> T.PreTrainedTokenizerFast:
-    """Word-level tokenizer over the tiny config's vocabulary (:data:`vtw.families.TINY_VOCAB` ids): the specials,
-    chat words and every word of both synthetic benchmarks, fillers, then `<image>` / `<video>` at the config's ids."""
+    """Word-level tokenizer over the tiny config's vocabulary (:data:`vtw.synthvideo.configs.TINY_VOCAB` ids): the
+    specials, chat words and every word of both synthetic benchmarks, fillers, then `<image>` / `<video>` at the
+    config's ids."""
     words = list(SPECIAL_TOKENS[:4])
     for w in (*CHAT_WORDS, *vocabulary(), *image_vocabulary()):
         if w not in words:
@@ -57,7 +59,8 @@ def build_tokenizer() -> T.PreTrainedTokenizerFast:
 
 def build_processor(family_name: str, tokenizer, chat_template: str, *, size: int = IMAGE_SIZE, patch: int = PATCH):
     """The processor of a tiny ``family_name`` checkpoint (one of :data:`VIDEO_FAMILIES`; towers on ``size`` px with
-    ``patch`` px patches, as ``FamilySpec.tiny_config``): images and frames resized (and centre-cropped) to ``size``.
+    ``patch`` px patches, as :func:`vtw.synthvideo.configs.tiny_config`): images and frames resized (and
+    centre-cropped) to ``size``.
 
     Raises:
         ValueError: another family.
@@ -74,7 +77,7 @@ def build_processor(family_name: str, tokenizer, chat_template: str, *, size: in
             num_additional_image_tokens=1,
             **common,
         )
-    pinpoints = family(family_name).tiny_config(1).image_grid_pinpoints
+    pinpoints = tiny_config(family_name, 1).image_grid_pinpoints
     if family_name == "llava_next_video":
         return T.LlavaNextVideoProcessor(
             image_processor=T.LlavaNextImageProcessor(image_grid_pinpoints=pinpoints, **clip),
@@ -99,7 +102,7 @@ def build_checkpoint(out: str | Path, family_name: str = "video_llava", *, seed:
     """Save a seeded, randomly initialised tiny ``family_name`` model (float32) and its processor to ``out``."""
     tok = build_tokenizer()
     processor = build_processor(family_name, tok, VIDEO_CHAT_TEMPLATE)
-    config = family(family_name).tiny_config(NUM_LAYERS)
+    config = tiny_config(family_name, NUM_LAYERS)
     for cfg in (config, config.text_config):
         cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
     torch.manual_seed(seed)
