@@ -178,7 +178,7 @@ class Layout:
     def workload(self, arch, sample):
         """The :class:`vtw.flops.VisionWorkload` of a :class:`vtw.flops.SampleCounts`, filled in from its vision
         tokens where they determine it; ``ValueError`` where they do not or where it cannot have made them."""
-        from .flops.layout import VisionWorkload, check_count
+        from .workload import VisionWorkload, check_count
 
         frames = check_count(sample.video_frames, "video_frames")
         if sample.vision_grids:
@@ -225,7 +225,7 @@ class Layout:
 
     def read_workload(self, arch, *, pixel_values=None, image_sizes=None, pixel_values_videos=None, **_):
         """The workload of ONE sample from its processor outputs (see :func:`vtw.flops.workload_from_inputs`)."""
-        from .flops.layout import VisionWorkload
+        from .workload import VisionWorkload
 
         image_inputs = 0 if pixel_values is None else self._image_inputs(arch, _shape(pixel_values), image_sizes)
         frames = videos = 0
@@ -244,7 +244,7 @@ class Layout:
     # -------------------------------------------------------------------------------------- one image
     def image(self, arch, height: int, width: int):
         """The :class:`vtw.flops.ImageLayout` of one image of ``height x width`` pixels."""
-        from .flops.layout import ImageLayout, VisionWorkload
+        from .workload import ImageLayout, VisionWorkload
 
         size = arch.vision.image_size
         return ImageLayout(
@@ -262,7 +262,7 @@ class Layout:
     def planned(self, arch, vision_tokens: int, image) -> tuple:
         """``(workload, note)`` assumed for ``vision_tokens > 0`` decoder tokens given alone (``image``: the
         planning command's default image, an :class:`vtw.flops.ImageLayout`)."""
-        from .flops.layout import VisionWorkload
+        from .workload import VisionWorkload
 
         per = arch.tokens.image_decoder_tokens
         if vision_tokens % per:
@@ -316,8 +316,8 @@ class Anyres(Layout):
         )
 
     def image(self, arch, height, width):
-        from .flops.layout import ImageLayout, VisionWorkload
         from .grids import best_resolution, unpadded
+        from .workload import ImageLayout, VisionWorkload
 
         tile = arch.vision.image_size
         side = tile // arch.vision.patch
@@ -379,7 +379,7 @@ class QwenGrid(Layout):
         return None
 
     def workload(self, arch, sample):
-        from .flops.layout import VisionWorkload, check_count
+        from .workload import VisionWorkload, check_count
 
         frames = check_count(sample.video_frames, "video_frames")
         if sample.vision_inputs not in (None, 0) or frames:
@@ -423,7 +423,7 @@ class QwenGrid(Layout):
         return TowerRuns(patches, frames, windows, patches, 0, patches // v.spatial_merge**2)
 
     def read_workload(self, arch, *, image_grid_thw=None, video_grid_thw=None, **_):
-        from .flops.layout import VisionWorkload
+        from .workload import VisionWorkload
 
         grids = []
         for g in (image_grid_thw, video_grid_thw):
@@ -434,7 +434,7 @@ class QwenGrid(Layout):
     def image(self, arch, height, width):
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-        from .flops.layout import ImageLayout, VisionWorkload
+        from .workload import ImageLayout, VisionWorkload
 
         patch, merge = arch.vision.patch, arch.vision.spatial_merge
         h, w = smart_resize(height, width, factor=patch * merge, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
@@ -445,7 +445,7 @@ class QwenGrid(Layout):
 
     def planned(self, arch, vision_tokens, image):
         """One image with a patch grid as square as possible giving ``vision_tokens`` tokens."""
-        from .flops.layout import VisionWorkload
+        from .workload import VisionWorkload
 
         rows = max(d for d in range(1, math.isqrt(vision_tokens) + 1) if vision_tokens % d == 0)
         m, px = arch.vision.spatial_merge, arch.vision.patch

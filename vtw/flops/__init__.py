@@ -43,11 +43,11 @@ of one image of a given size), :func:`workload_from_inputs` (the encoder work of
 :func:`flops_table` / :func:`plan_flops` (a table over every withdrawal layer, offline, for shipped configs).
 """
 
-from .arch import Architecture, architecture
+from ..arch import Architecture, architecture
+from ..workload import DEFAULT_IMAGE_SIZE, ImageLayout, SampleCounts, VisionWorkload, image_layout, workload_from_inputs
 from .configs import SHIPPED_CHECKPOINTS, available_models, load_model_config
 from .count import COMPONENTS, FlopsReport, PhaseFlops, VisionFlops, count_flops
 from .kv import KVReport, dtype_bytes, kv_cache_bytes
-from .layout import DEFAULT_IMAGE_SIZE, ImageLayout, SampleCounts, VisionWorkload, image_layout, workload_from_inputs
 from .paper import PAPER_CONVENTION, fastv_layer_flops, paper_flops, paper_tflops
 from .plan import FlopsRow, PlanResult, flops_table, plan_flops
 

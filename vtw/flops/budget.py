@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from ..arch import architecture
 from ..methods import Reduction
-from .arch import architecture
+from ..workload import SampleCounts
 from .count import count_flops
-from .layout import SampleCounts
 
 
 @dataclass(frozen=True)

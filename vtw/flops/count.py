@@ -8,11 +8,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
+from ..arch import Architecture, DecoderDims, VisionDims, architecture
 from ..grids import counted_layout
 from ..methods import Reduction, Withdrawal
 from ..methods.attention import last_token_attention_flops
-from .arch import Architecture, DecoderDims, VisionDims, architecture
-from .layout import SampleCounts, VisionWorkload, check_count
+from ..workload import SampleCounts, VisionWorkload, check_count
 
 TERA = 10**12
 

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arch import architecture
 from ..methods import Reduction
-from .arch import architecture
+from ..workload import SampleCounts
 from .count import prefill_layer_tokens, resolved_method, sample_layout
-from .layout import SampleCounts
 
 _DTYPE_BYTES = {
     "float32": 4,

@@ -25,10 +25,10 @@ vision tower and every output position's logits included), which corresponds to 
 
 from __future__ import annotations
 
+from ..arch import architecture
 from ..methods import Reduction
-from .arch import architecture
+from ..workload import SampleCounts
 from .count import TERA, prefill_layer_tokens, resolved_method, sample_layout
-from .layout import SampleCounts
 
 PAPER_CONVENTION = "FastV/VTW papers: sum over decoder layers of 4nd^2 + 2n^2d + 2ndm (prefill; 1 multiply-add = 1)"
 

@@ -1,7 +1,7 @@
 """The planning table: FLOPs, paper-convention FLOPs and KV cache of one sample for every withdrawal layer ``K``.
 
 :func:`flops_table` computes the rows; :func:`plan_flops` resolves a model name offline (shipped configs, no weights),
-fills in a default sample (one image of :data:`~vtw.flops.layout.DEFAULT_IMAGE_SIZE`, or the given token budget),
+fills in a default sample (one image of :data:`~vtw.workload.DEFAULT_IMAGE_SIZE`, or the given token budget),
 prints a rich table (:func:`print_plan`; rich is imported only then) and returns the rows. ``python run.py mode=flops
 model=<name>`` calls it.
 """
@@ -11,13 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from ..arch import Architecture, architecture
 from ..grids import counted_layout
 from ..methods import Reduction, Withdrawal
-from .arch import Architecture, architecture
+from ..workload import DEFAULT_IMAGE_SIZE, SampleCounts, VisionWorkload, check_count, image_layout
 from .configs import SHIPPED_CHECKPOINTS, load_model_config
 from .count import TERA, count_flops
 from .kv import kv_cache_bytes
-from .layout import DEFAULT_IMAGE_SIZE, SampleCounts, VisionWorkload, check_count, image_layout
 from .paper import PAPER_CONVENTION, paper_flops
 
 EXACT_CONVENTION = (

@@ -72,7 +72,7 @@ class DART(KeepShare, OneLayer):
         vision token, ``2 (2 pivots) v D`` (absent text pivots are zero rows, so the count does not depend on the
         text). The keys are layer ``K-1``'s own (no projection is spent); norms, rotary, L1 norms and the sorts are
         no matmuls. ``layout`` is not needed."""
-        from ..flops.arch import architecture
+        from ..arch import architecture
 
         if tokens is None:
             raise ValueError("dart scoring_flops needs the (vision, text) tokens of every decoder layer")

@@ -142,7 +142,7 @@ class SparseVLM(Reduction):
         queries and keys are the scoring layer's own projections, caught as it ran: no projection is spent).
         Softmax, means, the rank (an SVD) and the clustering's distances are no matmuls; a stage with no vision or no
         text token spends nothing."""
-        from ..flops.arch import architecture
+        from ..arch import architecture
 
         if tokens is None:
             raise ValueError("sparsevlm scoring_flops needs the (vision, text) tokens of every decoder layer")

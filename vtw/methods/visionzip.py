@@ -192,7 +192,7 @@ class VisionZip(ClassTokenTower):
         :func:`~vtw.methods.attention.class_token_attention_flops` over ``side² + 1`` tokens; received:
         :func:`received_attention_flops` over its ``S`` patches) and the cosine similarities of its ``n - dominant -
         contextual`` merged tokens with the ``contextual`` targets (``head_dim`` each)."""
-        from ..flops.arch import architecture
+        from ..arch import architecture
 
         vision = architecture(config).vision
         received = self.variant(config) == "received"

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..families import FamilySpec, family, get_family
-from ..layouts import Layout
+from .families import FamilySpec, family, get_family
+from .layouts import Layout
 
 #: Text-model types whose MLP is gated (gate_proj, up_proj, down_proj: three d x m matrices) and whose attention is
 #: q/k/v/o projections with grouped KV heads. Every supported family's decoder is one of these.

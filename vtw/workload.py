@@ -20,8 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from ..grids import SampleLayout
 from .arch import architecture
+from .grids import SampleLayout
 
 #: The planning command's default image: one 640 x 480 (W x H) photo, the size of a typical COCO / VQAv2 image.
 DEFAULT_IMAGE_SIZE = (480, 640)  # (height, width)
