@@ -10,7 +10,7 @@ test.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -75,6 +75,8 @@ class FamilySpec:
             raise ValueError(f"family {self.model_type}: layout={self.layout!r} is no vtw.layouts.Layout")
         if (self.encoder == "fixed") == self.layout.native_grid:
             raise ValueError(f"family {self.model_type}: the grid layout goes with a Qwen encoder, and only it")
+        video = replace(self.layout.video, family=self.display)  # the layout names its family in messages
+        object.__setattr__(self, "layout", replace(self.layout, family=self.display, video=video))
 
     @property
     def image_layout(self) -> str:

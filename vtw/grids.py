@@ -24,117 +24,18 @@ forward), :func:`grid_positions` finds their tokens in ``input_ids``. The arithm
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .families import get_family
-
-
-@dataclass(frozen=True)
-class Grid:
-    """One image's (or crop grid's, or video's) tokens in sequence order: ``frames`` times [``lead`` tokens, then
-    ``rows`` rows of ``cols`` grid tokens each followed by ``newline`` tokens], then ``trail`` tokens.
-
-    ``lead`` (a class token), ``newline`` and ``trail`` tokens are not grid cells: grid methods keep them as they are.
-    ``tiling``: an anyres crop grid's ``(crop rows, crop cols, side)``: it was cut from that many ``side x side``
-    crops, then the padding was removed symmetrically (:func:`unpadded`); ``None`` for a grid of one encoder input
-    per frame (or a downscaled one, whose cells are no crop's patches).
-    """
-
-    rows: int
-    cols: int
-    frames: int = 1
-    lead: int = 0
-    newline: int = 0
-    trail: int = 0
-    tiling: tuple[int, int, int] | None = None
-
-    @property
-    def tokens(self) -> int:
-        """Decoder tokens of this grid."""
-        return self.frames * (self.lead + self.rows * (self.cols + self.newline)) + self.trail
-
-    def pooled(self, stride: int, stride_cols: int | None = None) -> Grid:
-        """The grid after pooling each frame over windows of ``stride`` rows and ``stride_cols`` (default
-        ``stride``) columns, edge windows partial: ``ceil(rows / stride) x ceil(cols / stride_cols)`` cells, one
-        newline per pooled row, ``lead`` and ``trail`` unchanged."""
-        cols = stride if stride_cols is None else stride_cols
-        return replace(self, rows=math.ceil(self.rows / stride), cols=math.ceil(self.cols / cols), tiling=None)
-
-    def cell_index(self) -> torch.Tensor:
-        """``(frames, rows, cols)`` long: each cell's offset from the grid's first token."""
-        frame = self.lead + self.rows * (self.cols + self.newline)
-        f = torch.arange(self.frames)[:, None, None] * frame
-        r = torch.arange(self.rows)[None, :, None] * (self.cols + self.newline)
-        c = torch.arange(self.cols)[None, None, :]
-        return f + self.lead + r + c
-
-
-@dataclass(frozen=True)
-class SampleLayout:
-    """The grids of one sample's images and of its videos, each in sequence order."""
-
-    images: tuple[Grid, ...] = ()
-    videos: tuple[Grid, ...] = ()
-
-    @property
-    def grids(self) -> tuple[Grid, ...]:
-        return self.images + self.videos
-
-    @property
-    def tokens(self) -> int:
-        return sum(g.tokens for g in self.grids)
-
-
-# ------------------------------------------------------------------------------------------ LLaVA-NeXT tiling
-def best_resolution(height: int, width: int, pinpoints: Sequence[Sequence[int]]) -> tuple[int, int]:
-    """The pinpoint ``(h, w)`` that keeps the most image pixels, ties broken by the least padding (LLaVA-NeXT's rule)."""
-    best, best_effective, best_wasted = None, 0, math.inf
-    for ph, pw in pinpoints:
-        scale = min(pw / width, ph / height)
-        effective = min(int(width * scale) * int(height * scale), width * height)
-        wasted = pw * ph - effective
-        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
-            best, best_effective, best_wasted = (int(ph), int(pw)), effective, wasted
-    if best is None:
-        raise ValueError("config has no image_grid_pinpoints")
-    return best
-
-
-def unpadded(height: int, width: int, rows: int, cols: int) -> tuple[int, int]:
-    """Feature ``(rows, cols)`` left after removing the padding the anyres resize added (``unpad_image``)."""
-    if width / height > cols / rows:
-        new_rows = int(round(height * (cols / width), 7))
-        return rows - 2 * ((rows - new_rows) // 2), cols
-    new_cols = int(round(width * (rows / height), 7))
-    return rows, cols - 2 * ((cols - new_cols) // 2)
-
-
-def _side(config) -> int:
-    vc = config.vision_config
-    return int(vc.image_size) // int(vc.patch_size)
-
-
-def has_class_token(config) -> bool:
-    """Whether the family's (fixed-resolution) vision tower puts a class token first (CLIP does, SigLIP does not)."""
-    return getattr(config.vision_config, "model_type", None) == "clip_vision_model"
+from .shapes import Grid, SampleLayout
 
 
 def _crop_grid(config) -> Grid:
     """One fixed-resolution encoder input (an image, or a base crop) after ``vision_feature_select_strategy``."""
-    side, spec = _side(config), get_family(config)
-    strategy = getattr(config, "vision_feature_select_strategy", "default")
-    if strategy == "full":
-        return Grid(side, side, lead=1 if has_class_token(config) else 0)
-    if not has_class_token(config):
-        raise ValueError(
-            f"{spec.display}: vision_feature_select_strategy='default' on a tower without a class token drops the "
-            "first patch, so an image's tokens are not a grid"
-        )
-    return Grid(side, side)
+    return get_family(config).layout.crop_grid(config)
 
 
 def image_grids(config, image_size: tuple[int, int] | None = None, tiled: bool = True) -> tuple[Grid, ...]:
@@ -143,27 +44,7 @@ def image_grids(config, image_size: tuple[int, int] | None = None, tiled: bool =
     Args:
         tiled: LLaVA-OneVision tiles an image only when it is its sample's only image; ``False``: one of several.
     """
-    spec = get_family(config)
-    if spec.image_layout == "grid":
-        raise ValueError(f"{spec.display}: image grids follow image_grid_thw; use qwen_grid")
-    base = _crop_grid(config)
-    if spec.image_layout == "single":
-        return (base,)
-    if spec.image_layout == "anyres_max" and not tiled:
-        return (replace(base, trail=1),)
-    if image_size is None:
-        raise ValueError(f"{spec.display}: the grids of an anyres image depend on its size; give image_size")
-    height, width = (int(v) for v in image_size)
-    tile, side = int(config.vision_config.image_size), base.rows
-    ph, pw = best_resolution(height, width, config.image_grid_pinpoints)
-    rows, cols = unpadded(height, width, (ph // tile) * side, (pw // tile) * side)
-    tiling = (ph // tile, pw // tile, side)
-    if spec.image_layout == "anyres_max":
-        max_crops = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
-        ratio = math.sqrt(rows * cols / (max_crops * side**2))
-        if ratio > 1.1:
-            rows, cols, tiling = int(rows // ratio), int(cols // ratio), None
-    return base, Grid(rows, cols, newline=1, tiling=tiling)
+    return get_family(config).layout.image_grids(config, image_size, tiled)
 
 
 def qwen_grid(config, thw: Sequence[int]) -> Grid:

@@ -22,8 +22,19 @@ FLOPs) lives in :mod:`vtw.flops`; the grids of a processed batch in :mod:`vtw.gr
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import ClassVar, NamedTuple
+
+from .shapes import (
+    Grid,
+    ImageLayout,
+    SampleLayout,
+    VisionWorkload,
+    best_resolution,
+    check_count,
+    has_class_token,
+    unpadded,
+)
 
 #: Qwen2-VL / Qwen2.5-VL image processor defaults (``preprocessor_config.json`` of the 7B checkpoints).
 QWEN_MIN_PIXELS = 56 * 56
@@ -50,17 +61,13 @@ def _side(config) -> int:
     return int(config.vision_config.image_size) // int(config.vision_config.patch_size)
 
 
-def _display(config) -> str:
-    from .families import get_family
-
-    return get_family(config).display
-
-
 # ---------------------------------------------------------------------------------------------------- videos
 @dataclass(frozen=True)
 class VideoLayout:
     """How a family's videos reach the decoder; this base: the family takes no video."""
 
+    #: the family's display name, for messages (set by :class:`vtw.families.FamilySpec`)
+    family: str = field(default="", compare=False, repr=False)
     name: ClassVar[str | None] = None
     #: frames are pooled before the projector: their tokens are no tower patches (LLaVA-NeXT-Video)
     pooled: ClassVar[bool] = False
@@ -79,7 +86,7 @@ class VideoLayout:
 
     def frame_grid(self, config, frames: int):
         """The :class:`vtw.grids.Grid` of one video of ``frames`` frames of a fixed-resolution family."""
-        raise ValueError(f"{_display(config)} takes no video")
+        raise ValueError(f"{self.family} takes no video")
 
 
 @dataclass(frozen=True)
@@ -92,7 +99,6 @@ class FramesVideo(VideoLayout):
         return tower_tokens, tower_tokens, 0
 
     def frame_grid(self, config, frames):
-        from .grids import Grid, has_class_token
 
         side = _side(config)
         return Grid(side, side, frames=frames, lead=1 if has_class_token(config) else 0)
@@ -108,12 +114,11 @@ class PooledVideo(VideoLayout):
     def frame_tokens(self, config, side, tower_tokens, selected):
         mode = getattr(config, "spatial_pool_mode", "average")
         if mode not in ("average", "max"):
-            raise ValueError(f"{_display(config)} spatial_pool_mode={mode!r} is not covered; covered: average, max")
+            raise ValueError(f"{self.family} spatial_pool_mode={mode!r} is not covered; covered: average, max")
         pooled = (side // int(config.spatial_pool_stride)) ** 2  # Avg/MaxPool2d, kernel = stride, no padding
         return pooled, pooled, 0
 
     def frame_grid(self, config, frames):
-        from .grids import Grid
 
         n = _side(config) // int(config.spatial_pool_stride)
         return Grid(n, n, frames=frames)
@@ -130,7 +135,6 @@ class ResizedVideo(VideoLayout):
         return selected, math.ceil(side / 2) ** 2, 1
 
     def frame_grid(self, config, frames):
-        from .grids import Grid
 
         n = math.ceil(_side(config) / 2)
         return Grid(n, n, frames=frames, trail=1)
@@ -143,7 +147,7 @@ class GridVideo(VideoLayout):
     name: ClassVar[str] = "grid"
 
     def frame_grid(self, config, frames):
-        raise ValueError(f"{_display(config)}: a video's grid follows video_grid_thw; use qwen_grid")
+        raise ValueError(f"{self.family}: a video's grid follows video_grid_thw; use qwen_grid")
 
 
 # ---------------------------------------------------------------------------------------------------- images
@@ -155,6 +159,8 @@ class Layout:
     """
 
     video: VideoLayout = VideoLayout()
+    #: the family's display name, for messages (set by :class:`vtw.families.FamilySpec`)
+    family: str = field(default="", compare=False, repr=False)
     name: ClassVar[str] = "single"
     #: LLaVA-NeXT-style tiling: the number of crops (and tokens) of an image depends on its size
     tiled: ClassVar[bool] = False
@@ -178,7 +184,6 @@ class Layout:
     def workload(self, arch, sample):
         """The :class:`vtw.flops.VisionWorkload` of a :class:`vtw.flops.SampleCounts`, filled in from its vision
         tokens where they determine it; ``ValueError`` where they do not or where it cannot have made them."""
-        from .workload import VisionWorkload, check_count
 
         frames = check_count(sample.video_frames, "video_frames")
         if sample.vision_grids:
@@ -225,7 +230,6 @@ class Layout:
 
     def read_workload(self, arch, *, pixel_values=None, image_sizes=None, pixel_values_videos=None, **_):
         """The workload of ONE sample from its processor outputs (see :func:`vtw.flops.workload_from_inputs`)."""
-        from .workload import VisionWorkload
 
         image_inputs = 0 if pixel_values is None else self._image_inputs(arch, _shape(pixel_values), image_sizes)
         frames = videos = 0
@@ -244,7 +248,6 @@ class Layout:
     # -------------------------------------------------------------------------------------- one image
     def image(self, arch, height: int, width: int):
         """The :class:`vtw.flops.ImageLayout` of one image of ``height x width`` pixels."""
-        from .workload import ImageLayout, VisionWorkload
 
         size = arch.vision.image_size
         return ImageLayout(
@@ -254,6 +257,23 @@ class Layout:
             f"resized to {size}x{size}",
         )
 
+    def crop_grid(self, config) -> Grid:
+        """One fixed-resolution encoder input (an image, or a base crop) after ``vision_feature_select_strategy``."""
+        side = _side(config)
+        if getattr(config, "vision_feature_select_strategy", "default") == "full":
+            return Grid(side, side, lead=1 if has_class_token(config) else 0)
+        if not has_class_token(config):
+            raise ValueError(
+                f"{self.family}: vision_feature_select_strategy='default' on a tower without a class token drops the "
+                "first patch, so an image's tokens are not a grid"
+            )
+        return Grid(side, side)
+
+    def image_grids(self, config, image_size: tuple[int, int] | None = None, tiled: bool = True) -> tuple[Grid, ...]:
+        """The grids of one image of ``image_size = (height, width)`` pixels (``tiled``: OneVision tiles an image
+        only when it is its sample's only image); here one grid, whatever the size."""
+        return (self.crop_grid(config),)
+
     def image_sample(self, config, height: int, width: int):
         """The :class:`vtw.grids.SampleLayout` of a sample of one such image where counts cannot give it (anyres),
         else ``None`` (:func:`vtw.grids.counted_layout` derives it)."""
@@ -262,7 +282,6 @@ class Layout:
     def planned(self, arch, vision_tokens: int, image) -> tuple:
         """``(workload, note)`` assumed for ``vision_tokens > 0`` decoder tokens given alone (``image``: the
         planning command's default image, an :class:`vtw.flops.ImageLayout`)."""
-        from .workload import VisionWorkload
 
         per = arch.tokens.image_decoder_tokens
         if vision_tokens % per:
@@ -284,6 +303,21 @@ class Anyres(Layout):
 
     name: ClassVar[str] = "anyres"
     tiled: ClassVar[bool] = True
+
+    def image_grids(self, config, image_size=None, tiled=True):
+        """The base crop's grid, then the unpadded crop grid (one newline per row) of the best pinpoint."""
+        base = self.crop_grid(config)
+        if image_size is None:
+            raise ValueError(f"{self.family}: the grids of an anyres image depend on its size; give image_size")
+        height, width = (int(v) for v in image_size)
+        tile, side = int(config.vision_config.image_size), base.rows
+        ph, pw = best_resolution(height, width, config.image_grid_pinpoints)
+        rows, cols = unpadded(height, width, (ph // tile) * side, (pw // tile) * side)
+        rows, cols, tiling = self._downscaled(config, rows, cols, side, (ph // tile, pw // tile, side))
+        return base, Grid(rows, cols, newline=1, tiling=tiling)
+
+    def _downscaled(self, config, rows: int, cols: int, side: int, tiling):
+        return rows, cols, tiling
 
     def image_decoder_tokens(self, selected):
         return None
@@ -307,7 +341,6 @@ class Anyres(Layout):
         return self._crops(arch, [tuple(int(v) for v in s) for s in image_sizes.tolist()])
 
     def _crops(self, arch, sizes: list[tuple[int, int]]) -> int:
-        from .grids import best_resolution
 
         tile = arch.vision.image_size
         return sum(
@@ -316,8 +349,6 @@ class Anyres(Layout):
         )
 
     def image(self, arch, height, width):
-        from .grids import best_resolution, unpadded
-        from .workload import ImageLayout, VisionWorkload
 
         tile = arch.vision.image_size
         side = tile // arch.vision.patch
@@ -335,9 +366,8 @@ class Anyres(Layout):
         return ImageLayout((height, width), tokens, VisionWorkload(image_inputs=crops), note)
 
     def image_sample(self, config, height, width):
-        from .grids import SampleLayout, image_grids
 
-        return SampleLayout(images=image_grids(config, (height, width)))
+        return SampleLayout(images=self.image_grids(config, (height, width)))
 
     def planned(self, arch, vision_tokens, image):
         h, w = image.image_size
@@ -357,6 +387,19 @@ class AnyresMax(Anyres):
     def aspect_ratio(self, config):
         return getattr(config, "vision_aspect_ratio", None)
 
+    def image_grids(self, config, image_size=None, tiled=True):
+        if not tiled:
+            return (replace(self.crop_grid(config), trail=1),)
+        return super().image_grids(config, image_size, tiled)
+
+    def _downscaled(self, config, rows, cols, side, tiling):
+        """Beyond ``N`` crops' worth of cells, a bilinear downscale (its cells are no crop's patches)."""
+        max_crops = int(str(getattr(config, "vision_aspect_ratio", "anyres_max_9")).removeprefix("anyres_max_"))
+        ratio = math.sqrt(rows * cols / (max_crops * side**2))
+        if ratio > 1.1:
+            return int(rows // ratio), int(cols // ratio), None
+        return rows, cols, tiling
+
     def _crops(self, arch, sizes):
         if len(sizes) > 1:
             return len(sizes)  # several images in one sample: no tiling, one crop each
@@ -375,11 +418,13 @@ class QwenGrid(Layout):
     def image_decoder_tokens(self, selected):
         raise ValueError("a Qwen image's tokens follow its patch grid")
 
+    def image_grids(self, config, image_size=None, tiled=True):
+        raise ValueError(f"{self.family}: image grids follow image_grid_thw; use qwen_grid")
+
     def video_frame_tokens(self, arch):
         return None
 
     def workload(self, arch, sample):
-        from .workload import VisionWorkload, check_count
 
         frames = check_count(sample.video_frames, "video_frames")
         if sample.vision_inputs not in (None, 0) or frames:
@@ -423,7 +468,6 @@ class QwenGrid(Layout):
         return TowerRuns(patches, frames, windows, patches, 0, patches // v.spatial_merge**2)
 
     def read_workload(self, arch, *, image_grid_thw=None, video_grid_thw=None, **_):
-        from .workload import VisionWorkload
 
         grids = []
         for g in (image_grid_thw, video_grid_thw):
@@ -434,8 +478,6 @@ class QwenGrid(Layout):
     def image(self, arch, height, width):
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-        from .workload import ImageLayout, VisionWorkload
-
         patch, merge = arch.vision.patch, arch.vision.spatial_merge
         h, w = smart_resize(height, width, factor=patch * merge, min_pixels=QWEN_MIN_PIXELS, max_pixels=QWEN_MAX_PIXELS)
         grid = (1, h // patch, w // patch)
@@ -445,7 +487,6 @@ class QwenGrid(Layout):
 
     def planned(self, arch, vision_tokens, image):
         """One image with a patch grid as square as possible giving ``vision_tokens`` tokens."""
-        from .workload import VisionWorkload
 
         rows = max(d for d in range(1, math.isqrt(vision_tokens) + 1) if vision_tokens % d == 0)
         m, px = arch.vision.spatial_merge, arch.vision.patch

@@ -18,35 +18,13 @@ How a family's tokens lie (tiling, ``smart_resize``, what the processor's tensor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .arch import architecture
-from .grids import SampleLayout
+from .shapes import ImageLayout, SampleLayout, VisionWorkload, check_count
 
 #: The planning command's default image: one 640 x 480 (W x H) photo, the size of a typical COCO / VQAv2 image.
 DEFAULT_IMAGE_SIZE = (480, 640)  # (height, width)
-
-
-@dataclass(frozen=True)
-class VisionWorkload:
-    """The vision-encoder work of one sample.
-
-    Attributes:
-        image_inputs: fixed-resolution encoder passes for images: one per image (LLaVA-1.5, Video-LLaVA) or one per
-            crop (LLaVA-NeXT / -OneVision / -NeXT-Video anyres tiling; ``pixel_values`` rows actually used).
-        video_frames: frames of videos through a fixed-resolution encoder.
-        videos: number of videos (LLaVA-OneVision adds one newline token per video).
-        grids: Qwen families: ``(t, h, w)`` in patches of every image and video, as in ``image_grid_thw``.
-    """
-
-    image_inputs: int = 0
-    video_frames: int = 0
-    videos: int = 0
-    grids: tuple[tuple[int, int, int], ...] = field(default_factory=tuple)
-
-    @property
-    def empty(self) -> bool:
-        return self.image_inputs == 0 and self.video_frames == 0 and not self.grids
 
 
 @dataclass(frozen=True)
@@ -96,25 +74,6 @@ class SampleCounts:
         check_count(self.text_tokens, "text_tokens", minimum=1)
         check_count(self.generated_tokens, "generated_tokens")
         return self
-
-
-def check_count(value, name: str, minimum: int = 0) -> int:
-    """``value`` as an int ``>= minimum``; ``ValueError`` naming it otherwise (bools and floats are refused)."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-@dataclass(frozen=True)
-class ImageLayout:
-    """One image of ``image_size`` (H, W) pixels: its decoder tokens and its encoder workload."""
-
-    image_size: tuple[int, int]
-    vision_tokens: int
-    workload: VisionWorkload
-    note: str  # how the encoder sees it, e.g. "5 crops of 336x336"
 
 
 def image_layout(config, image_size: tuple[int, int] = DEFAULT_IMAGE_SIZE) -> ImageLayout:

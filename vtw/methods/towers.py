@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..families import get_family
-from ..grids import has_class_token
+from ..shapes import has_class_token
 from .attention import class_token_attention
 from .base import BeforeDecoder, Extra, Merge, StageContext
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..families import get_family
-from ..grids import best_resolution, has_class_token
+from ..shapes import best_resolution, has_class_token
 from .attention import class_token_attention, class_token_attention_flops
 from .base import Merge, StageContext, check_int
 from .towers import ClassTokenTower, feature_layer_module, tower_units
