@@ -19,7 +19,7 @@ from vtw.choose import Score, choose_method, mean_ci, pick, wilson
 from vtw.flops.budget import Prompt, match_budget
 from vtw.methods import make_method
 from vtw.synthvqa.generator import iter_items
-from vtw.synthvqa.train import conversation_text
+from vtw.synthvqa.model import conversation_text
 
 STEPS = 3
 BUDGET = 0.5

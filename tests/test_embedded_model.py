@@ -13,18 +13,18 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vtw.synthvqa import train as train_module
 from vtw.synthvqa.generator import Scene, iter_items, make_item
-from vtw.synthvqa.model import CHAT_TEMPLATE, NUM_IMAGE_TOKENS, TinyLlavaSpec, build_tokenizer, grid_position_table
-from vtw.synthvqa.train import (
-    TrainConfig,
+from vtw.synthvqa.model import (
+    CHAT_TEMPLATE,
+    NUM_IMAGE_TOKENS,
+    TinyLlavaSpec,
+    build_tokenizer,
     conversation_text,
-    head_attention,
-    make_batch,
-    masked_forward,
-    save_checkpoint,
-    train,
+    grid_position_table,
 )
+from vtw_train import synthvqa as train_module
+from vtw_train.core import head_attention, save_checkpoint
+from vtw_train.synthvqa import TrainConfig, make_batch, masked_forward, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "vtw" / "assets" / "tiny-llava"
