@@ -67,15 +67,12 @@ class VideoTrainConfig(core.TrainConfig):
 
     steps: int = 1500
     vision_steps: int = 3000
+    """The two defaults that differ from :class:`core.TrainConfig`'s (synthvqa's)."""
     vision_clips: int = 8
     text_width: int = 64
     text_layers: int = 4
     vision_width: int = 64
     vision_layers: int = 3
-
-    @property
-    def decoder_layers(self) -> int:
-        return self.text_layers
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,6 +86,10 @@ class VideoTrainConfig(core.TrainConfig):
         if self.text_width % 4 or self.vision_width % 4:
             raise ValueError(f"widths must be multiples of the 4 heads, got {self.text_width}, {self.vision_width}")
         self.check_withdraw_min_layer()
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.text_layers
 
 
 def build_model(config: VideoTrainConfig, tokenizer) -> T.VideoLlavaForConditionalGeneration:
