@@ -209,6 +209,18 @@ def test_training_smoke_run_and_atomic_save(tmp_path):
     assert isinstance(answer[0], str)
 
 
+def test_train_pixels_equal_the_image_processor():
+    """Training normalises the rendered images itself (`pixel_values`); the numbers are the image processor's."""
+    processor = train_module.build_processor()
+    images = [make_item("train", i).image() for i in range(3)]
+    ref = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    ours = train_module.pixel_values(processor, images)
+    assert ours.shape == ref.shape == (3, 3, 192, 192)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected RGB 192x192 images"):
+        train_module.pixel_values(processor, [images[0].convert("L")])
+
+
 def test_stage_two_keeps_the_vision_tower_frozen(monkeypatch):
     snapshots = {}
     original = train_module.pretrain_vision
