@@ -23,7 +23,7 @@ from vtw.flops import SampleCounts
 from vtw.flops.budget import match_budget
 from vtw.pipeline.config import build_method, compose_config, validate_config
 from vtw.synthvqa.generator import iter_items
-from vtw.synthvqa.train import conversation_text
+from vtw.synthvqa.model import conversation_text
 
 ASSET = Path(__file__).resolve().parents[1] / "vtw" / "assets" / "tiny-llava"
 

@@ -20,7 +20,7 @@ from vtw.flops import SampleCounts
 from vtw.flops.budget import match_budget
 from vtw.methods import make_method
 from vtw.synthvqa.generator import iter_items
-from vtw.synthvqa.train import conversation_text
+from vtw.synthvqa.model import conversation_text
 
 STEPS = 3
 BUDGET = 0.5

@@ -287,7 +287,7 @@ def test_shipped_tiny_video_llava_on_a_synthvideo_clip():
     kept positions are the naive reference's, ties allowed for (the clips' flat background repeats tokens exactly):
     each compared frame keeps its share, and no kept cell is more similar than a dropped one of its frame."""
     from vtw.synthvideo.generator import make_item
-    from vtw.synthvideo.train import prompt_text
+    from vtw.synthvideo.tiny import prompt_text
 
     model, processor = _shipped()
     item = make_item("test", 0)

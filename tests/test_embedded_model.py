@@ -13,18 +13,18 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from vtw.synthvqa import train as train_module
 from vtw.synthvqa.generator import Scene, iter_items, make_item
-from vtw.synthvqa.model import CHAT_TEMPLATE, NUM_IMAGE_TOKENS, TinyLlavaSpec, build_tokenizer, grid_position_table
-from vtw.synthvqa.train import (
-    TrainConfig,
+from vtw.synthvqa.model import (
+    CHAT_TEMPLATE,
+    NUM_IMAGE_TOKENS,
+    TinyLlavaSpec,
+    build_tokenizer,
     conversation_text,
-    head_attention,
-    make_batch,
-    masked_forward,
-    save_checkpoint,
-    train,
+    grid_position_table,
 )
+from vtw_train import synthvqa as train_module
+from vtw_train.core import head_attention, save_checkpoint
+from vtw_train.synthvqa import TrainConfig, make_batch, masked_forward, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ASSET = ROOT / "vtw" / "assets" / "tiny-llava"
@@ -207,6 +207,18 @@ def test_training_smoke_run_and_atomic_save(tmp_path):
         torch.testing.assert_close(a, b, msg=name)
     answer = _generate(reloaded, AutoProcessor.from_pretrained(target), [make_item("test", 0)])
     assert isinstance(answer[0], str)
+
+
+def test_train_pixels_equal_the_image_processor():
+    """Training normalises the rendered images itself (`pixel_values`); the numbers are the image processor's."""
+    processor = train_module.build_processor()
+    images = [make_item("train", i).image() for i in range(3)]
+    ref = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    ours = train_module.pixel_values(processor, images)
+    assert ours.shape == ref.shape == (3, 3, 192, 192)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="expected RGB 192x192 images"):
+        train_module.pixel_values(processor, [images[0].convert("L")])
 
 
 def test_stage_two_keeps_the_vision_tower_frozen(monkeypatch):

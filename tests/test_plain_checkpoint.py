@@ -1,5 +1,5 @@
 """The second embedded checkpoint, `tiny-llava-plain` (vtw/assets/tiny-llava-plain): the synthvqa recipe without the
-withdrawal curriculum (`python -m vtw.synthvqa.train --plain`). It loads through `conf/model/tiny-llava-plain.yaml`, it
+withdrawal curriculum (`python -m vtw_train synthvqa --plain`). It loads through `conf/model/tiny-llava-plain.yaml`, it
 is not tiny-llava (same architecture and stage 1, another decoder), and it answers a fixed slice of the test split
 far above chance."""
 
@@ -18,9 +18,10 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from vtw import withdraw
 from vtw.pipeline.config import CONF_DIR, compose_config, validate_config
-from vtw.synthvqa import train as train_module
 from vtw.synthvqa.generator import iter_items
-from vtw.synthvqa.train import TrainConfig, conversation_text
+from vtw.synthvqa.model import conversation_text
+from vtw_train import synthvqa as train_module
+from vtw_train.synthvqa import TrainConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "vtw" / "assets"
 PLAIN, DEFAULT = ASSETS / "tiny-llava-plain", ASSETS / "tiny-llava"

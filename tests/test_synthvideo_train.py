@@ -1,4 +1,4 @@
-"""The trained tiny Video-LLaVA (``python -m vtw.synthvideo.train``): the shipped checkpoint is small and above chance
+"""The trained tiny Video-LLaVA (``python -m vtw_train synthvideo``): the shipped checkpoint is small and above chance
 on the shipped test clips read through the eval path; train-time pixels, tokens, patch labels and the simulated
 withdrawal agree with the processor, a naive pixel count and the model's own forward / `vtw.withdraw`."""
 
@@ -14,8 +14,9 @@ from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
 from vtw.families import family
 from vtw.lmms.inputs import InputBuilder
 from vtw.synthvideo import generator as G
-from vtw.synthvideo import train as vt
-from vtw.synthvideo.tiny import ASSET_DIR
+from vtw.synthvideo.tiny import ASSET_DIR, prompt_text
+from vtw_train import synthvideo as vt
+from vtw_train.core import save_checkpoint
 
 CLIPS = Path(__file__).resolve().parent.parent / "vtw" / "assets" / "tasks" / "vtw_synthvideo" / "videos"
 
@@ -107,8 +108,8 @@ def test_batch_tokens_equal_the_processor_and_the_guidance_points_at_the_answer(
     builder = InputBuilder(processor, family("video_llava"), device=torch.device("cpu"), dtype=torch.float32)
     video = model.config.video_token_index
     for b, item in enumerate(items):
-        assert vt.prompt_text(processor, item) == builder.prompt(item.prompt, 0, 1)
-        text = vt.prompt_text(processor, item) + " " + item.answer + "</s>"
+        assert prompt_text(processor, item) == builder.prompt(item.prompt, 0, 1)
+        text = prompt_text(processor, item) + " " + item.answer + "</s>"
         ref = processor(text=[text], videos=[item.render()], return_tensors="pt")["input_ids"][0]
         n = int(batch.attention_mask[b].sum())
         assert batch.input_ids[b, :n].tolist() == ref.tolist()
@@ -160,7 +161,7 @@ def test_training_smoke_run_saves_a_loadable_checkpoint(tmp_path):
     config = vt.VideoTrainConfig(steps=2, batch_size=3, vision_steps=2, vision_clips=1, warmup_steps=1)
     model, processor, report = vt.train(config, progress=False)
     assert report.config == config and np.isfinite(report.final_loss) and report.seconds > 0
-    vt.save_checkpoint(model, processor, tmp_path / "ckpt")
+    save_checkpoint(model, processor, tmp_path / "ckpt")
     again = VideoLlavaForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
         torch.testing.assert_close(a, b, msg=name)

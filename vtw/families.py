@@ -21,17 +21,6 @@ from .layouts import Anyres, AnyresMax, FramesVideo, Layout, PooledVideo, QwenGr
 #: ``qwen2_vl`` / ``qwen2_5_vl``: that family's ViT over a patch grid, with the patch merger as projector.
 ENCODERS = ("fixed", "qwen2_vl", "qwen2_5_vl")
 
-#: The names the tiny test ids had here; they moved to :mod:`vtw.synthvideo.configs` (read lazily, see __getattr__).
-_MOVED = ("TINY_VOCAB", "TINY_IMAGE_ID", "TINY_VIDEO_ID", "TINY_PAD_ID", "TINY_HIDDEN")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:  # compatibility: ``from vtw.families import TINY_IMAGE_ID`` keeps working
-        from .synthvideo import configs
-
-        return getattr(configs, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
 
 @dataclass(frozen=True)
 class FamilySpec:

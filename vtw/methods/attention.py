@@ -121,6 +121,19 @@ def attention_probs(
     return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
+def head_query_attention(
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple, allowed: torch.Tensor, query: torch.Tensor,
+    head: int,
+) -> torch.Tensor:  # fmt: skip
+    """Softmax attention probabilities of one query per sample in one head: ``(B, T)`` (training's attention
+    guidance differentiates through it). ``query``: ``(B,)`` long positions; ``allowed``: ``(B, T)`` bool, the keys
+    the query may attend to (0 elsewhere: the row of the layer's own mask); ``head``: a query head (GQA: it attends
+    with its key/value group). Computed in the layer's own dtype; other arguments as :func:`last_token_attention`."""
+    q, k = _query_key(layer, hidden, position_embeddings, query)
+    scores = torch.einsum("nd,ntd->nt", q[:, head, 0], k[:, head]) * layer.self_attn.scaling
+    return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+
 def last_token_attention_flops(hidden_size: int, heads: int, kv_heads: int, head_dim: int, tokens: int) -> int:
     """Matmul FLOPs of one :func:`last_token_attention` call for one sample of ``tokens`` tokens (1 multiply-add = 2
     FLOPs): the query projection of one token, the key projection of every token, one row of ``q kᵀ``."""

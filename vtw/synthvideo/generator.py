@@ -29,7 +29,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from vtw.synthvqa.generator import COLORS, SHAPES, SHORT_SUFFIX, SceneObject, draw_object, item_seed, iterate
+from vtw.synthvqa.generator import (
+    COLORS,
+    SHAPES,
+    SHORT_SUFFIX,
+    SceneObject,
+    draw_object,
+    item_fields,
+    item_seed,
+    iterate,
+)
 
 CANVAS = 64
 """Side of a frame in pixels."""
@@ -170,17 +179,8 @@ def make_item(split: str, index: int) -> ClipItem:
     answer = rng.choice(ANSWER_SETS[kind])
     word, frames = _BUILDERS[kind](rng, answer)
     question = QUESTIONS[kind].format(word) if word is not None else QUESTIONS[kind]
-    return ClipItem(
-        item_id=f"{split}-{index:06d}",
-        split=split,
-        seed=seed,
-        kind=kind,
-        question=question,
-        prompt=f"{question}\n{SHORT_SUFFIX}",
-        answer=answer,
-        choices=tuple(rng.sample(ANSWER_SETS[kind], len(ANSWER_SETS[kind]))),
-        frames=frames,
-    )
+    choices = tuple(rng.sample(ANSWER_SETS[kind], len(ANSWER_SETS[kind])))
+    return ClipItem(**item_fields(split, index, seed, kind, question), answer=answer, choices=choices, frames=frames)
 
 
 def iter_items(split: str, count: int, start: int = 0) -> Iterator[ClipItem]:

@@ -5,7 +5,7 @@ for runs of the video path on a CPU, and the one builder of the tiny video proce
 of ``vtw.synthvideo.configs.tiny_config("video_llava", 4)`` (CLIP towers on 32 px frames, 8 px patches: 16 tokens per
 image, 17 per frame, 136 per 8-frame clip; a 4-layer Llama decoder of width 32), randomly initialised, so its answers
 are at chance (0.25 on `vtw_synthvideo`). The shipped `vtw/assets/tiny-video-llava/` (`ASSET_DIR`) is the *trained* model
-of ``python -m vtw.synthvideo.train`` (64 px frames, 16 px patches, same token counts), so ``--output`` has no
+of ``python -m vtw_train synthvideo`` (64 px frames, 16 px patches, same token counts), so ``--output`` has no
 default here.
 
 :func:`build_processor` is the one place that builds the processors of the tiny LLaVA-style video families (the
@@ -96,6 +96,14 @@ def build_processor(family_name: str, tokenizer, chat_template: str, *, size: in
             **common,
         )
     raise ValueError(f"no tiny processor for family {family_name!r}; allowed: {VIDEO_FAMILIES}")
+
+
+def prompt_text(processor, item) -> str:
+    """The chat prompt of a `vtw.synthvideo.generator.ClipItem` as the `vtw` lmms-eval model writes it
+    (`InputBuilder.prompt`: the video, then the text; generation prompt appended)."""
+    content = [{"type": "video"}, {"type": "text", "text": item.prompt}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)  # fmt: skip
 
 
 def build_checkpoint(out: str | Path, family_name: str = "video_llava", *, seed: int = 0) -> Path:

@@ -366,6 +366,13 @@ def item_seed(split: str, index: int, seeds: dict[str, int] | None = None) -> in
     return seeds[split] + index
 
 
+def item_fields(split: str, index: int, seed: int, kind: str, question: str) -> dict:
+    """The fields every generated item (this module's and `vtw.synthvideo.generator`'s) shares: its id
+    (``split-index``, six digits), split, seed, kind, question and prompt (the question, then `SHORT_SUFFIX`)."""
+    prompt = f"{question}\n{SHORT_SUFFIX}"
+    return dict(item_id=f"{split}-{index:06d}", split=split, seed=seed, kind=kind, question=question, prompt=prompt)
+
+
 def iterate(make, split: str, count: int, start: int = 0) -> Iterator:
     """`make(split, index)` for the indices `start .. start+count-1`."""
     if count < 0:
@@ -389,17 +396,8 @@ def make_item(split: str, index: int) -> SynthItem:
     word, answer, scene = drawn
     question = QUESTIONS[kind].format(word)
     others = choice_rng.sample([a for a in ANSWER_SETS[kind] if a != answer], NUM_CHOICES - 1)
-    return SynthItem(
-        item_id=f"{split}-{index:06d}",
-        split=split,
-        seed=seed,
-        kind=kind,
-        question=question,
-        prompt=f"{question}\n{SHORT_SUFFIX}",
-        answer=answer,
-        choices=tuple(choice_rng.sample([answer, *others], NUM_CHOICES)),
-        scene=scene,
-    )
+    choices = tuple(choice_rng.sample([answer, *others], NUM_CHOICES))
+    return SynthItem(**item_fields(split, index, seed, kind, question), answer=answer, choices=choices, scene=scene)
 
 
 def iter_items(split: str, count: int, start: int = 0) -> Iterator[SynthItem]:

@@ -230,3 +230,18 @@ def grid_position_table(width: int, grid: int, amplitude: float = 0.7) -> torch.
         table[1:, offset : offset + quarter] = angles.sin()
         table[1:, offset + quarter : offset + 2 * quarter] = angles.cos()
     return (amplitude * table).float()
+
+
+def conversation_text(
+    tokenizer: PreTrainedTokenizerFast, turns: Sequence[tuple[str, str]], add_generation_prompt: bool = False
+) -> str:
+    """Chat-template text of a conversation about one image: `turns` are (prompt, answer) pairs; the first user turn
+    carries the `<image>`. With `add_generation_prompt` the last answer is left out and the text ends in `ASSISTANT:`.
+    """
+    messages: list[dict] = []
+    for index, (prompt, answer) in enumerate(turns):
+        text = {"type": "text", "text": prompt}
+        messages.append({"role": "user", "content": [{"type": "image"}, text] if index == 0 else [text]})
+        if not (add_generation_prompt and index == len(turns) - 1):
+            messages.append({"role": "assistant", "content": answer})
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

@@ -1,4 +1,4 @@
-"""Train the embedded tiny LLaVA on the synthetic train split and save it (``python -m vtw.synthvqa.train``).
+"""Train the embedded tiny LLaVA on the synthetic train split and save it (``python -m vtw_train synthvqa``).
 
 Two stages, as LLaVA is trained: stage 1 (`pretrain_vision`) trains the vision tower and projector to label every
 patch; stage 2 freezes the tower and trains projector + decoder on multi-turn conversations about each training
@@ -34,28 +34,20 @@ every item is seen once, so the running accuracy in the progress bar is measured
 on yet), a fixed learning-rate schedule; results depend slightly on the torch thread count (`--threads`). On a
 2-core CPU the default run takes about 13 minutes.
 
-The checkpoint directory is written atomically: everything is saved to a sibling temporary directory which then
-replaces the target.
+The generic half (both stages' loops, schedule, optimizers, simulated withdrawal, losses, atomic save) is
+:mod:`vtw_train.core`; this module is the synthvqa task: its config, stage 1 labels, batches and guidance rows.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
-import os
-import shutil
-import tempfile
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
-from transformers.models.llama.modeling_llama import rotate_half
 
 from vtw.synthvqa.generator import (
     CELL,
@@ -69,9 +61,18 @@ from vtw.synthvqa.generator import (
     make_item,
     question_referent,
 )
-from vtw.synthvqa.model import NUM_IMAGE_TOKENS, PATCH_SIZE, TinyLlavaSpec, build_model, build_processor
+from vtw.synthvqa.model import (
+    NUM_IMAGE_TOKENS,
+    PATCH_SIZE,
+    TinyLlavaSpec,
+    build_model,
+    build_processor,
+    conversation_text,
+)
+from vtw_train import core
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parent.parent / "assets" / "tiny-llava"
+ASSETS = Path(__file__).resolve().parent.parent / "vtw" / "assets"
+DEFAULT_OUTPUT = ASSETS / "tiny-llava"
 PLAIN_OUTPUT = DEFAULT_OUTPUT.with_name("tiny-llava-plain")
 """Where `--plain` writes: the same recipe without the withdrawal curriculum (`withdraw_prob` = 0)."""
 VISION_ITEM_OFFSET = 500_000_000
@@ -95,51 +96,23 @@ WORD_TARGETS: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHA
 """Stage 1 targets scored against the decoder's embeddings of these words (class 0, background, by a learnt vector)."""
 
 
-def check_schedule(config) -> None:
-    """The checks every trainer's config shares (``withdraw_prob``, ``guide_weight``, ``warmup_steps`` against
-    ``steps``): ``ValueError`` naming the config class, the field and the value."""
-    name = type(config).__name__
-    if not 0.0 <= config.withdraw_prob <= 1.0:
-        raise ValueError(f"{name}.withdraw_prob must be in [0, 1], got {config.withdraw_prob!r}")
-    if config.guide_weight < 0:
-        raise ValueError(f"{name}.guide_weight must be >= 0, got {config.guide_weight!r}")
-    if not 0 <= config.warmup_steps < config.steps:
-        raise ValueError(f"{name}.warmup_steps must be in [0, steps), got {config.warmup_steps!r}")
-
-
 @dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of one training run (all of them; the run is a function of this and the thread count)."""
+class TrainConfig(core.TrainConfig):
+    """Every hyper-parameter of a run (the run is a function of this and the thread count): :class:`core.TrainConfig`'s,
+    stage 1's batch size, the follow-up questions per image, the guided layers and the model's sizes."""
 
-    steps: int = 700
-    batch_size: int = 32
-    vision_steps: int = 350
     vision_batch_size: int = 64
-    vision_lr: float = 3e-3
     follow_ups: int = 5
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 60
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    withdraw_prob: float = 0.25
-    withdraw_min_layer: int = 0
-    guide_weight: float = 1.0
     guide_layers: tuple[int, int] = (0, 1)
     spec: TinyLlavaSpec = field(default_factory=TinyLlavaSpec)
 
+    @property
+    def decoder_layers(self) -> int:
+        return self.spec.text_layers
+
     def __post_init__(self) -> None:
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "lr": self.lr}
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be > 0, got {value!r}")
-        check_schedule(self)
-        if not 0 <= self.withdraw_min_layer < self.spec.text_layers:
-            raise ValueError(
-                f"TrainConfig.withdraw_min_layer must be in [0, {self.spec.text_layers - 1}], "
-                f"got {self.withdraw_min_layer!r}"
-            )
+        super().__post_init__()
+        self.check_withdraw_min_layer()
         find, relay = self.guide_layers
         if not 0 <= find < relay < self.spec.text_layers:
             raise ValueError(
@@ -174,32 +147,16 @@ class Batch:
     relay_targets: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 0, dtype=torch.bool))
 
 
-@dataclass(frozen=True)
-class TrainReport:
-    """What a run did: its config, wall time (both stages), and the running accuracy of the last 100 steps (first
-    answer token)."""
-
-    config: TrainConfig
-    seconds: float
-    final_loss: float
-    recent_accuracy: float
-
-
 def pixel_values(processor: LlavaProcessor, images: Sequence) -> torch.Tensor:
     """(B, 3, H, W) CLIP-normalised pixels for `IMAGE_SIZE` square RGB images.
 
     Equal to what `processor.image_processor` returns for such images (their resize and crop are identities), at a
     fraction of the cost; other sizes are rejected.
     """
-    arrays = []
     for image in images:
         if image.size != (IMAGE_SIZE, IMAGE_SIZE) or image.mode != "RGB":
             raise ValueError(f"expected RGB {IMAGE_SIZE}x{IMAGE_SIZE} images, got {image.mode} {image.size}")
-        arrays.append(np.asarray(image))
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0
-    mean = torch.tensor(processor.image_processor.image_mean, dtype=torch.float32)[None, :, None, None]
-    std = torch.tensor(processor.image_processor.image_std, dtype=torch.float32)[None, :, None, None]
-    return (x - mean) / std
+    return core.normalized_pixels(np.stack([np.asarray(image) for image in images]), 1, processor.image_processor)
 
 
 def patch_owner(scene: Scene) -> np.ndarray:
@@ -289,13 +246,8 @@ def pretrain_vision(
     scale = nn.Parameter(torch.tensor(10.0))
     heads = nn.ModuleDict({n: nn.Linear(width, k) for n, k in PATCH_TARGETS.items() if n not in WORD_TARGETS})
     params = [*tower.parameters(), *projector.parameters(), *backgrounds.parameters(), scale, *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    schedule = TrainConfig(
-        steps=config.vision_steps, lr=config.vision_lr, warmup_steps=min(20, config.vision_steps - 1), spec=config.spec
-    )
-    recent: list[float] = []
-    bar = tqdm(range(config.vision_steps), desc="stage 1: vision tower + projector", unit="step", disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int):
         first = VISION_ITEM_OFFSET + step * config.vision_batch_size
         scenes = [make_item("train", first + j).scene for j in range(config.vision_batch_size)]
         pixels = pixel_values(processor, [scene.render() for scene in scenes])
@@ -316,30 +268,9 @@ def pretrain_vision(
             loss = loss + nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
             if name not in ("centre", "column", "row"):
                 correct.append((logits.argmax(-1) == target)[foreground].float().mean())
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(schedule, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
-        recent = (recent + [float(torch.stack(correct).mean())])[-20:]
-        bar.set_postfix(loss=f"{loss.item():.3f}", patch_acc=f"{sum(recent) / len(recent):.3f}")
-    return sum(recent) / max(1, len(recent))
+        return loss, lambda: float(torch.stack(correct).mean())
 
-
-def conversation_text(
-    tokenizer: PreTrainedTokenizerFast, turns: Sequence[tuple[str, str]], add_generation_prompt: bool = False
-) -> str:
-    """Chat-template text of a conversation about one image: `turns` are (prompt, answer) pairs; the first user turn
-    carries the `<image>`. With `add_generation_prompt` the last answer is left out and the text ends in `ASSISTANT:`.
-    """
-    messages: list[dict] = []
-    for index, (prompt, answer) in enumerate(turns):
-        text = {"type": "text", "text": prompt}
-        messages.append({"role": "user", "content": [{"type": "image"}, text] if index == 0 else [text]})
-        if not (add_generation_prompt and index == len(turns) - 1):
-            messages.append({"role": "assistant", "content": answer})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return core.pretrain_vision(params, step_loss, config, "stage 1: vision tower + projector", progress)
 
 
 def expand_image_tokens(ids: list[int], image_token_id: int) -> list[int]:
@@ -417,51 +348,15 @@ def make_batch(processor: LlavaProcessor, items: Sequence[SynthItem], follow_ups
     )
 
 
-def head_attention(
-    layer: nn.Module,
-    hidden: torch.Tensor,
-    rotary: tuple[torch.Tensor, torch.Tensor],
-    mask: torch.Tensor,
-    queries: torch.Tensor,
-    head: int = 0,
-) -> torch.Tensor:
-    """Attention probabilities of one head of a Llama decoder layer for a few query positions.
-
-    hidden: (B, T, D) the layer's input; rotary: (cos, sin), each (B, T, head_dim); mask: (B, T, T) bool, True =
-    may attend; queries: (N, 2) long (row, position). Returns (N, T): what `layer.self_attn` computes for those
-    queries in head `head` (same projections, rotary embedding, scaling and mask).
-    """
-    attention = layer.self_attn
-    dim = attention.head_dim
-    kv_head = head // attention.num_key_value_groups
-    rows, positions = queries[:, 0], queries[:, 1]
-    index = torch.arange(len(rows))
-    # Keys are projected per query row (a sample with several queries is projected several times): cheaper once per
-    # sample, but that sums the gradients in another order and no longer reproduces the shipped checkpoint's bits.
-    normed = layer.input_layernorm(hidden[rows])  # (N, T, D)
-    q = attention.q_proj(normed[index, positions])[:, head * dim : (head + 1) * dim]  # (N, hd)
-    k = attention.k_proj(normed)[..., kv_head * dim : (kv_head + 1) * dim]  # (N, T, hd)
-    cos, sin = rotary[0][rows], rotary[1][rows]  # (N, T, hd)
-    q = q * cos[index, positions] + rotate_half(q) * sin[index, positions]
-    k = k * cos + rotate_half(k) * sin
-    scores = torch.einsum("nd,ntd->nt", q, k) * attention.scaling  # (N, T)
-    return scores.masked_fill(~mask[rows, positions], float("-inf")).softmax(dim=-1)
-
-
 def masked_forward(
     model: LlavaForConditionalGeneration,
     batch: Batch,
     withdraw_layer: torch.Tensor,
     layer_inputs: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """Hidden states after the decoder's final norm, (B, T, D), with simulated withdrawal.
-
-    withdraw_layer: (B,) long; sample b's text tokens cannot attend to vision tokens in layers >= withdraw_layer[b]
-    (L means never). For text positions this equals VTW with kept positions; vision positions are computed but
-    are irrelevant to the loss. With every entry equal to L it matches `model(...)` (up to float rounding).
-    layer_inputs: if given, filled with {layer index: its input hidden states (B, T, D)} and, under the keys
-    "mask" and "rotary", the full (no withdrawal) (B, T, T) bool mask and the (cos, sin) rotary tables.
-    """
+    """Hidden states after the decoder's final norm, (B, T, D), with simulated withdrawal
+    (:func:`core.withdrawn_decoder_forward`: sample b's text tokens cannot attend to vision tokens in layers >=
+    withdraw_layer[b], L = never; `layer_inputs` filled as there)."""
     inner = model.model
     decoder = inner.language_model
     config = model.config
@@ -475,36 +370,7 @@ def masked_forward(
     features = torch.cat(list(features), dim=0).to(embeds.dtype)  # (B * NUM_IMAGE_TOKENS, D)
     vision = ids == config.image_token_id  # (B, T)
     embeds = embeds.masked_scatter(vision[..., None].expand_as(embeds), features)
-    return withdrawn_decoder_forward(decoder, embeds, vision, batch.attention_mask, withdraw_layer, layer_inputs)
-
-
-def withdrawn_decoder_forward(
-    decoder: nn.Module,
-    embeds: torch.Tensor,
-    vision: torch.Tensor,
-    attention_mask: torch.Tensor,
-    withdraw_layer: torch.Tensor,
-    layer_inputs: dict | None = None,
-) -> torch.Tensor:
-    """The decoder part of :func:`masked_forward` (shared with `vtw.synthvideo.train`): a Llama decoder over
-    `embeds` (B, T, D) whose vision positions `vision` (B, T) bool are already filled in; attention_mask (B, T);
-    withdraw_layer (B,) long. Returns the hidden states after the final norm, (B, T, D)."""
-    batch_size, length = vision.shape
-    positions = torch.arange(length, device=embeds.device)[None].expand(batch_size, -1)
-    rotary = decoder.rotary_emb(embeds, positions)
-    causal = torch.ones(length, length, dtype=torch.bool, device=embeds.device).tril()
-    full = causal[None] & attention_mask.bool()[:, None, :]  # (B, T_q, T_k)
-    withdrawn = full & ~((~vision)[:, :, None] & vision[:, None, :])
-    if layer_inputs is not None:
-        layer_inputs.update(mask=full, rotary=rotary)
-    hidden = embeds
-    for index, layer in enumerate(decoder.layers):
-        if layer_inputs is not None:
-            layer_inputs[index] = hidden
-        use_withdrawn = (withdraw_layer <= index)[:, None, None]
-        mask = torch.where(use_withdrawn, withdrawn, full)[:, None]  # (B, 1, T, T)
-        hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=rotary)
-    return decoder.norm(hidden)
+    return core.withdrawn_decoder_forward(decoder, embeds, vision, batch.attention_mask, withdraw_layer, layer_inputs)
 
 
 def answer_loss(
@@ -514,7 +380,7 @@ def answer_loss(
     guide: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(mean cross-entropy over label tokens, (B,) bool: first answer token predicted correctly by argmax, guidance
-    loss).
+    loss), by :func:`core.supervised_losses`.
 
     guide: (find layer, relay layer) or None. The guidance loss is the mean negative log of the attention mass that
     head 0 of the find layer puts, from each naming word, on the named object's vision tokens (for counting rows:
@@ -524,147 +390,57 @@ def answer_loss(
     """
     inputs: dict = {}
     hidden = masked_forward(model, batch, withdraw_layer, inputs if guide else None)
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    logits = model.lm_head(hidden[:, :-1][keep])  # (N, V): only the positions that predict a label
-    loss = nn.functional.cross_entropy(logits, targets[keep])
-    first = keep.float().argmax(dim=1)  # index of each row's first label (rows always have one)
-    rows = torch.arange(targets.shape[0])
-    first_logits = model.lm_head(hidden[rows, first])
-    correct = first_logits.argmax(-1) == targets[rows, first]
-    guide_loss = torch.zeros(())
-    if guide is not None:
-        find, relay = guide
-        layers = model.model.language_model.layers
-        usable = withdraw_layer[batch.find_queries[:, 0]] > relay  # (N,)
-        if bool(usable.any()):
-
-            def attention(layer: int, queries: torch.Tensor) -> torch.Tensor:
-                return head_attention(layers[layer], inputs[layer], inputs["rotary"], inputs["mask"], queries[usable])
-
-            probs, wanted = attention(find, batch.find_queries), batch.find_targets[usable]
-            find_loss = -torch.log((probs * wanted).sum(dim=-1).clamp_min(1e-6))  # (N,) mass on the object
-            even = wanted.float() / wanted.float().sum(dim=-1, keepdim=True)  # counting: spread evenly
-            spread_loss = -(even * torch.log(probs.clamp_min(1e-6))).sum(dim=-1)
-            find_loss = torch.where(batch.find_spread[usable], spread_loss, find_loss)
-            probs, wanted = attention(relay, batch.relay_queries), batch.relay_targets[usable]
-            relay_loss = -torch.log((probs * wanted).sum(dim=-1).clamp_min(1e-6))
-            guide_loss = find_loss.mean() + relay_loss.mean()
-    return loss, correct, guide_loss
+    if guide is None:
+        return core.supervised_losses(model, hidden, batch.labels, withdraw_layer, inputs)
+    find, relay = guide
+    finds = [(find, 0, batch.find_queries, batch.find_targets, batch.find_spread)]
+    relay_rows = (relay, batch.relay_queries, batch.relay_targets)
+    return core.supervised_losses(model, hidden, batch.labels, withdraw_layer, inputs, finds, relay_rows)
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """Linear warm-up, then cosine decay to `min_lr_ratio * lr`."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+class SynthVQATask(core.Task):
+    """The synthvqa task for :func:`core.train` (running accuracy: the last 100 steps' first answer tokens)."""
 
+    name = "tiny-llava"
 
-def sample_withdraw_layers(config: TrainConfig, generator: torch.Generator) -> torch.Tensor:
-    """(B,) long withdrawal layer per sample: L (none) or, with `withdraw_prob`, uniform in min_layer..L-1."""
-    num_layers = config.spec.text_layers
-    draw = torch.rand(config.batch_size, generator=generator) < config.withdraw_prob
-    layers = torch.randint(config.withdraw_min_layer, num_layers, (config.batch_size,), generator=generator)
-    return torch.where(draw, layers, torch.full_like(layers, num_layers))
+    def __init__(self) -> None:
+        self.recent: list[float] = []
 
+    def build(self, config: TrainConfig):
+        processor = build_processor()
+        return build_model(config.spec, processor.tokenizer, seed=config.seed), processor
 
-def stage_two_optimizer(model: nn.Module, lr: float, weight_decay: float):
-    """(AdamW over the parameters that require grad, [(name, parameter)] of those): weight decay on matrices except
-    embeddings, none on the rest (shared with `vtw.synthvideo.train`)."""
-    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in trainable if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in trainable if p.ndim < 2 or "embed" in n]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-    )
-    return optimizer, trainable
+    def frozen_towers(self, model):
+        return [model.model.vision_tower]
+
+    def pretrain_vision(self, model, processor, config, progress):
+        return pretrain_vision(model, processor, config, progress)
+
+    def batch(self, processor, config, step):
+        items = [make_item("train", step * config.batch_size + j) for j in range(config.batch_size)]
+        return make_batch(processor, items, config.follow_ups)
+
+    def loss(self, model, batch, withdraw_layer, config):
+        guide = config.guide_layers if config.guide_weight > 0 else None
+        return answer_loss(model, batch, withdraw_layer, guide)
+
+    def track(self, batch, correct, withdraw_layer, config):
+        self.recent = (self.recent + [float(correct.float().mean())])[-100:]
+        self.accuracy = sum(self.recent) / len(self.recent)
+        return {"acc": f"{self.accuracy:.3f}"}
 
 
 def train(
     config: TrainConfig, progress: bool = True
-) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, TrainReport]:
+) -> tuple[LlavaForConditionalGeneration, LlavaProcessor, core.TrainReport]:
     """Train a fresh tiny LLaVA with `config`; returns the model (eval mode), its processor and a report."""
-    torch.manual_seed(config.seed)
-    processor = build_processor()
-    model = build_model(config.spec, processor.tokenizer, seed=config.seed)
-    model.train()
-    start = time.perf_counter()
-    if config.vision_steps:
-        pretrain_vision(model, processor, config, progress)
-    model.model.vision_tower.requires_grad_(False)  # stage 2 keeps the vision tower frozen, as LLaVA does
-    optimizer, trainable = stage_two_optimizer(model, config.lr, config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    recent: list[float] = []
-    loss_value = float("nan")
-    bar = tqdm(range(config.steps), desc="train tiny-llava", unit="step", disable=not progress)
-    guide = config.guide_layers if config.guide_weight > 0 else None
-    for step in bar:
-        items = [make_item("train", step * config.batch_size + j) for j in range(config.batch_size)]
-        batch = make_batch(processor, items, config.follow_ups)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        loss, correct, guide_loss = answer_loss(model, batch, sample_withdraw_layers(config, generator), guide)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + config.guide_weight * guide_loss).backward()
-        nn.utils.clip_grad_norm_([p for _, p in trainable], config.grad_clip)
-        optimizer.step()
-        loss_value = loss.item()
-        recent = (recent + [float(correct.float().mean())])[-100:]
-        bar.set_postfix(
-            loss=f"{loss_value:.3f}", guide=f"{guide_loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}"
-        )
-    model.eval()
-    model.model.vision_tower.requires_grad_(True)
-    report = TrainReport(config, time.perf_counter() - start, loss_value, sum(recent) / max(1, len(recent)))
-    return model, processor, report
-
-
-def save_checkpoint(model: LlavaForConditionalGeneration, processor: LlavaProcessor, output: Path) -> None:
-    """Save model + processor to `output` atomically (sibling temp dir, then rename over the target)."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        old = None
-        if output.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old-", dir=output.parent))
-            os.replace(output, old / output.name)
-        os.replace(tmp, output)
-        if old is not None:
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-
-
-def training_arguments(prog: str, doc: str, defaults, output: Path) -> argparse.ArgumentParser:
-    """The CLI options both trainers share (`defaults`: a config with steps, batch_size, lr, vision_steps, seed,
-    withdraw_prob, guide_weight), with `output` as the default checkpoint directory (shared with
-    `vtw.synthvideo.train`)."""
-    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=output, help="checkpoint directory (replaced)")
-    parser.add_argument("--steps", type=int, default=defaults.steps)
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--vision-steps", type=int, default=defaults.vision_steps)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--withdraw-prob", type=float, default=defaults.withdraw_prob)
-    parser.add_argument("--guide-weight", type=float, default=defaults.guide_weight, help="0 turns guidance off")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (results depend on it slightly)")
-    return parser
+    return core.train(SynthVQATask(), config, progress)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, int]:
     """CLI -> (TrainConfig, output directory, torch thread count)."""
     defaults = TrainConfig()
-    parser = training_arguments("python -m vtw.synthvqa.train", __doc__, defaults, DEFAULT_OUTPUT)
-    parser.add_argument("--withdraw-min-layer", type=int, default=defaults.withdraw_min_layer)
+    parser = core.training_arguments("python -m vtw_train synthvqa", __doc__, defaults, DEFAULT_OUTPUT)
     parser.add_argument(
         "--plain",
         action="store_true",
@@ -674,35 +450,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, Path, in
     args = parser.parse_args(argv)
     if args.plain and args.withdraw_prob not in (None, 0.0):
         raise ValueError(f"--plain trains without the withdrawal curriculum, got --withdraw-prob {args.withdraw_prob}")
-    withdraw_prob = (
-        args.withdraw_prob if args.withdraw_prob is not None else 0.0 if args.plain else defaults.withdraw_prob
-    )
+    if args.withdraw_prob is None:
+        args.withdraw_prob = 0.0 if args.plain else defaults.withdraw_prob
     output = args.output or (PLAIN_OUTPUT if args.plain else DEFAULT_OUTPUT)
-    config = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        vision_steps=args.vision_steps,
-        seed=args.seed,
-        withdraw_prob=withdraw_prob,
-        withdraw_min_layer=args.withdraw_min_layer,
-        guide_weight=args.guide_weight,
-        warmup_steps=min(defaults.warmup_steps, args.steps - 1),
-    )
-    if args.threads <= 0:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    return config, output, args.threads
+    return TrainConfig(**core.schedule_arguments(args, defaults)), output, args.threads
 
 
-def main(argv: Sequence[str] | None = None) -> TrainReport:
+def main(argv: Sequence[str] | None = None) -> core.TrainReport:
     config, output, threads = parse_args(argv)
-    torch.set_num_threads(threads)
-    model, processor, report = train(config)
-    save_checkpoint(model, processor, output)
-    print(f"saved {output} after {report.seconds:.0f} s; loss {report.final_loss:.4f}, ", end="")
-    print(f"running first-token accuracy (last 100 steps) {report.recent_accuracy:.3f}")
-    print(f"config: {asdict(config)}")
-    return report
+    return core.run(SynthVQATask(), config, output, threads)
 
 
 if __name__ == "__main__":

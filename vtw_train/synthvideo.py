@@ -1,6 +1,6 @@
-"""Train the tiny Video-LLaVA on the synthetic video train split and save it (``python -m vtw.synthvideo.train``).
+"""Train the tiny Video-LLaVA on the synthetic video train split and save it (``python -m vtw_train synthvideo``).
 
-The recipe of `vtw.synthvqa.train`, for clips (8 frames of 64 x 64 px, 16 px patches: 16 patch tokens + CLS per
+The recipe of :mod:`vtw_train.synthvqa` (the generic half in :mod:`vtw_train.core`), for clips (8 frames of 64 x 64 px, 16 px patches: 16 patch tokens + CLS per
 frame, 136 vision tokens per clip):
 
 - Stage 1 (`pretrain_vision`) trains the video tower and the projector on single frames to label every patch with
@@ -20,17 +20,15 @@ frame, 136 vision tokens per clip):
 
 Determinism: fixed seeds, train items in order (`generator.make_item("train", i)`; stage 1 uses items from
 `VISION_ITEM_OFFSET`), so the running accuracies shown are on items not trained on yet; results depend slightly on
-the torch thread count (`--threads`, default 2: about 7 minutes on a 2-core CPU). Train frames are rendered in memory
+the torch thread count (`--threads`, default 2: about 6 minutes on a 2-core CPU). Train frames are rendered in memory
 and normalised by :func:`pixel_values_videos`, which equals the checkpoint's video processor on 64 px frames;
 evaluation reads the task's MP4 files. The checkpoint directory is written atomically
-(:func:`vtw.synthvqa.train.save_checkpoint`).
+(:func:`vtw_train.core.save_checkpoint`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,21 +37,12 @@ import numpy as np
 import torch
 import transformers as T
 from torch import nn
-from tqdm import tqdm
 
-from vtw.families import TINY_IMAGE_ID, TINY_VIDEO_ID, TINY_VOCAB
 from vtw.synthvideo import generator as G
-from vtw.synthvideo.tiny import ASSET_DIR, VIDEO_CHAT_TEMPLATE, build_processor, build_tokenizer
+from vtw.synthvideo.configs import TINY_IMAGE_ID, TINY_VIDEO_ID, TINY_VOCAB
+from vtw.synthvideo.tiny import ASSET_DIR, VIDEO_CHAT_TEMPLATE, build_processor, build_tokenizer, prompt_text
 from vtw.synthvqa.generator import COLORS, SHAPES, SceneObject
-from vtw.synthvqa.train import (
-    check_schedule,
-    head_attention,
-    learning_rate,
-    save_checkpoint,
-    stage_two_optimizer,
-    training_arguments,
-    withdrawn_decoder_forward,
-)
+from vtw_train import core
 
 FRAME_SIZE = G.CANVAS
 PATCH = 16
@@ -72,40 +61,35 @@ FIND_WORDS: dict[str, str | None] = {"direction": None, "order": "first", "flash
 
 
 @dataclass(frozen=True)
-class VideoTrainConfig:
-    """Every hyper-parameter of a run (the run is a function of this and the thread count)."""
+class VideoTrainConfig(core.TrainConfig):
+    """Every hyper-parameter of a run (the run is a function of this and the thread count): :class:`core.TrainConfig`'s
+    (other defaults), stage 1's clips per step, and the model's sizes."""
 
     steps: int = 1500
-    batch_size: int = 32
     vision_steps: int = 3000
+    """The two defaults that differ from :class:`core.TrainConfig`'s (synthvqa's)."""
     vision_clips: int = 8
-    vision_lr: float = 3e-3
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.05
-    warmup_steps: int = 60
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    seed: int = 0
-    withdraw_prob: float = 0.25
-    guide_weight: float = 1.0
     text_width: int = 64
     text_layers: int = 4
     vision_width: int = 64
     vision_layers: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "vision_clips", "text_width", "vision_width"):
+        super().__post_init__()
+        for name in ("vision_clips", "text_width", "vision_width"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"VideoTrainConfig.{name} must be > 0, got {getattr(self, name)!r}")
-        if self.vision_steps < 0:
-            raise ValueError(f"VideoTrainConfig.vision_steps must be >= 0, got {self.vision_steps!r}")
         if self.text_layers < 2:  # guidance uses layers 0 and 1
             raise ValueError(f"VideoTrainConfig.text_layers must be >= 2, got {self.text_layers!r}")
         if self.vision_layers < 2:  # vision_feature_layer = -2
             raise ValueError(f"VideoTrainConfig.vision_layers must be >= 2, got {self.vision_layers!r}")
         if self.text_width % 4 or self.vision_width % 4:
             raise ValueError(f"widths must be multiples of the 4 heads, got {self.text_width}, {self.vision_width}")
-        check_schedule(self)
+        self.check_withdraw_min_layer()
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.text_layers
 
 
 def build_model(config: VideoTrainConfig, tokenizer) -> T.VideoLlavaForConditionalGeneration:
@@ -143,11 +127,7 @@ def pixel_values_videos(processor, clips: np.ndarray) -> torch.Tensor:
     processor returns for such clips (its resize and crop are identities at 64 px), without its per-frame cost."""
     if clips.ndim != 5 or clips.shape[2:] != (FRAME_SIZE, FRAME_SIZE, 3) or clips.dtype != np.uint8:
         raise ValueError(f"expected (B, F, {FRAME_SIZE}, {FRAME_SIZE}, 3) uint8 clips, got {clips.shape} {clips.dtype}")
-    vp = processor.video_processor
-    x = torch.from_numpy(clips).permute(0, 1, 4, 2, 3).float() / 255.0
-    mean = torch.tensor(vp.image_mean, dtype=torch.float32)[None, None, :, None, None]
-    std = torch.tensor(vp.image_std, dtype=torch.float32)[None, None, :, None, None]
-    return (x - mean) / std
+    return core.normalized_pixels(clips, 2, processor.video_processor)
 
 
 def patch_owner(objects: Sequence[SceneObject]) -> np.ndarray:
@@ -198,13 +178,8 @@ def pretrain_vision(model, processor, config: VideoTrainConfig, progress: bool =
     heads = nn.ModuleList([nn.Linear(width, n) for n in (1 + len(SHAPES), 1 + len(COLORS), bins, bins)])
     present_head = nn.Linear(width, len(SHAPES))
     params = [*tower.parameters(), *projector.parameters(), *heads.parameters(), *present_head.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=config.vision_lr, weight_decay=config.weight_decay, betas=(0.9, 0.98))
-    schedule = dataclasses.replace(
-        config, steps=config.vision_steps, lr=config.vision_lr, warmup_steps=min(20, config.vision_steps - 1)
-    )
-    recent: list[float] = []
-    bar = tqdm(range(config.vision_steps), desc="stage 1: video tower + projector", unit="step", disable=not progress)
-    for step in bar:
+
+    def step_loss(step: int):
         first = VISION_ITEM_OFFSET + step * config.vision_clips
         items = [G.make_item("train", first + j) for j in range(config.vision_clips)]
         labels, present = zip(*(frame_targets(objects) for item in items for objects in item.frames))
@@ -219,16 +194,10 @@ def pretrain_vision(model, processor, config: VideoTrainConfig, progress: bool =
                 loss
                 + (nn.functional.cross_entropy(head(patches).flatten(0, 1), target, reduction="none") * weight).mean()
             )
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(schedule, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, config.grad_clip)
-        optimizer.step()
         foreground = labels[..., 0] > 0
-        recent = (recent + [(heads[0](patches).argmax(-1) == labels[..., 0])[foreground].float().mean().item()])[-20:]
-        bar.set_postfix(loss=f"{loss.item():.3f}", shape_acc=f"{np.mean(recent):.3f}")
-    return float(np.mean(recent)) if recent else float("nan")
+        return loss, lambda: (heads[0](patches).argmax(-1) == labels[..., 0])[foreground].float().mean().item()
+
+    return core.pretrain_vision(params, step_loss, config, "stage 1: video tower + projector", progress)
 
 
 @dataclass(frozen=True)
@@ -239,7 +208,7 @@ class VideoBatch:
     64, 64). find_queries: (B, 2) long (row, position of the naming word); find_targets: (2, B, T) bool, the vision
     tokens heads 0 and 1 of layer 0 should attend to from it; find_spread: (B,) bool, rows whose attention should be
     spread evenly over the targets (flash) rather than only lie on them; relay_queries: (B, 2) long, the position
-    that predicts the answer; relay_targets: (B, T) bool, the naming word.
+    that predicts the answer; relay_targets: (B, T) bool, the naming word; kinds: the items' question kinds.
     """
 
     input_ids: torch.Tensor
@@ -251,14 +220,8 @@ class VideoBatch:
     find_spread: torch.Tensor
     relay_queries: torch.Tensor
     relay_targets: torch.Tensor
-
-
-def prompt_text(processor, item: G.ClipItem) -> str:
-    """The chat prompt of `item` as the `vtw` lmms-eval model writes it (`InputBuilder.prompt`: the video, then the
-    text; generation prompt appended)."""
-    content = [{"type": "video"}, {"type": "text", "text": item.prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
-                                         tokenize=False)  # fmt: skip
+    kinds: tuple[str, ...] = ()
+    """The items' question kinds (for the running accuracy per kind)."""
 
 
 def guide_targets(item: G.ClipItem, video_start: int) -> tuple[list[int], list[int], bool]:
@@ -313,13 +276,15 @@ def make_batch(processor, items: Sequence[G.ClipItem]) -> VideoBatch:
     return VideoBatch(
         input_ids, attention, labels, pixel_values_videos(processor, np.stack([i.render() for i in items])),
         torch.tensor(finds), find_targets, torch.tensor(spreads), torch.tensor(relays), relay_targets,
+        tuple(item.kind for item in items),
     )  # fmt: skip
 
 
 def masked_forward(model, batch: VideoBatch, withdraw_layer: torch.Tensor, layer_inputs: dict | None = None):
-    """Hidden states after the decoder's final norm, (B, T, D), with simulated withdrawal: sample b's text tokens
-    cannot attend to vision tokens in layers >= withdraw_layer[b] ((B,) long; L = never). The video tower runs
-    without gradients (frozen in stage 2). layer_inputs: filled as in `vtw.synthvqa.train.masked_forward`."""
+    """Hidden states after the decoder's final norm, (B, T, D), with simulated withdrawal
+    (:func:`core.withdrawn_decoder_forward`: sample b's text tokens cannot attend to vision tokens in layers >=
+    withdraw_layer[b], L = never; `layer_inputs` filled as there). The video tower runs without gradients (frozen in
+    stage 2)."""
     decoder = model.model.language_model
     ids = batch.input_ids
     embeds = decoder.embed_tokens(ids)
@@ -328,120 +293,74 @@ def masked_forward(model, batch: VideoBatch, withdraw_layer: torch.Tensor, layer
     features = model.model.multi_modal_projector(hidden[model.config.vision_feature_layer]).flatten(0, 1)
     vision = ids == model.config.video_token_index  # (B, T)
     embeds = embeds.masked_scatter(vision[..., None].expand_as(embeds), features.to(embeds.dtype))
-    return withdrawn_decoder_forward(decoder, embeds, vision, batch.attention_mask, withdraw_layer, layer_inputs)
+    return core.withdrawn_decoder_forward(decoder, embeds, vision, batch.attention_mask, withdraw_layer, layer_inputs)
 
 
 def answer_loss(model, batch: VideoBatch, withdraw_layer: torch.Tensor, guide: bool = True):
     """(cross-entropy over the label tokens, (B,) bool first answer token right by argmax, guidance loss: the mean
-    negative log attention mass of the find heads on their targets (spread rows: cross-entropy with the even
-    spread) plus that of the relay head on the naming word; rows withdrawn at K <= 1 are left out)."""
+    negative log attention mass of heads 0 and 1 of layer 0 on their targets (spread rows: cross-entropy with the
+    even spread) plus that of head 0 of layer 1 on the naming word; rows withdrawn at K <= 1 are left out), by
+    :func:`core.supervised_losses`."""
     inputs: dict = {}
     hidden = masked_forward(model, batch, withdraw_layer, inputs if guide else None)
-    targets = batch.labels[:, 1:]
-    keep = targets != -100
-    loss = nn.functional.cross_entropy(model.lm_head(hidden[:, :-1][keep]), targets[keep])
-    first = keep.float().argmax(dim=1)
-    rows = torch.arange(targets.shape[0])
-    correct = model.lm_head(hidden[rows, first]).argmax(-1) == targets[rows, first]
-    guide_loss = torch.zeros(())
-    usable = withdraw_layer > 1
-    if guide and bool(usable.any()):
-        layers = model.model.language_model.layers
-        spread = batch.find_spread[usable]
-        for head in (0, 1):
-            probs = head_attention(layers[0], inputs[0], inputs["rotary"], inputs["mask"],
-                                   batch.find_queries[usable], head)  # fmt: skip
-            wanted = batch.find_targets[head][usable]
-            mass = -torch.log((probs * wanted).sum(-1).clamp_min(1e-6))
-            even = wanted.float() / wanted.float().sum(-1, keepdim=True)
-            spread_loss = -(even * torch.log(probs.clamp_min(1e-6))).sum(-1)
-            guide_loss = guide_loss + torch.where(spread, spread_loss, mass).mean()
-        probs = head_attention(layers[1], inputs[1], inputs["rotary"], inputs["mask"], batch.relay_queries[usable])
-        guide_loss = guide_loss - torch.log((probs * batch.relay_targets[usable]).sum(-1).clamp_min(1e-6)).mean()
-    return loss, correct, guide_loss
+    if not guide:
+        return core.supervised_losses(model, hidden, batch.labels, withdraw_layer, inputs)
+    finds = [(0, head, batch.find_queries, batch.find_targets[head], batch.find_spread) for head in (0, 1)]
+    relay = (1, batch.relay_queries, batch.relay_targets)
+    return core.supervised_losses(model, hidden, batch.labels, withdraw_layer, inputs, finds, relay)
 
 
-@dataclass(frozen=True)
-class VideoTrainReport:
-    """Config, wall seconds (both stages), stage 1 shape accuracy, last loss, and the running first-token accuracy
-    per question kind over the last 200 unwithdrawn train items."""
+class SynthVideoTask(core.Task):
+    """The synthvideo task for :func:`core.train` (running accuracy: first answer tokens of the last 200 unwithdrawn
+    train items per question kind)."""
 
-    config: VideoTrainConfig
-    seconds: float
-    vision_accuracy: float
-    final_loss: float
-    recent_accuracy: dict[str, float]
+    name = "tiny-video-llava"
+
+    def __init__(self) -> None:
+        self.recent: dict[str, list[bool]] = {kind: [] for kind in G.KINDS}
+
+    def build(self, config: VideoTrainConfig):
+        tokenizer = build_tokenizer()
+        processor = build_processor("video_llava", tokenizer, VIDEO_CHAT_TEMPLATE, size=FRAME_SIZE, patch=PATCH)
+        return build_model(config, tokenizer), processor
+
+    def frozen_towers(self, model):
+        return [model.model.video_tower, model.model.image_tower]
+
+    def pretrain_vision(self, model, processor, config, progress):
+        return pretrain_vision(model, processor, config, progress)
+
+    def batch(self, processor, config, step):
+        items = [G.make_item("train", step * config.batch_size + j) for j in range(config.batch_size)]
+        return make_batch(processor, items)
+
+    def loss(self, model, batch, withdraw_layer, config):
+        return answer_loss(model, batch, withdraw_layer, config.guide_weight > 0)
+
+    def track(self, batch, correct, withdraw_layer, config):
+        for kind, ok, k in zip(batch.kinds, correct.tolist(), withdraw_layer.tolist()):
+            if k == config.text_layers:
+                self.recent[kind] = (self.recent[kind] + [ok])[-200:]
+        self.accuracy = {kind: float(np.mean(v)) if v else float("nan") for kind, v in self.recent.items()}
+        return {k[:3]: f"{a:.2f}" for k, a in self.accuracy.items()}
 
 
 def train(config: VideoTrainConfig, progress: bool = True):
-    """Train a fresh tiny Video-LLaVA; returns (model in eval mode, processor, VideoTrainReport)."""
-    torch.manual_seed(config.seed)
-    tokenizer = build_tokenizer()
-    processor = build_processor("video_llava", tokenizer, VIDEO_CHAT_TEMPLATE, size=FRAME_SIZE, patch=PATCH)
-    model = build_model(config, tokenizer)
-    model.train()
-    start = time.perf_counter()
-    vision_accuracy = pretrain_vision(model, processor, config, progress) if config.vision_steps else float("nan")
-    model.model.video_tower.requires_grad_(False)
-    model.model.image_tower.requires_grad_(False)
-    optimizer, trainable = stage_two_optimizer(model, config.lr, config.weight_decay)
-    generator = torch.Generator().manual_seed(config.seed)
-    layers = config.text_layers
-    recent: dict[str, list[bool]] = {kind: [] for kind in G.KINDS}
-    loss_value = float("nan")
-    bar = tqdm(range(config.steps), desc="stage 2: projector + decoder", unit="step", disable=not progress)
-    for step in bar:
-        items = [G.make_item("train", step * config.batch_size + j) for j in range(config.batch_size)]
-        batch = make_batch(processor, items)
-        draw = torch.rand(config.batch_size, generator=generator) < config.withdraw_prob
-        drawn = torch.randint(0, layers, (config.batch_size,), generator=generator)
-        withdraw_layer = torch.where(draw, drawn, torch.full_like(drawn, layers))
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config, step)
-        loss, correct, guide_loss = answer_loss(model, batch, withdraw_layer, config.guide_weight > 0)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + config.guide_weight * guide_loss).backward()
-        nn.utils.clip_grad_norm_([p for _, p in trainable], config.grad_clip)
-        optimizer.step()
-        loss_value = loss.item()
-        for item, ok, k in zip(items, correct.tolist(), withdraw_layer.tolist()):
-            if k == layers:
-                recent[item.kind] = (recent[item.kind] + [ok])[-200:]
-        accs = {kind: float(np.mean(v)) if v else float("nan") for kind, v in recent.items()}
-        bar.set_postfix(loss=f"{loss_value:.3f}", guide=f"{guide_loss.item():.3f}",
-                        **{k[:3]: f"{a:.2f}" for k, a in accs.items()})  # fmt: skip
-    model.eval()
-    for tower in (model.model.video_tower, model.model.image_tower):
-        tower.requires_grad_(True)
-    report = VideoTrainReport(config, time.perf_counter() - start, vision_accuracy, loss_value, accs)
-    return model, processor, report
+    """Train a fresh tiny Video-LLaVA; returns (model in eval mode, processor, :class:`core.TrainReport`)."""
+    return core.train(SynthVideoTask(), config, progress)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[VideoTrainConfig, Path, int]:
     """CLI -> (VideoTrainConfig, output directory, torch thread count)."""
     defaults = VideoTrainConfig()
-    parser = training_arguments("python -m vtw.synthvideo.train", __doc__, defaults, ASSET_DIR)
+    parser = core.training_arguments("python -m vtw_train synthvideo", __doc__, defaults, ASSET_DIR)
     args = parser.parse_args(argv)
-    if args.threads <= 0:
-        raise ValueError(f"--threads must be >= 1, got {args.threads}")
-    config = VideoTrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, vision_steps=args.vision_steps, seed=args.seed,
-        withdraw_prob=args.withdraw_prob, guide_weight=args.guide_weight,
-        warmup_steps=min(defaults.warmup_steps, args.steps - 1),
-    )  # fmt: skip
-    return config, args.output, args.threads
+    return VideoTrainConfig(**core.schedule_arguments(args, defaults)), args.output, args.threads
 
 
-def main(argv: Sequence[str] | None = None) -> VideoTrainReport:
+def main(argv: Sequence[str] | None = None) -> core.TrainReport:
     config, output, threads = parse_args(argv)
-    torch.set_num_threads(threads)
-    model, processor, report = train(config)
-    save_checkpoint(model, processor, output)
-    accs = ", ".join(f"{k} {a:.3f}" for k, a in report.recent_accuracy.items())
-    print(f"saved {output} after {report.seconds:.0f} s; stage 1 shape accuracy {report.vision_accuracy:.3f}; "
-          f"loss {report.final_loss:.4f}; running first-token accuracy (last 200 per kind): {accs}")  # fmt: skip
-    print(f"config: {dataclasses.asdict(config)}")
-    return report
+    return core.run(SynthVideoTask(), config, output, threads)
 
 
 if __name__ == "__main__":
