@@ -54,6 +54,7 @@ def method_args(name: str, raw: dict) -> dict:
     from omegaconf.errors import OmegaConfBaseException
 
     schema = method_schema(name)
+    node = OmegaConf.structured(schema)
     kinds = {f.name: f.type for f in fields(schema)}
     out = {}
     for key, value in raw.items():
@@ -66,7 +67,7 @@ def method_args(name: str, raw: dict) -> dict:
         if typing.get_args(kinds[key])[0] is int and isinstance(value, float) and value.is_integer():
             given = int(value)  # 4.0 from Python is layer 4
         try:
-            converted = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), {key: given}))
+            converted = OmegaConf.to_object(OmegaConf.merge(node, {key: given}))
         except OmegaConfBaseException:
             raise ValueError(f"method {name}: {key}={value!r} must be {_kind_text(kinds[key])}") from None
         converted = getattr(converted, key)

@@ -200,15 +200,18 @@ class _VtwKeys:
             raise ValueError(f"vtw.positions={self.positions} with model={model.name}: {e}") from None
         if self.budget is not None:
             self.budget = _budget(self.budget)
-        self.params, self.candidates = ({}, _candidates(self, model)) if self.auto else (_params(self, model), ())
+        method = None
+        if self.auto:
+            self.params, self.candidates = {}, _candidates(self, model)
+        else:
+            (self.params, method), self.candidates = _params(self, model), ()
         if mode == "choose" and not self.auto:
             raise ValueError(f"mode=choose chooses a method: give vtw.method=auto (or a list of candidates), not "
                              f"{self.method}")  # fmt: skip
         self.search.check(model.num_layers, used=self.layer == "auto" or mode == "search")
         self.choose.check()
         check_count(self.budget_limit, "vtw.budget_limit", 1)
-        if not self.auto and isinstance(self.layer, int):
-            method = build_method(self.method, self.layer, self.params).resolve(model.num_layers)
+        if method is not None:
             try:
                 method.check_supported(model.hf_config, video=video)
             except ValueError as e:
@@ -263,31 +266,31 @@ def _budget(value) -> float:
         raise ValueError(f"vtw.{e}") from None
 
 
-def _params(vtw: _VtwKeys, model: ModelConf) -> dict:
-    """The parameters given to ``vtw.method``, converted to its fields' types and checked by the method."""
+def _params(vtw: _VtwKeys, model: ModelConf) -> tuple[dict, object]:
+    """The parameters given to ``vtw.method``, converted to its fields' types and checked by the method, and the
+    method resolved at ``vtw.layer`` (``None`` when the layer is not an integer)."""
     from ..methods import make_method
 
     name = check_choice(vtw.method, method_names(), "vtw.method")
-    params = {}
     for key, value in vtw.given().items():
         if key not in method_params(name):
             raise ValueError(f"vtw.{key}={value!r} is not a parameter of vtw.method={name}; it takes: "
                              f"{', '.join(p for p in method_params(name) if p != 'keep_fn')}")  # fmt: skip
-        try:
-            params.update(method_args(name, {key: value}))
-        except ValueError as e:
-            raise ValueError(f"vtw.{e}") from None
+    try:
+        params = method_args(name, vtw.given())
+    except ValueError as e:
+        raise ValueError(f"vtw.{e}") from None
     if vtw.layer == "auto" and name != "vtw":
         raise ValueError(f"vtw.layer=auto (the KL layer search) chooses VTW's K; vtw.method={name} needs a layer")
     if vtw.layer == "auto" and vtw.budget is not None:
         raise ValueError("vtw.layer=auto and vtw.budget both choose K: give one of them")
     try:
         make_method(name, **params)  # the parameters, whatever the layer (vtw.layer=null runs the full model)
-        if isinstance(vtw.layer, int):
-            build_method(name, vtw.layer, params).resolve(model.num_layers)
+        if not isinstance(vtw.layer, int):
+            return params, None
+        return params, build_method(name, vtw.layer, params).resolve(model.num_layers)
     except ValueError as e:
         raise ValueError(f"vtw.method={name}: {e}") from None
-    return params
 
 
 def _candidates(vtw: _VtwKeys, model: ModelConf) -> tuple[str, ...]:
