@@ -9,9 +9,9 @@ stage 1 step, its train items, batches and stage 2 loss. :func:`train` runs both
    (:func:`sample_withdraw_layers`, :func:`withdrawn_decoder_forward`) and attention guidance
    (:func:`supervised_losses`).
 
-Every run is a function of its config and the torch thread count; the order of every random draw, every op and every
-gradient accumulation is part of that function (the shipped checkpoints are reproduced bit for bit), so refactoring
-here has to keep both.
+Every run is a function of its config, the torch thread count and the machine; the order of every random draw, every op and every
+gradient accumulation is part of that function (on the machine that trained a checkpoint, the same command
+rebuilds it bit for bit: docs/embedded.md), so refactoring here has to keep both.
 """
 
 from __future__ import annotations
